@@ -1,0 +1,5 @@
+"""``python -m cnnlab ...`` is the ``cnnlab`` command."""
+
+from cnnlab.cli import main
+
+main()

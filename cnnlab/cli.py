@@ -1,0 +1,97 @@
+"""The ``cnnlab`` command: ``train``, ``eval`` and ``report`` (absl flags, ml_collections configs).
+
+    cnnlab train --config=configs/stridednet.py --workdir=runs/stridednet \\
+        --config.optimizer.learning_rate=3e-4
+    cnnlab eval --workdir=runs/stridednet [--which=best|latest]
+    cnnlab report --workdir=runs/stridednet
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+COMMANDS = ("train", "eval", "report")
+
+_USAGE = f"usage: cnnlab {{{','.join(COMMANDS)}}} [flags]   (cnnlab <command> --help for flags)"
+
+
+def _define_train_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, reports).")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _define_eval_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Run directory written by `cnnlab train`.")
+    flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def _quiet_libraries() -> None:
+    """Orbax logs every checkpoint step at INFO; keep the console for our own output unless
+    the user asked for a verbosity (``-v``/``--verbosity``)."""
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def _train(argv) -> None:
+    del argv
+    _quiet_libraries()
+    from cnnlab.train import train_and_evaluate
+
+    final = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    print("final:", "  ".join(f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float)))
+
+
+def _eval(argv) -> None:
+    del argv
+    _quiet_libraries()
+    from cnnlab.train import evaluate
+
+    out = evaluate(None, FLAGS.workdir, which=FLAGS.which)
+    print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
+
+
+def _report(argv) -> None:
+    del argv
+    from cnnlab.train.report import format_report, write_reports
+    from cnnlab.train.trainer import load_run_config  # noqa: F401  (validates the workdir)
+
+    load_run_config(FLAGS.workdir)
+    report = write_reports(FLAGS.workdir)
+    if report:
+        import json
+        import os
+
+        with open(os.path.join(FLAGS.workdir, "classes.json")) as f:
+            print(format_report(report, json.load(f)))
+    print(f"Reports written to {FLAGS.workdir}.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        given = argv[1] if len(argv) > 1 else None
+        if given in ("-h", "--help", "help", None):
+            print(_USAGE)
+            sys.exit(0 if given else 2)
+        print(f"cnnlab: unknown command {given!r}.\n{_USAGE}", file=sys.stderr)
+        sys.exit(2)
+    command = argv.pop(1)
+    if command == "train":
+        _define_train_flags()
+        app.run(_train, argv=argv)
+    elif command == "eval":
+        _define_eval_flags()
+        app.run(_eval, argv=argv)
+    else:
+        _define_eval_flags()
+        app.run(_report, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Split protocols.
+
+* :func:`stratified_split` is a line-by-line port of scikit-learn's
+  ``StratifiedShuffleSplit`` (as used by ``train_test_split(..., stratify=y,
+  random_state=seed)``), so it returns the very same indices, in the same order, without
+  depending on scikit-learn.
+* :func:`tfds_split`: a fixed number of training images per class, drawn with a seeded
+  generator from each class's sorted file list; the rest is the test split.
+* :func:`class_count_table`: a compact per-class count table for printing.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    # sklearn.utils.extmath._approximate_mode
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        values = np.sort(np.unique(remainder))[::-1]
+        for value in values:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            inds = rng.choice(inds, size=add_now, replace=False)
+            floored[inds] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
+
+
+def stratified_split(
+    labels: Sequence[int] | np.ndarray,
+    test_size: float = 0.25,
+    random_state: int = 42,
+    class_names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified shuffle split, identical to ``sklearn.model_selection.train_test_split(
+    np.arange(n), test_size=test_size, stratify=labels, random_state=random_state)``.
+
+    Returns (train_indices, test_indices) as int64 arrays in scikit-learn's (shuffled) order.
+    ``n_test = ceil(test_size * n)``; each class needs at least 2 members.
+    """
+    y = np.asarray(labels)
+    n = y.shape[0]
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    n_test = math.ceil(test_size * n)
+    n_train = n - n_test
+    if n_test == 0 or n_train == 0:
+        raise ValueError(f"a {test_size} split of {n} samples leaves an empty subset")
+    classes, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    n_classes = classes.shape[0]
+    if np.min(class_counts) < 2:
+        few = classes[class_counts < 2].tolist()
+        if class_names is not None:
+            few = [class_names[int(c)] for c in few]
+        raise ValueError(f"stratified split: classes with fewer than 2 images: {few}")
+    if n_train < n_classes:
+        raise ValueError(f"stratified split: train size {n_train} < number of classes {n_classes}")
+    if n_test < n_classes:
+        raise ValueError(f"stratified split: test size {n_test} < number of classes {n_classes}")
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(random_state)
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    class_counts_remaining = class_counts - n_i
+    t_i = _approximate_mode(class_counts_remaining, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i in range(n_classes):
+        permutation = rng.permutation(class_counts[i])
+        perm_indices_class_i = class_indices[i].take(permutation, mode="clip")
+        train.extend(perm_indices_class_i[: n_i[i]])
+        test.extend(perm_indices_class_i[n_i[i] : n_i[i] + t_i[i]])
+    train_arr = rng.permutation(np.asarray(train, dtype=np.int64))
+    test_arr = rng.permutation(np.asarray(test, dtype=np.int64))
+    return train_arr.astype(np.int64), test_arr.astype(np.int64)
+
+
+def tfds_split(
+    labels: Sequence[int] | np.ndarray,
+    files: Sequence[str],
+    train_per_class: int = 30,
+    seed: int = 42,
+    class_names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``train_per_class`` training images per class, the rest test (the tfds protocol).
+
+    For each class the files are sorted by name and ``train_per_class`` of them are drawn
+    without replacement by ``np.random.default_rng([seed, crc32(class key)])``, where the class
+    key is the class name (or the label when no names are given). Each class is drawn
+    independently, so selecting other classes does not change a class's split. Returns sorted
+    (train_indices, test_indices). A class with ``<= train_per_class`` images is an error (as in
+    tfds).
+    """
+    y = np.asarray(labels)
+    files_arr = np.asarray(files)
+    if files_arr.shape[0] != y.shape[0]:
+        raise ValueError("labels and files differ in length")
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[np.argsort(files_arr[idx], kind="stable")]
+        name = class_names[int(c)] if class_names is not None else str(int(c))
+        if len(idx) <= train_per_class:
+            raise ValueError(
+                f"tfds split: class {name!r} has {len(idx)} images, needs more than train_per_class={train_per_class}"
+            )
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        pick = np.zeros(len(idx), bool)
+        pick[rng.choice(len(idx), size=train_per_class, replace=False)] = True
+        train.append(idx[pick])
+        test.append(idx[~pick])
+    return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(test)).astype(np.int64)
+
+
+def carve_validation(
+    train_indices: np.ndarray,
+    labels: np.ndarray,
+    val_fraction: float,
+    seed: int = 42,
+    class_names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Splits ``train_indices`` into (train, val) with :func:`stratified_split` on their labels."""
+    sub_train, sub_val = stratified_split(labels[train_indices], val_fraction, seed, class_names)
+    return train_indices[sub_train], train_indices[sub_val]
+
+
+def class_count_table(class_names: Sequence[str], splits: dict[str, np.ndarray]) -> str:
+    """A compact table of per-class counts for each split (columns packed side by side when
+    there are many classes), with a total row."""
+    names = list(class_names)
+    split_names = list(splits)
+    counts = {s: np.bincount(np.asarray(v, dtype=np.int64), minlength=len(names)) for s, v in splits.items()}
+    wname = min(max([len(n) for n in names] + [5]), 24)
+    wnum = max(5, *(len(s) for s in split_names))
+    head = f"{'class':<{wname}} " + " ".join(f"{s:>{wnum}}" for s in split_names)
+    cells = [
+        f"{n[:wname]:<{wname}} " + " ".join(f"{int(counts[s][i]):>{wnum}}" for s in split_names)
+        for i, n in enumerate(names)
+    ]
+    ncol = 1 if len(cells) <= 12 else 3
+    rows = math.ceil(len(cells) / ncol)
+    width = len(head)
+    lines = ["   ".join([head] * min(ncol, len(cells)))]
+    for r in range(rows):
+        parts = [cells[r + k * rows] for k in range(ncol) if r + k * rows < len(cells)]
+        lines.append("   ".join(p.ljust(width) for p in parts).rstrip())
+    lines.append(
+        f"{'total':<{wname}} " + " ".join(f"{int(counts[s].sum()):>{wnum}}" for s in split_names)
+        + f"   ({len(names)} classes)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Argument validation shared by the functional layers (and re-used by `cnnlab.nn`).
+
+Every helper raises ``ValueError`` naming the parameter and the bad value, so a mistake in a
+layer argument is reported at the boundary, before any compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+PADDING_MODES = {
+    "zeros": "constant",
+    "constant": "constant",
+    "reflect": "reflect",
+    "symmetric": "symmetric",
+    "circular": "wrap",
+    "wrap": "wrap",
+    "edge": "edge",
+    "replicate": "edge",
+}
+STRING_PADDINGS = ("valid", "same", "causal")
+
+Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
+
+
+def normalize_tuple(value: Any, n: int, name: str, *, allow_zero: bool = False) -> tuple[int, ...]:
+    """Turns an int or a length-``n`` sequence of ints into an ``n``-tuple of positive ints."""
+    if isinstance(value, bool):
+        raise ValueError(f"Invalid {name}={value!r}: expected an int or a tuple of {n} ints.")
+    if isinstance(value, int):
+        values = (value,) * n
+    else:
+        try:
+            values = tuple(value)
+        except TypeError:
+            raise ValueError(
+                f"Invalid {name}={value!r}: expected an int or a tuple of {n} ints."
+            ) from None
+        if len(values) != n:
+            raise ValueError(
+                f"Invalid {name}={value!r}: expected {n} values (one per spatial dimension), "
+                f"got {len(values)}."
+            )
+    lowest = 0 if allow_zero else 1
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
+            kind = "non-negative" if allow_zero else "positive"
+            raise ValueError(f"Invalid {name}={value!r}: every entry must be a {kind} int.")
+    return values
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """Validates a strictly positive int (filters, groups, depth_multiplier...)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"Invalid {name}={value!r}: expected a strictly positive int.")
+    return value
+
+
+def check_padding(padding: Padding, n: int) -> str | tuple[tuple[int, int], ...]:
+    """Normalizes ``padding`` to ``"valid" | "same" | "causal"`` or explicit ``((lo, hi), ...)``.
+
+    Strings are case-insensitive (as in Keras). An int pads every spatial side by that amount; a
+    sequence gives one int (symmetric) or one ``(lo, hi)`` pair per spatial dimension.
+    """
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode not in STRING_PADDINGS:
+            raise ValueError(
+                f"Invalid padding={padding!r}: expected one of {STRING_PADDINGS}, an int, or a "
+                "sequence of ints or (low, high) pairs."
+            )
+        if mode == "causal" and n != 1:
+            raise ValueError(
+                f"Invalid padding={padding!r}: 'causal' padding is only defined for 1-D "
+                f"convolutions, got {n} spatial dimensions."
+            )
+        return mode
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        if padding < 0:
+            raise ValueError(f"Invalid padding={padding!r}: must be non-negative.")
+        return ((padding, padding),) * n
+    try:
+        entries = list(padding)
+    except TypeError:
+        raise ValueError(f"Invalid padding={padding!r}.") from None
+    if len(entries) != n:
+        raise ValueError(
+            f"Invalid padding={padding!r}: expected {n} entries (one per spatial dimension)."
+        )
+    pairs = []
+    for entry in entries:
+        pair = (entry, entry) if isinstance(entry, int) else tuple(entry)
+        if len(pair) != 2 or any(
+            isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in pair
+        ):
+            raise ValueError(
+                f"Invalid padding={padding!r}: each entry must be a non-negative int or a "
+                "(low, high) pair of non-negative ints."
+            )
+        pairs.append(pair)
+    return tuple(pairs)
+
+
+def check_padding_mode(padding_mode: str) -> str:
+    """Maps a padding mode name to its ``jnp.pad`` mode; raises for unknown names."""
+    key = str(padding_mode).lower()
+    if key not in PADDING_MODES:
+        raise ValueError(
+            f"Invalid padding_mode={padding_mode!r}: expected one of {sorted(PADDING_MODES)}."
+        )
+    return PADDING_MODES[key]
+
+
+def check_strides_dilation(strides: tuple[int, ...], dilation_rate: tuple[int, ...]) -> None:
+    """Keras rejects ``strides > 1`` together with ``dilation_rate > 1``; so do we."""
+    if max(strides) > 1 and max(dilation_rate) > 1:
+        raise ValueError(
+            "`strides > 1` is not supported together with `dilation_rate > 1`. Received: "
+            f"strides={strides} and dilation_rate={dilation_rate}."
+        )
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """XLA/TensorFlow ``SAME`` padding on the dilated kernel; the extra pixel goes high."""
+    effective = (kernel - 1) * dilation + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2

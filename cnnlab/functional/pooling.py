@@ -1,0 +1,88 @@
+"""Keras-exact pooling as pure JAX functions on ``jax.lax.reduce_window``.
+
+``max_pool``/``avg_pool`` take ``[N, *spatial, C]`` (or channels-first) inputs. ``strides``
+defaults to ``pool_size`` as in Keras; ``"same"`` average pooling divides by the number of
+real (unpadded) pixels in each window, as Keras' JAX backend does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cnnlab import backend
+from cnnlab.functional._args import normalize_tuple
+
+Array = jax.Array
+
+
+def _window(
+    x: Array, pool_size, strides, padding: str, data_format: str | None
+) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    n = x.ndim - 2
+    if n < 1:
+        raise ValueError(f"Pooling expects [batch, *spatial, channels] inputs, got shape {x.shape}.")
+    data_format = backend.standardize_data_format(data_format)
+    pool = normalize_tuple(pool_size, n, "pool_size")
+    stride = pool if strides is None else normalize_tuple(strides, n, "strides")
+    mode = str(padding).lower()
+    if mode not in ("valid", "same"):
+        raise ValueError(f"Invalid padding={padding!r} for pooling: expected 'valid' or 'same'.")
+    if data_format == "channels_last":
+        dims, strides_full = (1, *pool, 1), (1, *stride, 1)
+    else:
+        dims, strides_full = (1, 1, *pool), (1, 1, *stride)
+    return dims, strides_full, mode.upper()
+
+
+def max_pool(
+    x: Array,
+    pool_size: int | Sequence[int] = 2,
+    strides: int | Sequence[int] | None = None,
+    *,
+    padding: str = "valid",
+    data_format: str | None = None,
+) -> Array:
+    """Max pooling (Keras ``MaxPooling{1,2,3}D``)."""
+    dims, strides_full, pad = _window(x, pool_size, strides, padding, data_format)
+    # Python-scalar identities let JAX recognise the monoid (and differentiate the pooling).
+    init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else int(jnp.iinfo(x.dtype).min)
+    return lax.reduce_window(x, init, lax.max, dims, strides_full, pad)
+
+
+def avg_pool(
+    x: Array,
+    pool_size: int | Sequence[int] = 2,
+    strides: int | Sequence[int] | None = None,
+    *,
+    padding: str = "valid",
+    data_format: str | None = None,
+) -> Array:
+    """Average pooling (Keras ``AveragePooling{1,2,3}D``); ``same`` excludes padding."""
+    dims, strides_full, pad = _window(x, pool_size, strides, padding, data_format)
+    summed = lax.reduce_window(x, 0.0, lax.add, dims, strides_full, pad)
+    if pad == "VALID":
+        return summed / math.prod(dims)
+    ones = jnp.ones([s if d != 1 else 1 for s, d in zip(x.shape, dims)], x.dtype)
+    counts = lax.reduce_window(ones, 0.0, lax.add, dims, strides_full, pad)
+    return summed / counts
+
+
+def _spatial_axes(x: Array, data_format: str | None) -> tuple[int, ...]:
+    data_format = backend.standardize_data_format(data_format)
+    n = x.ndim - 2
+    return tuple(range(1, n + 1)) if data_format == "channels_last" else tuple(range(2, n + 2))
+
+
+def global_avg_pool(x: Array, *, data_format: str | None = None, keepdims: bool = False) -> Array:
+    """Mean over all spatial axes (Keras ``GlobalAveragePooling{1,2,3}D``)."""
+    return jnp.mean(x, axis=_spatial_axes(x, data_format), keepdims=keepdims)
+
+
+def global_max_pool(x: Array, *, data_format: str | None = None, keepdims: bool = False) -> Array:
+    """Max over all spatial axes (Keras ``GlobalMaxPooling{1,2,3}D``)."""
+    return jnp.max(x, axis=_spatial_axes(x, data_format), keepdims=keepdims)

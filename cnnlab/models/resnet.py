@@ -1,0 +1,75 @@
+"""A small ResNet: bottleneck residual modules (1x1 -> 3x3 -> 1x1) with strided downsampling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as flax_nn
+import jax
+
+from cnnlab import nn
+
+
+class ResidualModule(flax_nn.Module):
+    """Pre-activation bottleneck: BN-ReLU-1x1, BN-ReLU-3x3 (stride), BN-ReLU-1x1, plus shortcut."""
+
+    filters: int
+    strides: int = 1
+    bottleneck: bool = True
+    conv_kwargs: Any = None
+
+    @flax_nn.compact
+    def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
+        kw = dict(self.conv_kwargs or {})
+        shortcut = x
+        y = nn.Activation("relu")(nn.BatchNormalization()(x, training=training))
+        if self.strides != 1 or x.shape[-1] != self.filters:
+            shortcut = nn.Conv2D(self.filters, 1, strides=self.strides, use_bias=False, **kw)(y)
+        if self.bottleneck:
+            mid = max(self.filters // 4, 8)
+            y = nn.Conv2D(mid, 1, use_bias=False, **kw)(y)
+            y = nn.Activation("relu")(nn.BatchNormalization()(y, training=training))
+            y = nn.Conv2D(mid, 3, strides=self.strides, padding="same", use_bias=False, **kw)(y)
+            y = nn.Activation("relu")(nn.BatchNormalization()(y, training=training))
+            y = nn.Conv2D(self.filters, 1, use_bias=False, **kw)(y)
+        else:
+            y = nn.Conv2D(self.filters, 3, strides=self.strides, padding="same", use_bias=False, **kw)(y)
+            y = nn.Activation("relu")(nn.BatchNormalization()(y, training=training))
+            y = nn.Conv2D(self.filters, 3, padding="same", use_bias=False, **kw)(y)
+        return y + shortcut
+
+
+class ResNet(flax_nn.Module):
+    """Stem conv (stride 2) then stages of residual modules; the first module of every stage
+    after the first downsamples with stride 2; global average pooling; Dense logits."""
+
+    num_classes: int
+    stem_filters: int = 32
+    stem_kernel: int = 5
+    stage_filters: Sequence[int] = (64, 128, 256)
+    stage_depths: Sequence[int] = (2, 2, 2)
+    bottleneck: bool = True
+    kernel_initializer: Any = "he_normal"
+    weight_decay: float = 1e-4
+    head_dropout: float = 0.0
+    dtype: Any = None
+
+    @flax_nn.compact
+    def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
+        if len(self.stage_filters) != len(self.stage_depths):
+            raise ValueError(
+                f"stage_filters={tuple(self.stage_filters)} and stage_depths="
+                f"{tuple(self.stage_depths)} must have the same length."
+            )
+        reg = {"class_name": "L2", "config": {"l2": self.weight_decay}} if self.weight_decay else None
+        kw = dict(kernel_initializer=self.kernel_initializer, kernel_regularizer=reg, dtype=self.dtype)
+        x = nn.Conv2D(self.stem_filters, self.stem_kernel, strides=2, padding="same", use_bias=False, **kw)(x)
+        for stage, (filters, depth) in enumerate(zip(self.stage_filters, self.stage_depths)):
+            for block in range(depth):
+                strides = 2 if (block == 0 and stage > 0) else 1
+                x = ResidualModule(filters, strides, self.bottleneck, kw)(x, training=training)
+        x = nn.Activation("relu")(nn.BatchNormalization()(x, training=training))
+        x = nn.GlobalAveragePooling2D()(x)
+        x = nn.Dropout(self.head_dropout)(x, training=training)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype("float32")

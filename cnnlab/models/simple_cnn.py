@@ -1,0 +1,47 @@
+"""The tutorial's plain stack: Conv32-Pool-Conv64-Pool-Conv128-Pool and a classifier head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as flax_nn
+import jax
+
+from cnnlab import nn
+
+
+class SimpleCNN(flax_nn.Module):
+    """For each width: Conv 3x3 same + ReLU -> MaxPool 2x2; then Flatten -> Dense -> ReLU ->
+    Dropout -> Dense ``num_classes`` (logits)."""
+
+    num_classes: int
+    widths: Sequence[int] = (32, 64, 128)
+    kernel_size: int = 3
+    padding: str = "same"
+    dense_units: int = 256
+    kernel_initializer: Any = "he_normal"
+    weight_decay: float = 0.0
+    head_dropout: float = 0.5
+    global_pool: bool = False
+    dtype: Any = None
+
+    @flax_nn.compact
+    def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
+        reg = {"class_name": "L2", "config": {"l2": self.weight_decay}} if self.weight_decay else None
+        for width in self.widths:
+            x = nn.Conv2D(
+                width,
+                self.kernel_size,
+                padding=self.padding,
+                activation="relu",
+                kernel_initializer=self.kernel_initializer,
+                kernel_regularizer=reg,
+                dtype=self.dtype,
+            )(x)
+            x = nn.MaxPooling2D((2, 2))(x)
+        x = nn.GlobalAveragePooling2D()(x) if self.global_pool else nn.Flatten()(x)
+        x = nn.Dense(self.dense_units, activation="relu", kernel_initializer=self.kernel_initializer,
+                     dtype=self.dtype)(x)
+        x = nn.Dropout(self.head_dropout)(x, training=training)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype("float32")

@@ -1,0 +1,50 @@
+"""StridedNet, the network of the Keras Conv2D tutorial (strided convolutions, no pooling)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as flax_nn
+import jax
+
+from cnnlab import nn
+
+
+class StridedNet(flax_nn.Module):
+    """Conv16 7x7/2 valid (no activation); then for each width: Conv 3x3 same -> ReLU -> BN,
+    Conv 3x3/2 same -> ReLU -> BN, Dropout 0.25; Flatten -> Dense 512 -> ReLU -> BN ->
+    Dropout 0.5 -> Dense ``num_classes`` (logits).
+
+    With the defaults (96x96x3 inputs, 4 classes) its parameter count equals the Keras model's.
+    The L2 penalty (``weight_decay``, Keras' ``l2(5e-4)``) applies to convolution kernels only, as
+    in the tutorial.
+    """
+
+    num_classes: int
+    widths: Sequence[int] = (32, 64, 128)
+    stem_filters: int = 16
+    dense_units: int = 512
+    kernel_initializer: Any = "he_normal"
+    weight_decay: float = 5e-4
+    dropout: float = 0.25
+    head_dropout: float = 0.5
+    dtype: Any = None
+
+    @flax_nn.compact
+    def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
+        reg = {"class_name": "L2", "config": {"l2": self.weight_decay}} if self.weight_decay else None
+        conv = dict(kernel_initializer=self.kernel_initializer, kernel_regularizer=reg, dtype=self.dtype)
+        x = nn.Conv2D(self.stem_filters, (7, 7), strides=(2, 2), padding="valid", **conv)(x)
+        for width in self.widths:
+            x = nn.Conv2D(width, (3, 3), padding="same", **conv)(x)
+            x = nn.BatchNormalization()(nn.Activation("relu")(x), training=training)
+            x = nn.Conv2D(width, (3, 3), strides=(2, 2), padding="same", **conv)(x)
+            x = nn.BatchNormalization()(nn.Activation("relu")(x), training=training)
+            x = nn.Dropout(self.dropout)(x, training=training)
+        x = nn.Flatten()(x)
+        x = nn.Dense(self.dense_units, kernel_initializer=self.kernel_initializer, dtype=self.dtype)(x)
+        x = nn.BatchNormalization()(nn.Activation("relu")(x), training=training)
+        x = nn.Dropout(self.head_dropout)(x, training=training)
+        x = nn.Dense(self.num_classes, kernel_initializer=self.kernel_initializer, dtype=self.dtype)(x)
+        return x.astype("float32")

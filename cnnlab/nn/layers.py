@@ -1,0 +1,280 @@
+"""The non-convolutional layers the tutorial's networks need, with Keras 3 names and defaults.
+
+``Dense``, ``Activation``, ``Dropout``, ``Flatten``, ``BatchNormalization``, and the pooling
+layers. Layers whose behaviour differs between training and inference (``Dropout``,
+``BatchNormalization``) take ``training: bool`` in ``__call__``, as Keras' ``call`` does.
+Dropout draws from the ``"dropout"`` PRNG stream; batch statistics live in ``"batch_stats"``
+as ``moving_mean``/``moving_variance`` (Keras' names).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnnlab import activations, backend, constraints, initializers, regularizers
+from cnnlab import functional as F
+from cnnlab.functional._args import check_positive_int, normalize_tuple
+from cnnlab.nn.conv import validate_identifiers
+from cnnlab.nn.penalties import PenaltiesMixin
+
+Array = jax.Array
+
+
+class Dense(PenaltiesMixin, nn.Module):
+    """Keras ``Dense``: ``activation(x @ kernel + bias)`` on the last axis; ``kernel [in, units]``."""
+
+    units: int
+    activation: Any = None
+    use_bias: bool = True
+    kernel_initializer: Any = "glorot_uniform"
+    bias_initializer: Any = "zeros"
+    kernel_regularizer: Any = None
+    bias_regularizer: Any = None
+    activity_regularizer: Any = None
+    kernel_constraint: Any = None
+    bias_constraint: Any = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.units, "units")
+        validate_identifiers(
+            self,
+            activation=(activations, self.activation),
+            kernel_initializer=(initializers, self.kernel_initializer),
+            bias_initializer=(initializers, self.bias_initializer),
+            kernel_regularizer=(regularizers, self.kernel_regularizer),
+            bias_regularizer=(regularizers, self.bias_regularizer),
+            activity_regularizer=(regularizers, self.activity_regularizer),
+            kernel_constraint=(constraints, self.kernel_constraint),
+            bias_constraint=(constraints, self.bias_constraint),
+        )
+        super().__post_init__()
+
+    def _weight_specs(self):
+        return {
+            "kernel": (self.kernel_regularizer, self.kernel_constraint),
+            "bias": (self.bias_regularizer, self.bias_constraint),
+        }
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        params = {
+            "kernel": self.param(
+                "kernel",
+                initializers.get(self.kernel_initializer),
+                (x.shape[-1], self.units),
+                self.param_dtype,
+            )
+        }
+        if self.use_bias:
+            params["bias"] = self.param(
+                "bias", initializers.get(self.bias_initializer), (self.units,), self.param_dtype
+            )
+        self.sow_weight_penalties(params)
+        y = F.dense(
+            x, params["kernel"], params.get("bias"), activation=self.activation, dtype=self.dtype
+        )
+        self.sow_activity_penalty(self.activity_regularizer, y)
+        return y
+
+
+class Activation(nn.Module):
+    """Keras ``Activation``: applies an activation given by name or callable."""
+
+    activation: Any
+
+    def __post_init__(self) -> None:
+        validate_identifiers(self, activation=(activations, self.activation))
+        super().__post_init__()
+
+    def __call__(self, x: Array) -> Array:
+        return activations.get(self.activation)(x)
+
+
+class Dropout(nn.Module):
+    """Keras ``Dropout``: inverted dropout in training, identity in inference."""
+
+    rate: float
+    noise_shape: Any = None
+    seed: int | None = None
+    rng_collection: str = "dropout"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rate, (int, float)) or not 0.0 <= float(self.rate) <= 1.0:
+            raise ValueError(f"Invalid rate={self.rate!r} for Dropout: expected a float in [0, 1].")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array, training: bool = False) -> Array:
+        if not training or self.rate == 0.0:
+            return x
+        return F.dropout(self.make_rng(self.rng_collection), x, self.rate, noise_shape=self.noise_shape)
+
+
+class Flatten(nn.Module):
+    """Keras ``Flatten``: ``[N, ...] -> [N, prod(...)]``; channels-first inputs are moved to
+    channels-last first, as Keras does, so weights of the following Dense match."""
+
+    data_format: str | None = None
+
+    def __call__(self, x: Array) -> Array:
+        if backend.standardize_data_format(self.data_format) == "channels_first" and x.ndim > 2:
+            x = jnp.transpose(x, (0, *range(2, x.ndim), 1))
+        return jnp.reshape(x, (x.shape[0], -1))
+
+
+class BatchNormalization(PenaltiesMixin, nn.Module):
+    """Keras ``BatchNormalization`` (momentum 0.99, epsilon 1e-3, ``axis=-1``).
+
+    Parameters ``gamma``/``beta``; statistics ``moving_mean``/``moving_variance`` in the
+    ``"batch_stats"`` collection, updated in training as
+    ``moving = moving * momentum + batch * (1 - momentum)``. Computes in at least float32.
+    """
+
+    axis: int = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-3
+    center: bool = True
+    scale: bool = True
+    beta_initializer: Any = "zeros"
+    gamma_initializer: Any = "ones"
+    moving_mean_initializer: Any = "zeros"
+    moving_variance_initializer: Any = "ones"
+    beta_regularizer: Any = None
+    gamma_regularizer: Any = None
+    beta_constraint: Any = None
+    gamma_constraint: Any = None
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.momentum) <= 1.0:
+            raise ValueError(f"Invalid momentum={self.momentum!r}: expected a float in [0, 1].")
+        if float(self.epsilon) <= 0:
+            raise ValueError(f"Invalid epsilon={self.epsilon!r}: expected a positive float.")
+        validate_identifiers(
+            self,
+            beta_initializer=(initializers, self.beta_initializer),
+            gamma_initializer=(initializers, self.gamma_initializer),
+            moving_mean_initializer=(initializers, self.moving_mean_initializer),
+            moving_variance_initializer=(initializers, self.moving_variance_initializer),
+            beta_regularizer=(regularizers, self.beta_regularizer),
+            gamma_regularizer=(regularizers, self.gamma_regularizer),
+            beta_constraint=(constraints, self.beta_constraint),
+            gamma_constraint=(constraints, self.gamma_constraint),
+        )
+        super().__post_init__()
+
+    def _weight_specs(self):
+        return {
+            "gamma": (self.gamma_regularizer, self.gamma_constraint),
+            "beta": (self.beta_regularizer, self.beta_constraint),
+        }
+
+    @nn.compact
+    def __call__(self, x: Array, training: bool = False) -> Array:
+        axis = self.axis % x.ndim
+        features = (x.shape[axis],)
+        out_dtype = x.dtype
+        x = x.astype(jnp.result_type(x.dtype, jnp.float32))
+        moving_mean = self.variable(
+            "batch_stats",
+            "moving_mean",
+            lambda: initializers.get(self.moving_mean_initializer)(
+                jax.random.key(0), features, self.param_dtype
+            ),
+        )
+        moving_var = self.variable(
+            "batch_stats",
+            "moving_variance",
+            lambda: initializers.get(self.moving_variance_initializer)(
+                jax.random.key(0), features, self.param_dtype
+            ),
+        )
+        params = {}
+        if self.scale:
+            params["gamma"] = self.param(
+                "gamma", initializers.get(self.gamma_initializer), features, self.param_dtype
+            )
+        if self.center:
+            params["beta"] = self.param(
+                "beta", initializers.get(self.beta_initializer), features, self.param_dtype
+            )
+        self.sow_weight_penalties(params)
+        if training:
+            mean, variance = F.moments(x, [a for a in range(x.ndim) if a != axis])
+            if not self.is_initializing():
+                m = self.momentum
+                moving_mean.value = moving_mean.value * m + mean * (1.0 - m)
+                moving_var.value = moving_var.value * m + variance * (1.0 - m)
+        else:
+            mean, variance = moving_mean.value, moving_var.value
+        y = F.batch_norm(
+            x,
+            mean.astype(x.dtype),
+            variance.astype(x.dtype),
+            axis=axis,
+            gamma=params.get("gamma"),
+            beta=params.get("beta"),
+            epsilon=self.epsilon,
+        )
+        return y.astype(out_dtype)
+
+
+class _Pooling(nn.Module):
+    pool_size: Any = (2, 2)
+    strides: Any = None
+    padding: str = "valid"
+    data_format: str | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.pool_size) if isinstance(self.pool_size, (tuple, list)) else 1
+        normalize_tuple(self.pool_size, n, "pool_size")
+        if self.strides is not None:
+            normalize_tuple(self.strides, n, "strides")
+        if str(self.padding).lower() not in ("valid", "same"):
+            raise ValueError(f"Invalid padding={self.padding!r}: expected 'valid' or 'same'.")
+        backend.standardize_data_format(self.data_format)
+        super().__post_init__()
+
+
+class MaxPooling2D(_Pooling):
+    """Keras ``MaxPooling2D`` (``strides`` defaults to ``pool_size``)."""
+
+    def __call__(self, x: Array) -> Array:
+        return F.max_pool(
+            x, self.pool_size, self.strides, padding=self.padding, data_format=self.data_format
+        )
+
+
+class AveragePooling2D(_Pooling):
+    """Keras ``AveragePooling2D``; ``"same"`` averages over the unpadded pixels only."""
+
+    def __call__(self, x: Array) -> Array:
+        return F.avg_pool(
+            x, self.pool_size, self.strides, padding=self.padding, data_format=self.data_format
+        )
+
+
+class GlobalAveragePooling2D(nn.Module):
+    """Keras ``GlobalAveragePooling2D``: mean over H and W."""
+
+    data_format: str | None = None
+    keepdims: bool = False
+
+    def __call__(self, x: Array) -> Array:
+        return F.global_avg_pool(x, data_format=self.data_format, keepdims=self.keepdims)
+
+
+class GlobalMaxPooling2D(nn.Module):
+    """Keras ``GlobalMaxPooling2D``: max over H and W."""
+
+    data_format: str | None = None
+    keepdims: bool = False
+
+    def __call__(self, x: Array) -> Array:
+        return F.global_max_pool(x, data_format=self.data_format, keepdims=self.keepdims)

@@ -1,0 +1,149 @@
+"""What a finished run leaves for a person: curves, a confusion matrix, a classification report.
+
+``plot.png`` (loss and accuracy, train vs test, per epoch, as the tutorial's),
+``confusion_matrix.png``, and ``classification_report.txt``/``.json`` with precision, recall,
+F1 and support per class (scikit-learn's layout), all regenerated from the files the run
+wrote (``metrics.jsonl``, ``confusion_last.npy``), so ``cnnlab report`` can redo them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from cnnlab.train.writers import read_metrics, write_json_atomic
+
+
+def classification_report(confusion: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Per-class precision/recall/F1/support from a ``[true, predicted]`` confusion matrix,
+    plus accuracy, macro and weighted averages (as ``sklearn.metrics.classification_report``)."""
+    confusion = np.asarray(confusion, np.float64)
+    tp = np.diag(confusion)
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    report = {
+        name: {"precision": p, "recall": r, "f1-score": f, "support": int(s)}
+        for name, p, r, f, s in zip(class_names, precision, recall, f1, support)
+    }
+    total = support.sum()
+    report["accuracy"] = float(tp.sum() / total) if total else 0.0
+    report["macro avg"] = {
+        "precision": float(precision.mean()), "recall": float(recall.mean()),
+        "f1-score": float(f1.mean()), "support": int(total),
+    }
+    w = support / total if total else support
+    report["weighted avg"] = {
+        "precision": float((precision * w).sum()), "recall": float((recall * w).sum()),
+        "f1-score": float((f1 * w).sum()), "support": int(total),
+    }
+    return json.loads(json.dumps(report, default=float))
+
+
+def format_report(report: dict, class_names: Sequence[str]) -> str:
+    """Renders :func:`classification_report` as scikit-learn's text table."""
+    width = max([len(n) for n in class_names] + [len("weighted avg")])
+    head = f"{'':>{width}}  {'precision':>9}  {'recall':>9}  {'f1-score':>9}  {'support':>9}"
+    lines = [head, ""]
+    for name in class_names:
+        r = report[name]
+        lines.append(
+            f"{name:>{width}}  {r['precision']:9.4f}  {r['recall']:9.4f}  {r['f1-score']:9.4f}  {r['support']:9d}"
+        )
+    lines.append("")
+    total = report["macro avg"]["support"]
+    lines.append(f"{'accuracy':>{width}}  {'':>9}  {'':>9}  {report['accuracy']:9.4f}  {total:9d}")
+    for avg in ("macro avg", "weighted avg"):
+        r = report[avg]
+        lines.append(
+            f"{avg:>{width}}  {r['precision']:9.4f}  {r['recall']:9.4f}  {r['f1-score']:9.4f}  {r['support']:9d}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(records: list[dict], path: str) -> None:
+    """Loss and accuracy per epoch, train vs test (and val), in one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    x = [r["epoch"] for r in epochs]
+    for split, style in (("train", "-"), ("test", "--"), ("val", ":")):
+        if any(f"{split}/loss" in r for r in epochs):
+            ax_loss.plot(x, [r.get(f"{split}/loss", np.nan) for r in epochs], style, label=f"{split} loss")
+            ax_acc.plot(x, [r.get(f"{split}/accuracy", np.nan) for r in epochs], style, label=f"{split} acc")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str) -> None:
+    """Row-normalized confusion matrix; class names are shown when there are few enough."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = np.asarray(confusion, np.float64)
+    rows = confusion.sum(axis=1, keepdims=True)
+    norm = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
+    n = len(class_names)
+    size = min(max(4, n * 0.25 + 3), 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (row-normalized)")
+    if n <= 40:
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), class_names, fontsize=8)
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(confusion[i, j]), ha="center", va="center",
+                        color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def _save_figure(fig, path: str) -> None:
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def write_reports(workdir: str, class_names: Sequence[str] | None = None) -> dict:
+    """(Re)generates every report of ``workdir``; returns the classification report."""
+    if class_names is None:
+        with open(os.path.join(workdir, "classes.json")) as f:
+            class_names = json.load(f)
+    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    if records:
+        plot_curves(records, os.path.join(workdir, "plot.png"))
+    confusion_path = os.path.join(workdir, "confusion_last.npy")
+    if not os.path.exists(confusion_path):
+        return {}
+    confusion = np.load(confusion_path)
+    report = classification_report(confusion, class_names)
+    write_json_atomic(os.path.join(workdir, "classification_report.json"), report)
+    text = format_report(report, class_names)
+    tmp = os.path.join(workdir, "classification_report.txt.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(workdir, "classification_report.txt"))
+    plot_confusion(confusion, class_names, os.path.join(workdir, "confusion_matrix.png"))
+    return report

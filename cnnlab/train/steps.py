@@ -1,0 +1,188 @@
+"""The train state and the pure ``train_step``/``eval_step`` functions (jitted by the trainer).
+
+Everything a step needs happens on device: augmentation, normalization, forward pass, loss
+with the layers' sown penalties, backward pass, optimizer update, constraint projection, and
+metric accumulation. A step with a non-finite loss leaves the state unchanged and records its
+step number in ``state.nonfinite_step``, so the trainer can stop with the last good state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as flax_nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from cnnlab import nn
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; checkpointed whole for exact resume.
+
+    ``rng`` is a raw ``uint32[2]`` key (serializable); per-step keys are ``fold_in(rng, step)``,
+    so a resumed run draws the same randomness. ``epoch_sums`` accumulates the current epoch's
+    training loss/accuracy on device.
+    """
+
+    step: Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: Array
+    epoch_sums: dict[str, Array]
+    nonfinite_step: Array
+
+
+def zero_sums() -> dict[str, Array]:
+    return {
+        "loss": jnp.zeros((), jnp.float32),
+        "correct": jnp.zeros((), jnp.float32),
+        "count": jnp.zeros((), jnp.float32),
+    }
+
+
+def create_train_state(
+    model: flax_nn.Module,
+    tx: optax.GradientTransformation,
+    *,
+    seed: int,
+    image_shape: tuple[int, ...],
+) -> TrainState:
+    """Initializes parameters, batch statistics and optimizer state from ``seed``."""
+    rng = jax.random.PRNGKey(seed)
+    init_rng, train_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = model.init({"params": init_rng, "dropout": init_rng}, dummy, training=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=train_rng,
+        epoch_sums=zero_sums(),
+        nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def make_train_step(
+    model: flax_nn.Module,
+    tx: optax.GradientTransformation,
+    *,
+    num_classes: int,
+    preprocess: Callable[[Array, Array, Array], tuple[Array, Array]],
+    constraints: nn.penalties.ConstraintMap,
+    label_smoothing: float = 0.0,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
+    """Builds ``train_step(state, batch) -> (state, metrics)``.
+
+    ``preprocess(key, images_uint8, int_labels) -> (float images, soft labels [B, K])`` does the
+    on-device augmentation and normalization (mixup/cutmix may change the labels).
+    """
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        aug_rng, dropout_rng = jax.random.split(step_rng)
+        labels = batch["label"]
+        images, targets = preprocess(aug_rng, batch["image"], labels)
+        if label_smoothing:
+            targets = optax.smooth_labels(targets, label_smoothing)
+
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                images,
+                training=True,
+                rngs={"dropout": dropout_rng},
+                mutable=["batch_stats", nn.LOSSES],
+            )
+            ce = jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+            penalty = nn.regularization_loss(updates.get(nn.LOSSES))
+            return ce + penalty, (ce, logits, updates.get("batch_stats", {}))
+
+        (loss, (ce, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = nn.apply_constraints(optax.apply_updates(state.params, updates), constraints)
+
+        finite = jnp.isfinite(loss)
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        count = jnp.asarray(labels.shape[0], jnp.float32)
+        sums = {
+            "loss": state.epoch_sums["loss"] + ce * count,
+            "correct": state.epoch_sums["correct"] + correct,
+            "count": state.epoch_sums["count"] + count,
+        }
+        new = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            epoch_sums=sums,
+        )
+        # A non-finite loss keeps the previous (good) state and records where it happened.
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
+        new = new.replace(
+            nonfinite_step=jnp.where(
+                (~finite) & (state.nonfinite_step < 0), state.step, state.nonfinite_step
+            )
+        )
+        metrics = {"loss": loss, "ce": ce, "accuracy": correct / count}
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    model: flax_nn.Module,
+    *,
+    num_classes: int,
+    normalize: Callable[[Array], Array],
+) -> Callable[[Any, Any, Batch], dict[str, Array]]:
+    """Builds ``eval_step(params, batch_stats, batch) -> sums`` over the masked batch.
+
+    Returns summed loss, correct, top-5 correct, count, and the confusion matrix
+    ``[true, predicted]``, so an epoch's metrics count every test image exactly once.
+    """
+
+    def eval_step(params, batch_stats, batch: Batch) -> dict[str, Array]:
+        logits = model.apply(
+            {"params": params, "batch_stats": batch_stats}, normalize(batch["image"]), training=False
+        ).astype(jnp.float32)
+        labels = batch["label"]
+        mask = batch["mask"].astype(jnp.float32)
+        onehot = jax.nn.one_hot(labels, num_classes)
+        loss = optax.softmax_cross_entropy(logits, onehot)
+        pred = jnp.argmax(logits, -1)
+        k = min(5, num_classes)
+        top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+        confusion = (onehot * mask[:, None]).T @ jax.nn.one_hot(pred, num_classes)
+        return {
+            "loss": jnp.sum(loss * mask),
+            "correct": jnp.sum((pred == labels) * mask),
+            "top5": jnp.sum(top5 * mask),
+            "count": jnp.sum(mask),
+            "confusion": confusion,
+        }
+
+    return eval_step
+
+
+def predict_logits(model: flax_nn.Module, normalize: Callable[[Array], Array]):
+    """``(params, batch_stats, images_uint8) -> logits`` in inference mode."""
+
+    def predict(params, batch_stats, images):
+        return model.apply(
+            {"params": params, "batch_stats": batch_stats}, normalize(images), training=False
+        )
+
+    return predict

@@ -1,0 +1,44 @@
+"""The Keras Conv2D tutorial, exactly: StridedNet on the 4 tutorial classes of CALTECH-101.
+
+96x96 inputs, classes Faces/Leopards/Motorbikes/airplanes, stratified 75/25 split with seed
+42, Adam lr 1e-4 with Keras' legacy decay 1e-4/epochs per step, L2 5e-4 on conv kernels,
+he_normal, the tutorial's ImageDataGenerator augmentation, batch 32, 50 epochs.
+
+    CALTECH101_DIR=../shared/data/caltech101/101_ObjectCategories \\
+        cnnlab train --config=configs/stridednet.py --workdir=runs/stridednet
+
+Quick check: ``--config.num_epochs=2``.
+"""
+
+from cnnlab.train import default_config
+
+EPOCHS = 50
+
+
+def get_config():
+    config = default_config()
+    config.seed = 42
+    config.num_epochs = EPOCHS
+    config.batch_size = 32
+    config.eval_batch_size = 128
+
+    config.data.source = "folder"
+    config.data.classes = "tutorial4"
+    config.data.split = "stratified"
+    config.data.test_fraction = 0.25
+    config.data.split_seed = 42
+    config.data.image_size = 96
+    config.data.resize = "stretch"
+    config.data.augment.preset = "tutorial"
+
+    config.model.name = "stridednet"
+    config.model.kwargs.kernel_initializer = "he_normal"
+    config.model.kwargs.weight_decay = 5e-4
+
+    config.optimizer.name = "adam"
+    config.optimizer.learning_rate = 1e-4
+    config.schedule.name = "keras_decay"
+    config.schedule.decay = 1e-4 / EPOCHS
+    config.normalization = "scale"
+    config.checkpoint.best_metric = "test/accuracy"
+    return config

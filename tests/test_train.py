@@ -1,0 +1,270 @@
+"""Training: smoke run, exact kill-and-resume, NaN handling, config validation, penalties,
+constraints, checkpoint restore, reports, and StridedNet's parameter count against Keras."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+
+import flax.linen as flax_nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cnnlab import models, nn
+from cnnlab.train import (
+    NonFiniteLossError,
+    default_config,
+    evaluate,
+    train_and_evaluate,
+    validate_config,
+)
+from cnnlab.train.steps import create_train_state, make_train_step
+from cnnlab.train.writers import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+import smoke  # noqa: E402
+
+
+def smoke_config(**overrides):
+    config = smoke.get_config()
+    config.progress = False
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+def _epoch_records(workdir):
+    return [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["kind"] == "epoch"]
+
+
+def test_smoke_training_beats_chance_and_leaves_reports(tmp_path):
+    final = train_and_evaluate(smoke_config(), str(tmp_path))
+    assert final["test/accuracy"] > 0.6  # 4 classes: chance is 0.25
+    for name in (
+        "config.json", "classes.json", "metrics.jsonl", "plot.png", "confusion_matrix.png",
+        "classification_report.txt", "classification_report.json",
+    ):
+        assert (tmp_path / name).exists(), name
+    assert list((tmp_path / "tb").iterdir())
+    report = json.loads((tmp_path / "classification_report.json").read_text())
+    assert report["accuracy"] == pytest.approx(final["test/accuracy"])
+    assert sum(report[c]["support"] for c in json.loads((tmp_path / "classes.json").read_text())) == 80
+    epochs = _epoch_records(str(tmp_path))
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+
+    # Checkpoint restore gives identical metrics (and so identical predictions).
+    again = evaluate(None, str(tmp_path), which="latest")
+    assert again["test/loss"] == pytest.approx(final["test/loss"], rel=1e-6)
+    assert again["test/accuracy"] == final["test/accuracy"]
+
+
+def _run_cli(workdir, *extra, env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", "train", f"--config={ROOT / 'configs' / 'smoke.py'}",
+         f"--workdir={workdir}", "--config.progress=False", "--config.num_epochs=3",
+         "--config.checkpoint.every_steps=2", *extra],
+        cwd=ROOT, env=env or os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_sigkill_and_resume_ends_with_exactly_the_same_metrics(tmp_path):
+    straight = tmp_path / "straight"
+    out, _ = _run_cli(straight).communicate(timeout=300)
+    assert "final:" in out, out
+
+    killed = tmp_path / "killed"
+    # A real SIGKILL, delivered mid-epoch 2 (step 11 of 21), after the step-10 checkpoint.
+    env = {**os.environ, "CNNLAB_FAULT_KILL_AT_STEP": "11"}
+    proc = _run_cli(killed, env=env)
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    kept = [int(p.name) for p in (killed / "checkpoints" / "latest").iterdir() if p.name.isdigit()]
+    assert max(kept) == 10
+    out, _ = _run_cli(killed).communicate(timeout=300)
+    assert "Resuming from step" in out, out
+    a, b = _epoch_records(str(straight)), _epoch_records(str(killed))
+    assert [r["epoch"] for r in b] == [1, 2, 3]
+    assert a[-1] == b[-1]  # every final metric, exactly
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = smoke_config(**{
+        "optimizer.name": "sgd", "optimizer.learning_rate": 1e12, "optimizer.momentum": 0.0,
+        "checkpoint.every_steps": 1, "log_every_steps": 1, "num_epochs": 2,
+    })
+    with pytest.raises(NonFiniteLossError, match=r"step \d+") as err:
+        train_and_evaluate(config, str(tmp_path))
+    assert "last good checkpoint" in str(err.value) or "no checkpoint" in str(err.value)
+    latest = tmp_path / "checkpoints" / "latest"
+    for step_dir in latest.glob("[0-9]*"):
+        assert not step_dir.name.endswith("tmp")
+    if any(latest.glob("[0-9]*")):
+        # The kept checkpoint restores to finite parameters.
+        from cnnlab.train.checkpoint import Checkpoints
+        from cnnlab.train.trainer import build_experiment, initial_state
+
+        exp = build_experiment(config)
+        ckpt = Checkpoints(str(tmp_path), keep=2, best_metric="test/accuracy", best_mode="max")
+        state, _ = ckpt.restore(initial_state(exp))
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(state.params))
+
+
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("optimizer.lerning_rate", 0.1, "learning_rate"),
+        ("num_epoch", 3, "num_epochs"),
+        ("optimizer.name", "adamm", "adam"),
+        ("model.name", "stridenet", "stridednet"),
+        ("model.kwargs.widthz", (8,), "widths"),
+        ("schedule.name", "cosin", "cosine"),
+        ("checkpoint.best_metric", "val/accuracy", "val_fraction"),
+        ("data.split", "random", "split"),
+        ("batch_size", 0, "batch_size"),
+    ],
+)
+def test_config_validation_names_the_bad_key(key, value, needle):
+    config = smoke_config().to_dict()
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+        target = target[p]
+    target[leaf] = value
+    import ml_collections
+
+    with pytest.raises(ValueError, match=needle):
+        validate_config(ml_collections.ConfigDict(config))
+
+
+def test_cli_rejects_a_typo_override_before_compute(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnnlab", "train", f"--config={ROOT / 'configs' / 'smoke.py'}",
+         f"--workdir={tmp_path}", "--config.optimizer.lerning_rate=0.1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "learning_rate" in proc.stderr + proc.stdout
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def _one_step_params(weight_decay):
+    model = models.get_model("simple_cnn", num_classes=3, widths=(4,), dense_units=8,
+                             weight_decay=weight_decay, head_dropout=0.0)
+    tx = optax.sgd(0.1)
+    state = create_train_state(model, tx, seed=0, image_shape=(8, 8, 3))
+    step = jax.jit(make_train_step(
+        model, tx, num_classes=3,
+        preprocess=lambda k, x, y: (x.astype(jnp.float32) / 255, jax.nn.one_hot(y, 3)),
+        constraints={},
+    ))
+    batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3)), jnp.uint8),
+             "label": jnp.array([0, 1, 2, 0]), "mask": jnp.ones(4, bool)}
+    new, metrics = step(state, batch)
+    return new.params, metrics
+
+
+def test_regularization_penalties_enter_the_loss_and_gradient():
+    p0, m0 = _one_step_params(0.0)
+    p1, m1 = _one_step_params(1e-1)
+    assert float(m1["loss"]) > float(m1["ce"])
+    assert float(m0["loss"]) == pytest.approx(float(m0["ce"]))
+    k0, k1 = p0["Conv2D_0"]["kernel"], p1["Conv2D_0"]["kernel"]
+    assert not np.allclose(np.asarray(k0), np.asarray(k1))
+    # Dense layers carry no regularizer in simple_cnn, so their update is unchanged.
+    np.testing.assert_allclose(np.asarray(p0["Dense_1"]["bias"]), np.asarray(p1["Dense_1"]["bias"]), atol=1e-6)
+
+
+class _Constrained(flax_nn.Module):
+    @flax_nn.compact
+    def __call__(self, x, training=False):
+        x = nn.Conv2D(4, 3, kernel_constraint="non_neg")(x)
+        return nn.Dense(2)(nn.GlobalAveragePooling2D()(x))
+
+
+def test_constraints_hold_after_every_train_step():
+    model = _Constrained()
+    tx = optax.sgd(1.0)
+    state = create_train_state(model, tx, seed=0, image_shape=(6, 6, 3))
+    constraints = nn.collect_constraints(model, jnp.zeros((1, 6, 6, 3)))
+    step = jax.jit(make_train_step(
+        model, tx, num_classes=2,
+        preprocess=lambda k, x, y: (x.astype(jnp.float32) / 255 - 0.5, jax.nn.one_hot(y, 2)),
+        constraints=constraints,
+    ))
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        batch = {"image": jnp.asarray(rng.integers(0, 255, (8, 6, 6, 3)), jnp.uint8),
+                 "label": jnp.asarray(rng.integers(0, 2, 8)), "mask": jnp.ones(8, bool)}
+        state, _ = step(state, batch)
+        assert float(jnp.min(state.params["Conv2D_0"]["kernel"])) >= 0.0
+
+
+def _keras_stridednet(classes):
+    keras = pytest.importorskip("keras")
+    from keras import layers
+
+    reg = keras.regularizers.l2(5e-4)
+    m = keras.Sequential([keras.Input((96, 96, 3))])
+    m.add(layers.Conv2D(16, (7, 7), strides=(2, 2), padding="valid", kernel_initializer="he_normal", kernel_regularizer=reg))
+    for w in (32, 64, 128):
+        m.add(layers.Conv2D(w, (3, 3), padding="same", kernel_initializer="he_normal", kernel_regularizer=reg))
+        m.add(layers.Activation("relu"))
+        m.add(layers.BatchNormalization(axis=-1))
+        m.add(layers.Conv2D(w, (3, 3), strides=(2, 2), padding="same", kernel_initializer="he_normal", kernel_regularizer=reg))
+        m.add(layers.Activation("relu"))
+        m.add(layers.BatchNormalization(axis=-1))
+        m.add(layers.Dropout(0.25))
+    m.add(layers.Flatten())
+    m.add(layers.Dense(512, kernel_initializer="he_normal"))
+    m.add(layers.Activation("relu"))
+    m.add(layers.BatchNormalization())
+    m.add(layers.Dropout(0.5))
+    m.add(layers.Dense(classes))
+    m.add(layers.Activation("softmax"))
+    return m
+
+
+@pytest.mark.parametrize("classes", [4, 102])
+def test_stridednet_parameter_count_equals_keras(classes):
+    keras_model = _keras_stridednet(classes)
+    model = models.get_model("stridednet", num_classes=classes)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3))))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
+        {"params": variables["params"], "batch_stats": variables["batch_stats"]}))
+    assert count == keras_model.count_params()
+    trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
+    assert trainable == sum(int(np.prod(w.shape)) for w in keras_model.trainable_weights)
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_every_model_builds_and_runs(name):
+    model = models.get_model(name, num_classes=5)
+    x = jnp.zeros((2, 64, 64, 3))
+    variables = model.init(jax.random.key(0), x)
+    y, _ = model.apply(variables, x, training=True, rngs={"dropout": jax.random.key(1)},
+                       mutable=["batch_stats", nn.LOSSES])
+    assert y.shape == (2, 5)
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(ValueError, match="stridednet"):
+        models.get_model("vgg", num_classes=3)
+    with pytest.raises(ValueError, match="widths"):
+        models.get_model("stridednet", num_classes=3, widthz=(3,))
+
+
+def test_default_config_validates():
+    validate_config(default_config())
