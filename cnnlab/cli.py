@@ -19,16 +19,32 @@ COMMANDS = ("train", "eval", "report")
 _USAGE = f"usage: cnnlab {{{','.join(COMMANDS)}}} [flags]   (cnnlab <command> --help for flags)"
 
 
+def _define_distributed_flags() -> None:
+    flags.DEFINE_string(
+        "coordinator_address", None,
+        "host:port of process 0 for a multi-process run (else $CNNLAB_COORDINATOR_ADDRESS).",
+    )
+    flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
 def _define_train_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, reports).")
     flags.mark_flags_as_required(["config", "workdir"])
+    _define_distributed_flags()
 
 
 def _define_eval_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run directory written by `cnnlab train`.")
     flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
     flags.mark_flags_as_required(["workdir"])
+
+
+def _initialize_distributed() -> None:
+    from cnnlab.train.distributed import initialize
+
+    initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
 def _quiet_libraries() -> None:
@@ -41,6 +57,7 @@ def _quiet_libraries() -> None:
 def _train(argv) -> None:
     del argv
     _quiet_libraries()
+    _initialize_distributed()
     from cnnlab.train import train_and_evaluate
 
     final = train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -18,8 +18,16 @@ def _img(b=2, h=10, w=10, c=3, seed=0, dtype=np.float32):
 
 
 def _params(b=1, **kw):
-    p = {"theta": 0.0, "tx": 0.0, "ty": 0.0, "shear": 0.0, "zx": 1.0, "zy": 1.0,
-         "flip_horizontal": False, "flip_vertical": False}
+    p = {
+        "theta": 0.0,
+        "tx": 0.0,
+        "ty": 0.0,
+        "shear": 0.0,
+        "zx": 1.0,
+        "zy": 1.0,
+        "flip_horizontal": False,
+        "flip_vertical": False,
+    }
     p.update(kw)
     return {k: jnp.full((b,), v) for k, v in p.items()}
 
@@ -37,7 +45,9 @@ def test_normalize_modes():
     np.testing.assert_allclose(np.asarray(s), np.asarray(x) / 255.0, rtol=1e-6)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     m = D.normalize(x, "mean_std", jnp.asarray(mean), jnp.asarray(std))
-    np.testing.assert_allclose(np.asarray(m), (np.asarray(x) / 255.0 - mean) / std, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(m), (np.asarray(x) / 255.0 - mean) / std, rtol=1e-5, atol=1e-6
+    )
     cm, cs = D.channel_mean_std(np.asarray(x))
     np.testing.assert_allclose(cm, (np.asarray(x) / 255.0).mean(axis=(0, 1, 2)), rtol=1e-6)
     np.testing.assert_allclose(cs, (np.asarray(x) / 255.0).std(axis=(0, 1, 2)), rtol=1e-5)
@@ -90,7 +100,9 @@ def test_rotation_by_small_angle_matches_hand_computation():
     h = w = 11
     ramp = np.tile(np.arange(w, dtype=np.float32), (h, 1))[None, :, :, None] * 10.0
     theta = 10.0
-    out = np.asarray(D.apply_transform(jnp.asarray(ramp), _params(theta=theta), "nearest"))[0, :, :, 0]
+    out = np.asarray(D.apply_transform(jnp.asarray(ramp), _params(theta=theta), "nearest"))[
+        0, :, :, 0
+    ]
     t = np.deg2rad(theta)
     r, c = np.mgrid[0:h, 0:w].astype(np.float64)
     cr = cc = 5.0
@@ -127,18 +139,30 @@ def test_matches_keras_image_data_generator():
         for mode in ("nearest", "reflect", "wrap", "constant"):
             gen = image_mod.ImageDataGenerator(fill_mode=mode, cval=7.0)
             for _ in range(4):
-                p = {"theta": rng.uniform(-30, 30), "tx": rng.uniform(-3, 3), "ty": rng.uniform(-3, 3),
-                     "shear": rng.uniform(-20, 20), "zx": rng.uniform(0.8, 1.2), "zy": rng.uniform(0.8, 1.2),
-                     "flip_horizontal": bool(rng.integers(2)), "flip_vertical": bool(rng.integers(2))}
+                p = {
+                    "theta": rng.uniform(-30, 30),
+                    "tx": rng.uniform(-3, 3),
+                    "ty": rng.uniform(-3, 3),
+                    "shear": rng.uniform(-20, 20),
+                    "zx": rng.uniform(0.8, 1.2),
+                    "zy": rng.uniform(0.8, 1.2),
+                    "flip_horizontal": bool(rng.integers(2)),
+                    "flip_vertical": bool(rng.integers(2)),
+                }
                 ref = gen.apply_transform(x, p)
-                ours = np.asarray(D.apply_transform(jnp.asarray(x[None]), {k: jnp.asarray([v]) for k, v in p.items()},
-                                                    mode, 7.0))[0]
+                ours = np.asarray(
+                    D.apply_transform(
+                        jnp.asarray(x[None]), {k: jnp.asarray([v]) for k, v in p.items()}, mode, 7.0
+                    )
+                )[0]
                 np.testing.assert_allclose(ours, ref, atol=5e-3, err_msg=f"{mode} {p}")
 
 
 def test_random_parameters_follow_keras_distributions():
     n, h, w = 4096, 40, 50
-    p = D.sample_transform_params(KEY, n, h, w, **{k: v for k, v in D.TUTORIAL_AUGMENT.items() if k != "fill_mode"})
+    p = D.sample_transform_params(
+        KEY, n, h, w, **{k: v for k, v in D.TUTORIAL_AUGMENT.items() if k != "fill_mode"}
+    )
     p = {k: np.asarray(v) for k, v in p.items()}
     assert np.abs(p["theta"]).max() <= 20 and p["theta"].std() > 10  # U(-20, 20): std 11.5
     assert np.abs(p["tx"]).max() <= 0.2 * h and np.abs(p["tx"]).max() > 0.19 * h
@@ -195,7 +219,9 @@ def test_mixup_and_cutmix():
     changed = np.any(np.asarray(cx) != np.asarray(x), axis=-1)
     area = changed.mean(axis=(1, 2))
     assert np.all(area <= 1.0)
-    fn = D.make_batch_augment_fn({"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "horizontal_flip": True}, 3)
+    fn = D.make_batch_augment_fn(
+        {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "horizontal_flip": True}, 3
+    )
     bx, by = fn(KEY, x, jnp.arange(8) % 3)
     assert bx.shape == x.shape and by.shape == (8, 3)
     plain = D.make_batch_augment_fn(None, 3)

@@ -14,8 +14,14 @@ from cnnlab.data import cache, testing
 
 
 def _cfg(tmp_path, root, **kw):
-    cfg = {"data_dir": str(root), "cache_dir": str(tmp_path / "cache"), "classes": "all", "num_workers": 0,
-           "image_size": 12, "test_fraction": 0.3}
+    cfg = {
+        "data_dir": str(root),
+        "cache_dir": str(tmp_path / "cache"),
+        "classes": "all",
+        "num_workers": 0,
+        "image_size": 12,
+        "test_fraction": 0.3,
+    }
     cfg.update(kw)
     return cfg
 
@@ -40,11 +46,20 @@ def test_cache_hit_returns_identical_data(tmp_path, tree):
     assert second.train.files == first.train.files
     # Layout: memory-mappable npy + manifest + classes, no temp dirs left behind.
     d = first.cache_path
-    assert sorted(p.name for p in d.iterdir()) == ["classes.json", "images.npy", "labels.npy", "manifest.json"]
+    assert sorted(p.name for p in d.iterdir()) == [
+        "classes.json",
+        "images.npy",
+        "labels.npy",
+        "manifest.json",
+    ]
     assert json.loads((d / "classes.json").read_text()) == ["a", "b"]
     assert isinstance(np.load(d / "images.npy", mmap_mode="r"), np.memmap)
     manifest = json.loads((d / "manifest.json").read_text())
-    assert manifest["key"] == d.name and manifest["num_images"] == 12 and manifest["image_shape"] == [12, 12, 3]
+    assert (
+        manifest["key"] == d.name
+        and manifest["num_images"] == 12
+        and manifest["image_shape"] == [12, 12, 3]
+    )
     assert manifest["checksums"]["images"].startswith("full:")
     assert [p.name for p in _prepared_dirs(tmp_path)] == [d.name]
 
@@ -67,12 +82,18 @@ def test_stale_cache_is_rebuilt_when_a_file_changes(tmp_path, tree):
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     second = D.load_dataset(_cfg(tmp_path, tree), verbose=False)
     assert not second.cache_hit and second.cache_path != first.cache_path
-    idx = second.train.files.index("a/image_0001.jpg") if "a/image_0001.jpg" in second.train.files else None
+    idx = (
+        second.train.files.index("a/image_0001.jpg")
+        if "a/image_0001.jpg" in second.train.files
+        else None
+    )
     split = second.train if idx is not None else second.test
     i = split.files.index("a/image_0001.jpg")
     fresh = D.load_dataset(_cfg(tmp_path, tree, use_cache=False), verbose=False)
     fsplit = fresh.train if "a/image_0001.jpg" in fresh.train.files else fresh.test
-    np.testing.assert_array_equal(split.images[i], fsplit.images[fsplit.files.index("a/image_0001.jpg")])
+    np.testing.assert_array_equal(
+        split.images[i], fsplit.images[fsplit.files.index("a/image_0001.jpg")]
+    )
     # Adding a file also gives a new key.
     testing.write_image(tree / "b" / "image_0100.jpg", 5)
     third = D.load_dataset(_cfg(tmp_path, tree), verbose=False)
@@ -91,7 +112,9 @@ def test_stale_manifest_key_is_rebuilt(tmp_path, tree):
     assert D.load_dataset(_cfg(tmp_path, tree), verbose=False).cache_hit
 
 
-@pytest.mark.parametrize("damage", ["flip_byte", "truncate_npy", "delete_labels", "bad_json", "classes"])
+@pytest.mark.parametrize(
+    "damage", ["flip_byte", "truncate_npy", "delete_labels", "bad_json", "classes"]
+)
 def test_damaged_cache_is_rebuilt(tmp_path, tree, damage):
     first = D.load_dataset(_cfg(tmp_path, tree), verbose=False)
     d = first.cache_path
@@ -174,7 +197,9 @@ def test_real_full_tree_tfds_protocol(real_cache):
     cfg = {"data_dir": str(root), "cache_dir": str(cdir), "classes": "all", "split": "tfds"}
     ds = D.load_dataset(cfg, verbose=False)
     assert ds.num_classes == 102 and (len(ds.train), len(ds.test)) == (3060, 6084)
-    assert ds.manifest["ignored_non_jpg"] == ["BACKGROUND_Google/tmp"] and ds.manifest["skipped"] == []
+    assert (
+        ds.manifest["ignored_non_jpg"] == ["BACKGROUND_Google/tmp"] and ds.manifest["skipped"] == []
+    )
     car = ds.class_names.index("car_side")  # every car_side image is grayscale
     imgs = ds.train.images[ds.train.labels == car].astype(int)
     assert np.array_equal(imgs[..., 0], imgs[..., 1]) and np.array_equal(imgs[..., 1], imgs[..., 2])

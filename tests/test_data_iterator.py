@@ -15,7 +15,7 @@ import cnnlab.data as D
 
 
 def _arrays(n=50, hw=4):
-    images = (np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, hw, hw, 3), np.uint8))
+    images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, hw, hw, 3), np.uint8)
     labels = (np.arange(n) % 7).astype(np.int32)
     return images, labels
 
@@ -36,7 +36,12 @@ def test_batch_structure():
 
 def test_shuffle_is_deterministic_per_seed_and_epoch():
     images, labels = _arrays()
-    run = lambda seed, epoch: np.concatenate([_ids(b) for b in D.iterate_epoch(images, labels, 8, seed=seed, epoch=epoch)])  # noqa: E731
+
+    def run(seed, epoch):
+        return np.concatenate(
+            [_ids(b) for b in D.iterate_epoch(images, labels, 8, seed=seed, epoch=epoch)]
+        )
+
     a, b = run(1, 0), run(1, 0)
     np.testing.assert_array_equal(a, b)
     assert len(a) == 48 and len(set(a.tolist())) == 48  # drop_remainder: 6 full batches, no repeats
@@ -103,8 +108,16 @@ def test_train_stream_resumes_across_epochs():
 
 
 def test_dataset_batches_helpers():
-    ds = D.load_dataset({"source": "synthetic", "synthetic_num_classes": 3, "synthetic_per_class": 10,
-                         "image_size": 8, "classes": "all"}, verbose=False)
+    ds = D.load_dataset(
+        {
+            "source": "synthetic",
+            "synthetic_num_classes": 3,
+            "synthetic_per_class": 10,
+            "image_size": 8,
+            "classes": "all",
+        },
+        verbose=False,
+    )
     ev = list(ds.test.batches(4))
     assert sum(int(b["mask"].sum()) for b in ev) == len(ds.test) == 8
     assert ds.steps_per_epoch(5) == len(ds.train) // 5
@@ -154,9 +167,16 @@ print("OK")
 
 
 def test_shard_batch_over_two_host_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=120)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", _TWO_DEVICE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
 
 

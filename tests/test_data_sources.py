@@ -16,8 +16,14 @@ from cnnlab.data._decode import load_image, resize_image
 
 
 def _cfg(tmp_path, data_dir, **kw):
-    cfg = {"data_dir": str(data_dir), "cache_dir": str(tmp_path / "cache"), "classes": "all", "num_workers": 0,
-           "test_fraction": 0.25, "image_size": 16}
+    cfg = {
+        "data_dir": str(data_dir),
+        "cache_dir": str(tmp_path / "cache"),
+        "classes": "all",
+        "num_workers": 0,
+        "test_fraction": 0.25,
+        "image_size": 16,
+    }
     cfg.update(kw)
     return cfg
 
@@ -80,7 +86,11 @@ def test_unknown_fields_raise():
 def test_augment_presets():
     tut = D.resolve_augment_config(D.augment_preset("tutorial"))
     assert tut["rotation_range"] == 20 and tut["zoom_range"] == 0.15 and tut["horizontal_flip"]
-    assert tut["width_shift_range"] == 0.2 and tut["height_shift_range"] == 0.2 and tut["shear_range"] == 0.15
+    assert (
+        tut["width_shift_range"] == 0.2
+        and tut["height_shift_range"] == 0.2
+        and tut["shear_range"] == 0.15
+    )
     # A preset name with an explicit override.
     cfg = D.resolve_augment_config({"preset": "tutorial", "rotation_range": 5.0})
     assert cfg["rotation_range"] == 5.0 and cfg["zoom_range"] == 0.15
@@ -140,14 +150,18 @@ def test_non_jpg_is_excluded_and_modes_become_rgb(tmp_path):
     for split in (ds.train, ds.test):
         if "a/gray.jpg" in split.files:
             img = split.images[split.files.index("a/gray.jpg")].astype(int)
-            assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
+            assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(
+                img[..., 1], img[..., 2]
+            )
 
 
 def test_truncated_jpeg_is_skipped_with_warning(tmp_path):
     root = testing.make_tree(tmp_path / "tree", {"a": 5, "b": 5}, size=(64, 48))
     testing.truncate_file(root / "a" / "image_0002.jpg", 0.4)
     (root / "b" / "image_0003.jpg").write_bytes(b"garbage, not a jpeg")
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\).*a/image_0002.jpg.*b/image_0003.jpg"):
+    with pytest.warns(
+        UserWarning, match=r"skipped 2 unreadable image\(s\).*a/image_0002.jpg.*b/image_0003.jpg"
+    ):
         ds = D.load_dataset(_cfg(tmp_path, root), verbose=False)
     assert len(ds.train) + len(ds.test) == 8
     skipped = [s["file"] for s in ds.manifest["skipped"]]
@@ -183,7 +197,10 @@ def test_missing_dir_and_zero_images_raise(tmp_path):
 
 def test_class_selection_and_cap(tmp_path):
     root = testing.make_tree(tmp_path / "tree", {"a": 6, "b": 6, "BACKGROUND_Google": 4, "c": 3})
-    ds = D.load_dataset(_cfg(tmp_path, root, drop_background=True, max_per_class=4, test_fraction=0.5), verbose=False)
+    ds = D.load_dataset(
+        _cfg(tmp_path, root, drop_background=True, max_per_class=4, test_fraction=0.5),
+        verbose=False,
+    )
     assert ds.class_names == ["a", "b", "c"]
     counts = np.bincount(np.concatenate([ds.train.labels, ds.test.labels]))
     assert counts.tolist() == [4, 4, 3]
@@ -226,8 +243,13 @@ def test_resize_modes():
 
 
 def test_synthetic_is_deterministic_and_shaped(tmp_path):
-    cfg = {"source": "synthetic", "synthetic_num_classes": 5, "synthetic_per_class": 12, "image_size": 24,
-           "classes": "all"}
+    cfg = {
+        "source": "synthetic",
+        "synthetic_num_classes": 5,
+        "synthetic_per_class": 12,
+        "image_size": 24,
+        "classes": "all",
+    }
     a = D.load_dataset(cfg, verbose=False)
     b = D.load_dataset(cfg, verbose=False)
     np.testing.assert_array_equal(a.train.images, b.train.images)
@@ -285,17 +307,27 @@ def test_tfds_source_structure_with_fake_module(monkeypatch):
     for li, n in enumerate(names):
         for i in range(6):
             img = rng.integers(0, 256, (20 + i, 30, 1 if n == "faces" else 3), dtype=np.uint8)
-            examples.append({"image": img, "label": li, "image/file_name": f"image_{i:04d}.jpg".encode(),
-                             "split": "train" if i < 2 else "test"})
+            examples.append(
+                {
+                    "image": img,
+                    "label": li,
+                    "image/file_name": f"image_{i:04d}.jpg".encode(),
+                    "split": "train" if i < 2 else "test",
+                }
+            )
     mod, _ = _fake_tfds(names, examples)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", mod)
-    ds = D.load_dataset({"source": "tfds", "classes": ["Faces", "Leopards"], "split": "tfds", "image_size": 8},
-                        verbose=False)
+    ds = D.load_dataset(
+        {"source": "tfds", "classes": ["Faces", "Leopards"], "split": "tfds", "image_size": 8},
+        verbose=False,
+    )
     assert ds.class_names == ["faces", "leopards"]
     assert len(ds.train) == 4 and len(ds.test) == 8  # tfds' own split
     assert ds.train.images.shape == (4, 8, 8, 3) and ds.train.images.dtype == np.uint8
     assert all(f.split("/")[0] in ("faces", "leopards") for f in ds.train.files)
-    strat = D.load_dataset({"source": "tfds", "classes": "all", "image_size": 8, "test_fraction": 0.5}, verbose=False)
+    strat = D.load_dataset(
+        {"source": "tfds", "classes": "all", "image_size": 8, "test_fraction": 0.5}, verbose=False
+    )
     assert len(strat.train) == 9 and len(strat.test) == 9
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,9 @@ def _real_labels(classes, drop_background=False):
     root = _real_dir()
     by_class, _ = sources.scan_folder(root)
     chosen = sources.select_classes(list(by_class), classes, drop_background)
-    labels = np.concatenate([np.full(len(by_class[c]), i) for i, c in enumerate(chosen)]).astype(np.int32)
+    labels = np.concatenate([np.full(len(by_class[c]), i) for i, c in enumerate(chosen)]).astype(
+        np.int32
+    )
     files = [e.rel for c in chosen for e in by_class[c]]
     return chosen, labels, files
 
@@ -36,7 +40,9 @@ def test_stratified_matches_sklearn_exactly():
             continue
         ts = float(rng.choice([0.1, 0.2, 0.25, 0.3, 0.5]))
         seed = int(rng.integers(0, 1000))
-        a, b = sklearn_split.train_test_split(np.arange(len(y)), test_size=ts, stratify=y, random_state=seed)
+        a, b = sklearn_split.train_test_split(
+            np.arange(len(y)), test_size=ts, stratify=y, random_state=seed
+        )
         c, d = D.stratified_split(y, ts, seed)
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, d)
@@ -70,7 +76,9 @@ def test_tfds_split_counts_determinism_and_stability():
     # A class's draw does not depend on which other classes are selected.
     sub = y != 0
     sub_idx = np.flatnonzero(sub)
-    tr_sub, _ = D.tfds_split(y[sub] - 1, [f for f, s in zip(files, sub, strict=True) if s], 30, 42, names[1:])
+    tr_sub, _ = D.tfds_split(
+        y[sub] - 1, [f for f, s in zip(files, sub, strict=True) if s], 30, 42, names[1:]
+    )
     np.testing.assert_array_equal(sub_idx[tr_sub], tr[y[tr] != 0])
     with pytest.raises(ValueError, match="'b' has 31 images"):
         D.tfds_split(y, files, 31, 42, names)
@@ -87,11 +95,21 @@ def test_validation_carve_is_stratified():
 
 
 def test_load_dataset_with_validation(tmp_path):
-    cfg = {"source": "synthetic", "synthetic_num_classes": 3, "synthetic_per_class": 40, "image_size": 8,
-           "classes": "all", "val_fraction": 0.2}
+    cfg = {
+        "source": "synthetic",
+        "synthetic_num_classes": 3,
+        "synthetic_per_class": 40,
+        "image_size": 8,
+        "classes": "all",
+        "val_fraction": 0.2,
+    }
     ds = D.load_dataset(cfg, verbose=False)
     assert ds.val is not None
-    assert len(ds.train) + len(ds.val) + len(ds.test) == 120 and len(ds.test) == 30 and len(ds.val) == 18
+    assert (
+        len(ds.train) + len(ds.val) + len(ds.test) == 120
+        and len(ds.test) == 30
+        and len(ds.val) == 18
+    )
     all_idx = np.concatenate([ds.train.indices, ds.val.indices, ds.test.indices])
     assert np.unique(all_idx).size == 120
     table = ds.summary()
@@ -128,3 +146,18 @@ def test_real_tfds_protocol_sizes():
     names, labels, files = _real_labels("all", drop_background=True)
     tr, te = D.tfds_split(labels, files, 30, 42, names)
     assert len(names) == 101 and (len(tr), len(te)) == (3030, 5647)
+
+
+def test_save_classes(tmp_path):
+    ds = D.load_dataset(
+        {
+            "source": "synthetic",
+            "synthetic_num_classes": 3,
+            "synthetic_per_class": 8,
+            "image_size": 8,
+        },
+        verbose=False,
+    )  # the default preset means "all" for the synthetic source
+    assert ds.num_classes == 3
+    ds.save_classes(tmp_path / "classes.json")
+    assert json.loads((tmp_path / "classes.json").read_text()) == ds.class_names

@@ -108,6 +108,7 @@ def write_prepared(
         },
     )
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     try:
         np.save(tmp / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
         np.save(tmp / "labels.npy", np.ascontiguousarray(labels, dtype=np.int32))
@@ -161,8 +162,15 @@ def load_prepared(
         return None, "key mismatch (stale)"
     n = manifest.get("num_images")
     shape = manifest.get("image_shape")
-    if images.dtype != np.uint8 or images.ndim != 4 or [images.shape[0], *images.shape[1:]] != [n, *shape]:
-        return None, f"images shape/dtype {images.shape} {images.dtype} != manifest [{n}, {shape}] uint8"
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 4
+        or [images.shape[0], *images.shape[1:]] != [n, *shape]
+    ):
+        return (
+            None,
+            f"images shape/dtype {images.shape} {images.dtype} != manifest [{n}, {shape}] uint8",
+        )
     if labels.dtype != np.int32 or labels.shape != (n,):
         return None, f"labels shape/dtype {labels.shape} {labels.dtype} != manifest [{n}] int32"
     if classes != manifest.get("class_names"):

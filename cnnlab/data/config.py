@@ -101,7 +101,9 @@ def default_augment_config() -> ml_collections.ConfigDict:
 def augment_preset(name: str) -> ml_collections.ConfigDict:
     """An augmentation config with the preset's values filled in (``"none"`` or ``"tutorial"``)."""
     if name not in _AUGMENT_PRESET_VALUES:
-        raise ValueError(f"augment.preset: unknown preset {name!r}; expected one of {AUGMENT_PRESETS}")
+        raise ValueError(
+            f"augment.preset: unknown preset {name!r}; expected one of {AUGMENT_PRESETS}"
+        )
     cfg = dict(_AUGMENT_DEFAULTS)
     cfg.update(_AUGMENT_PRESET_VALUES[name])
     cfg["preset"] = name
@@ -121,7 +123,10 @@ def _to_plain(config: Any) -> dict[str, Any]:
     if isinstance(config, ml_collections.ConfigDict):
         return config.to_dict()
     if isinstance(config, Mapping):
-        return {k: (_to_plain(v) if isinstance(v, ml_collections.ConfigDict) else v) for k, v in config.items()}
+        return {
+            k: (_to_plain(v) if isinstance(v, ml_collections.ConfigDict) else v)
+            for k, v in config.items()
+        }
     raise TypeError(f"data config must be a ConfigDict or a dict, got {type(config).__name__}")
 
 
@@ -150,7 +155,11 @@ def _check_fraction(cfg: dict, field: str, allow_zero: bool) -> None:
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     ok = ok and (0.0 <= v < 1.0 if allow_zero else 0.0 < v < 1.0)
     if not ok:
-        raise _bad(field, v, "expected a fraction in [0, 1)" if allow_zero else "expected a fraction in (0, 1)")
+        raise _bad(
+            field,
+            v,
+            "expected a fraction in [0, 1)" if allow_zero else "expected a fraction in (0, 1)",
+        )
 
 
 def _check_path(cfg: dict, field: str) -> None:
@@ -179,7 +188,11 @@ def _normalize_classes(value: Any) -> str | tuple[str, ...]:
         return names
     if isinstance(value, (list, tuple)) and value and all(isinstance(s, str) and s for s in value):
         return tuple(value)
-    raise _bad("classes", value, f"expected 'all', one of the presets {tuple(CLASS_PRESETS)}, a comma-separated string or a list of class names")
+    raise _bad(
+        "classes",
+        value,
+        f"expected 'all', one of the presets {tuple(CLASS_PRESETS)}, a comma-separated string or a list of class names",
+    )
 
 
 def resolve_augment_config(config: Any = None) -> dict[str, Any]:
@@ -191,7 +204,9 @@ def resolve_augment_config(config: Any = None) -> dict[str, Any]:
     user = _to_plain(config)
     unknown = sorted(set(user) - set(_AUGMENT_DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown augment config field(s) {unknown}; known fields: {sorted(_AUGMENT_DEFAULTS)}")
+        raise ValueError(
+            f"unknown augment config field(s) {unknown}; known fields: {sorted(_AUGMENT_DEFAULTS)}"
+        )
     preset = user.get("preset", "none") or "none"
     if preset not in _AUGMENT_PRESET_VALUES:
         raise _bad("augment.preset", preset, f"expected one of {AUGMENT_PRESETS}")
@@ -215,11 +230,15 @@ def resolve_augment_config(config: Any = None) -> dict[str, Any]:
                 raise _bad(f"augment.{f}", v, "expected a number or a list of numbers")
             cfg[f] = tuple(v)
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise _bad(f"augment.{f}", v, "expected a number >= 0 (fraction if < 1, pixels if >= 1)")
+            raise _bad(
+                f"augment.{f}", v, "expected a number >= 0 (fraction if < 1, pixels if >= 1)"
+            )
     z = cfg["zoom_range"]
     if isinstance(z, (list, tuple)):
         if len(z) != 2 or not all(isinstance(x, (int, float)) and x > 0 for x in z) or z[0] > z[1]:
-            raise _bad("augment.zoom_range", z, "expected a float z or a pair [lo, hi] with 0 < lo <= hi")
+            raise _bad(
+                "augment.zoom_range", z, "expected a float z or a pair [lo, hi] with 0 < lo <= hi"
+            )
         cfg["zoom_range"] = (float(z[0]), float(z[1]))
     elif isinstance(z, bool) or not isinstance(z, (int, float)) or not 0 <= z < 1:
         raise _bad("augment.zoom_range", z, "expected a float in [0, 1) or a pair [lo, hi]")
@@ -229,7 +248,11 @@ def resolve_augment_config(config: Any = None) -> dict[str, Any]:
     if cfg["fill_mode"] not in FILL_MODES:
         raise _bad("augment.fill_mode", cfg["fill_mode"], f"expected one of {FILL_MODES}")
     if cfg["random_crop_fill"] not in CROP_FILL_MODES:
-        raise _bad("augment.random_crop_fill", cfg["random_crop_fill"], f"expected one of {CROP_FILL_MODES}")
+        raise _bad(
+            "augment.random_crop_fill",
+            cfg["random_crop_fill"],
+            f"expected one of {CROP_FILL_MODES}",
+        )
     p = cfg["random_crop_padding"]
     if isinstance(p, bool) or not isinstance(p, int) or p < 0:
         raise _bad("augment.random_crop_padding", p, "expected an integer >= 0")
@@ -274,7 +297,9 @@ def resolve_config(config: Any = None) -> dict[str, Any]:
         raise _bad("pad_value", cfg["pad_value"], "expected an integer in [0, 255]")
     nw = cfg["num_workers"]
     if isinstance(nw, bool) or not isinstance(nw, int) or nw < -1:
-        raise _bad("num_workers", nw, "expected -1 (all cores), 0 (in-process) or a positive integer")
+        raise _bad(
+            "num_workers", nw, "expected -1 (all cores), 0 (in-process) or a positive integer"
+        )
     _check_fraction(cfg, "test_fraction", allow_zero=False)
     _check_fraction(cfg, "val_fraction", allow_zero=True)
     size = cfg["image_size"]
@@ -288,5 +313,7 @@ def resolve_config(config: Any = None) -> dict[str, Any]:
     if isinstance(size, (list, tuple)):
         cfg["image_size"] = (int(size[0]), int(size[1]))
     if cfg["synthetic_num_classes"] > 64:
-        raise _bad("synthetic_num_classes", cfg["synthetic_num_classes"], "at most 64 synthetic classes")
+        raise _bad(
+            "synthetic_num_classes", cfg["synthetic_num_classes"], "at most 64 synthetic classes"
+        )
     return cfg

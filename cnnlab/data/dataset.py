@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -18,7 +19,7 @@ from PIL import Image
 from cnnlab.data import sources
 from cnnlab.data._decode import decode_task, resize_image, to_rgb
 from cnnlab.data.cache import FORMAT_VERSION, cache_root, compute_key, load_prepared, write_prepared
-from cnnlab.data.config import image_hw, resolve_config
+from cnnlab.data.config import CLASS_PRESETS, image_hw, resolve_config
 from cnnlab.data.iterator import Batch, iterate_epoch, iterate_train, num_batches
 from cnnlab.data.splits import carve_validation, class_count_table, stratified_split, tfds_split
 
@@ -56,8 +57,16 @@ class Split:
     ) -> Iterator[Batch]:
         """One epoch of batches (see :func:`cnnlab.data.iterator.iterate_epoch`); the defaults
         suit evaluation (in order, padded last batch with ``mask``)."""
-        return iterate_epoch(self.images, self.labels, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-                             start_step=start_step, drop_remainder=drop_remainder)
+        return iterate_epoch(
+            self.images,
+            self.labels,
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            epoch=epoch,
+            start_step=start_step,
+            drop_remainder=drop_remainder,
+        )
 
 
 @dataclass
@@ -88,15 +97,27 @@ class Dataset:
         out["test"] = self.test
         return out
 
-    def train_batches(self, batch_size: int, *, seed: int = 0, start_step: int = 0,
-                      num_epochs: int | None = None) -> Iterator[Batch]:
+    def train_batches(
+        self, batch_size: int, *, seed: int = 0, start_step: int = 0, num_epochs: int | None = None
+    ) -> Iterator[Batch]:
         """Shuffled full training batches from global step ``start_step`` (see
         :func:`cnnlab.data.iterator.iterate_train`)."""
-        return iterate_train(self.train.images, self.train.labels, batch_size, seed=seed, start_step=start_step,
-                             num_epochs=num_epochs)
+        return iterate_train(
+            self.train.images,
+            self.train.labels,
+            batch_size,
+            seed=seed,
+            start_step=start_step,
+            num_epochs=num_epochs,
+        )
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return num_batches(len(self.train), batch_size, True)
+
+    def save_classes(self, path: str | os.PathLike) -> None:
+        """Writes the sorted class names (label i = class_names[i]) as JSON, e.g. next to a
+        checkpoint; the cache directory already holds the same ``classes.json``."""
+        Path(path).write_text(json.dumps(self.class_names, indent=1))
 
     def summary(self) -> str:
         """Per-class counts of every split as a compact table."""
@@ -139,7 +160,9 @@ def decode_images(
     out = np.zeros((n, height, width, 3), np.uint8)
     ok = np.zeros((n,), bool)
     errors: dict[int, str] = {}
-    tasks = [(i, p, height, width, resize, resample, pad_value, fast_decode) for i, p in enumerate(paths)]
+    tasks = [
+        (i, p, height, width, resize, resample, pad_value, fast_decode) for i, p in enumerate(paths)
+    ]
     workers = _num_workers(num_workers)
 
     def store(res) -> None:
@@ -150,7 +173,9 @@ def decode_images(
             out[i] = arr
             ok[i] = True
 
-    with tqdm(total=n, desc=f"{_PREFIX} decoding", unit="img", disable=not progress, mininterval=0.5) as bar:
+    with tqdm(
+        total=n, desc=f"{_PREFIX} decoding", unit="img", disable=not progress, mininterval=0.5
+    ) as bar:
         if workers <= 1 or n < 32:
             for t in tasks:
                 store(decode_task(t))
@@ -168,13 +193,20 @@ def _warn_skipped(skipped: list[dict[str, str]], where: str) -> None:
         return
     shown = "; ".join(f"{s['file']} ({s['error']})" for s in skipped[:20])
     more = f"; ... and {len(skipped) - 20} more (see the manifest)" if len(skipped) > 20 else ""
-    warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {where}: {shown}{more}", stacklevel=3)
+    warnings.warn(
+        f"skipped {len(skipped)} unreadable image(s) in {where}: {shown}{more}", stacklevel=3
+    )
 
 
 def _preprocess_key(cfg: dict[str, Any]) -> dict[str, Any]:
     h, w = image_hw(cfg["image_size"])
-    out = {"image_size": [h, w], "resize": cfg["resize"], "resample": cfg["resample"],
-           "fast_decode": cfg["fast_decode"], "pillow": PIL.__version__}
+    out = {
+        "image_size": [h, w],
+        "resize": cfg["resize"],
+        "resample": cfg["resample"],
+        "fast_decode": cfg["fast_decode"],
+        "pillow": PIL.__version__,
+    }
     if cfg["resize"] == "pad":
         out["pad_value"] = cfg["pad_value"]
     return out
@@ -205,7 +237,9 @@ def _prepare_folder(cfg: dict[str, Any], verbose: bool) -> _Prepared:
     by_class, ignored = sources.scan_folder(root)
     if not by_class:
         raise FileNotFoundError(f"no class folders found in {root} (expected {root}/<class>/*.jpg)")
-    chosen = sources.select_classes(list(by_class), cfg["classes"], cfg["drop_background"], where=str(root))
+    chosen = sources.select_classes(
+        list(by_class), cfg["classes"], cfg["drop_background"], where=str(root)
+    )
     empty = [c for c in chosen if not by_class[c]]
     if empty:
         raise ValueError(f"empty class folder(s) (no *.jpg files) in {root}: {empty}")
@@ -233,13 +267,22 @@ def _prepare_folder(cfg: dict[str, Any], verbose: bool) -> _Prepared:
         loaded, reason = load_prepared(cache_dir, key)
         if loaded is not None:
             images, labels, class_names, manifest = loaded
-            return _Prepared(images, labels, class_names, manifest["files"], manifest, None, cache_dir, True)
+            return _Prepared(
+                images, labels, class_names, manifest["files"], manifest, None, cache_dir, True
+            )
         if reason != "missing":
             warnings.warn(f"rebuilding the data cache {cache_dir}: {reason}", stacklevel=3)
     t0 = time.perf_counter()
     images, ok, errors = decode_images(
-        [str(root / e.rel) for e in entries], h, w, resize=cfg["resize"], resample=cfg["resample"],
-        pad_value=cfg["pad_value"], fast_decode=cfg["fast_decode"], num_workers=cfg["num_workers"], progress=verbose,
+        [str(root / e.rel) for e in entries],
+        h,
+        w,
+        resize=cfg["resize"],
+        resample=cfg["resample"],
+        pad_value=cfg["pad_value"],
+        fast_decode=cfg["fast_decode"],
+        num_workers=cfg["num_workers"],
+        progress=verbose,
     )
     seconds = time.perf_counter() - t0
     labels = np.asarray(labels_list, np.int32)
@@ -274,7 +317,9 @@ def _prepare_synthetic(cfg: dict[str, Any]) -> _Prepared:
     images, labels, names, files = sources.make_synthetic(
         cfg["synthetic_num_classes"], cfg["synthetic_per_class"], h, w, cfg["synthetic_seed"]
     )
-    if cfg["classes"] not in ("all", "tutorial4"):
+    if cfg["classes"] != "all" and not (
+        isinstance(cfg["classes"], str) and cfg["classes"] in CLASS_PRESETS
+    ):
         chosen = sources.select_classes(names, cfg["classes"], False, where="the synthetic classes")
         keep = np.isin(np.asarray(names)[labels], chosen)
         remap = np.asarray([chosen.index(n) if n in chosen else -1 for n in names], np.int32)
@@ -287,22 +332,51 @@ def _prepare_synthetic(cfg: dict[str, Any]) -> _Prepared:
             keep[np.flatnonzero(labels == c)[: cfg["max_per_class"]]] = True
         images, labels = images[keep], labels[keep]
         files = [f for f, k in zip(files, keep, strict=True) if k]
-    key = compute_key({"source": "synthetic", "n": cfg["synthetic_num_classes"], "per_class": cfg["synthetic_per_class"],
-                       "seed": cfg["synthetic_seed"], "size": [h, w], "classes": names, "cap": cfg["max_per_class"]})
-    manifest = {"key": key, "source": "synthetic", "files": files, "skipped": [], "ignored_non_jpg": [],
-                "num_images": int(labels.shape[0]), "image_shape": [h, w, 3], "class_names": names,
-                "synthetic": {"num_classes": cfg["synthetic_num_classes"], "per_class": cfg["synthetic_per_class"],
-                              "seed": cfg["synthetic_seed"]}}
+    key = compute_key(
+        {
+            "source": "synthetic",
+            "n": cfg["synthetic_num_classes"],
+            "per_class": cfg["synthetic_per_class"],
+            "seed": cfg["synthetic_seed"],
+            "size": [h, w],
+            "classes": names,
+            "cap": cfg["max_per_class"],
+        }
+    )
+    manifest = {
+        "key": key,
+        "source": "synthetic",
+        "files": files,
+        "skipped": [],
+        "ignored_non_jpg": [],
+        "num_images": int(labels.shape[0]),
+        "image_shape": [h, w, 3],
+        "class_names": names,
+        "synthetic": {
+            "num_classes": cfg["synthetic_num_classes"],
+            "per_class": cfg["synthetic_per_class"],
+            "seed": cfg["synthetic_seed"],
+        },
+    }
     return _Prepared(images, labels, names, files, manifest)
 
 
 def _prepare_tfds(cfg: dict[str, Any], verbose: bool) -> _Prepared:
-    names, examples = sources.load_tfds_examples(cfg["tfds_data_dir"], cfg["tfds_manual_dir"], cfg["tfds_download"])
-    chosen = sources.select_classes(sorted(names), cfg["classes"], cfg["drop_background"], case_insensitive=True,
-                                    where="tfds caltech101")
+    names, examples = sources.load_tfds_examples(
+        cfg["tfds_data_dir"], cfg["tfds_manual_dir"], cfg["tfds_download"]
+    )
+    chosen = sources.select_classes(
+        sorted(names),
+        cfg["classes"],
+        cfg["drop_background"],
+        case_insensitive=True,
+        where="tfds caltech101",
+    )
     h, w = image_hw(cfg["image_size"])
-    rows = sorted((name, f"{name}/{fname}", img, is_train) for name, fname, img, is_train in
-                  ((n, f, i, t) for n, f, i, t in examples if n in chosen))
+    rows = sorted(
+        (name, f"{name}/{fname}", img, is_train)
+        for name, fname, img, is_train in ((n, f, i, t) for n, f, i, t in examples if n in chosen)
+    )
     cap = cfg["max_per_class"]
     if cap:
         kept, seen = [], {}
@@ -317,14 +391,24 @@ def _prepare_tfds(cfg: dict[str, Any], verbose: bool) -> _Prepared:
     for i, (_, _, img, _) in enumerate(rows):
         arr = np.asarray(img)
         im = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
-        images[i] = np.asarray(resize_image(to_rgb(im), h, w, cfg["resize"], cfg["resample"], cfg["pad_value"]))
+        images[i] = np.asarray(
+            resize_image(to_rgb(im), h, w, cfg["resize"], cfg["resample"], cfg["pad_value"])
+        )
     labels = np.asarray([chosen.index(r[0]) for r in rows], np.int32)
     files = [r[1] for r in rows]
     is_train = np.asarray([r[3] for r in rows], bool)
     key = compute_key({"source": "tfds", "files": files, "preprocess": _preprocess_key(cfg)})
-    manifest = {"key": key, "source": "tfds", "files": files, "skipped": [], "ignored_non_jpg": [],
-                "num_images": len(rows), "image_shape": [h, w, 3], "class_names": chosen,
-                "preprocess": _preprocess_key(cfg)}
+    manifest = {
+        "key": key,
+        "source": "tfds",
+        "files": files,
+        "skipped": [],
+        "ignored_non_jpg": [],
+        "num_images": len(rows),
+        "image_shape": [h, w, 3],
+        "class_names": chosen,
+        "preprocess": _preprocess_key(cfg),
+    }
     _check_nonempty_classes(chosen, labels, "tfds caltech101")
     return _Prepared(images, labels, chosen, files, manifest, is_train)
 
@@ -365,12 +449,18 @@ def load_dataset(config: Any = None, *, verbose: bool = True) -> Dataset:
             train_idx = np.flatnonzero(prep.predefined_train)
             test_idx = np.flatnonzero(~prep.predefined_train)
         else:
-            train_idx, test_idx = tfds_split(prep.labels, prep.files, cfg["train_per_class"], cfg["split_seed"], names)
+            train_idx, test_idx = tfds_split(
+                prep.labels, prep.files, cfg["train_per_class"], cfg["split_seed"], names
+            )
     else:
-        train_idx, test_idx = stratified_split(prep.labels, cfg["test_fraction"], cfg["split_seed"], names)
+        train_idx, test_idx = stratified_split(
+            prep.labels, cfg["test_fraction"], cfg["split_seed"], names
+        )
     val_idx = None
     if cfg["val_fraction"] > 0:
-        train_idx, val_idx = carve_validation(train_idx, prep.labels, cfg["val_fraction"], cfg["split_seed"], names)
+        train_idx, val_idx = carve_validation(
+            train_idx, prep.labels, cfg["val_fraction"], cfg["split_seed"], names
+        )
     ds = Dataset(
         train=_make_split(prep, train_idx),
         test=_make_split(prep, test_idx),
@@ -383,7 +473,9 @@ def load_dataset(config: Any = None, *, verbose: bool = True) -> Dataset:
     )
     if verbose:
         h, w = image_hw(cfg["image_size"])
-        how = ("cache hit" if prep.cache_hit else "prepared") + (f" {prep.cache_path}" if prep.cache_path else "")
+        how = ("cache hit" if prep.cache_hit else "prepared") + (
+            f" {prep.cache_path}" if prep.cache_path else ""
+        )
         skipped = len(prep.manifest.get("skipped", []))
         print(
             f"{_PREFIX} {cfg['source']}: {len(names)} classes, {prep.labels.shape[0]:,} images at {h}x{w} "

@@ -42,7 +42,9 @@ def shard_batch(batch: Any, sharding: jax.sharding.Sharding | None = None) -> An
             n = int(np.prod([sharding.mesh.shape[a] for a in axes]))
             n_local = n // jax.process_count() if multi else n
             if x.shape[0] % max(n_local, 1):
-                raise ValueError(f"batch axis of size {x.shape[0]} does not split over {n_local} devices")
+                raise ValueError(
+                    f"batch axis of size {x.shape[0]} does not split over {n_local} devices"
+                )
         if multi:
             return jax.make_array_from_process_local_data(sharding, x)
         return jax.device_put(x, sharding)

@@ -22,7 +22,9 @@ from cnnlab.data.config import BACKGROUND_CLASS, CLASS_PRESETS
 ENV_DATA_DIR = "CALTECH101_DIR"
 ROOT_FOLDER_NAME = "101_ObjectCategories"
 ARCHIVE_NAMES = ("101_ObjectCategories.tar.gz", "caltech-101.zip")
-IMAGE_SUFFIX = ".jpg"  # as tfds: only *.jpg (case-insensitive here); BACKGROUND_Google/tmp is excluded
+IMAGE_SUFFIX = (
+    ".jpg"  # as tfds: only *.jpg (case-insensitive here); BACKGROUND_Google/tmp is excluded
+)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,9 @@ def extract_archive_cached(archive: Path, cache_root: Path, verbose: bool = True
     """Extracts ``archive`` once into ``<cache_root>/extracted/<hash>`` (atomically) and
     returns the class root inside it."""
     st = archive.stat()
-    key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[
+        :20
+    ]
     final = cache_root / "extracted" / key
     if final.is_dir() and (final / ".complete").exists():
         root = _find_root_in(final)
@@ -103,6 +107,7 @@ def extract_archive_cached(archive: Path, cache_root: Path, verbose: bool = True
         shutil.rmtree(final, ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     try:
         if verbose:
             print(f"[cnnlab.data] extracting {archive} -> {final}", flush=True)
@@ -120,11 +125,15 @@ def extract_archive_cached(archive: Path, cache_root: Path, verbose: bool = True
             shutil.rmtree(tmp, ignore_errors=True)
     root = _find_root_in(final)
     if root is None:
-        raise FileNotFoundError(f"no {ROOT_FOLDER_NAME}/ class folders found inside the archive {archive} (extracted to {final})")
+        raise FileNotFoundError(
+            f"no {ROOT_FOLDER_NAME}/ class folders found inside the archive {archive} (extracted to {final})"
+        )
     return root
 
 
-def resolve_folder_root(data_dir: str | os.PathLike | None, cache_root: Path, verbose: bool = True) -> Path:
+def resolve_folder_root(
+    data_dir: str | os.PathLike | None, cache_root: Path, verbose: bool = True
+) -> Path:
     """Finds the folder whose sub-folders are the classes.
 
     ``data_dir`` (or, when None, the ``CALTECH101_DIR`` environment variable) may be the class
@@ -144,7 +153,9 @@ def resolve_folder_root(data_dir: str | os.PathLike | None, cache_root: Path, ve
         origin = "data_dir"
     p = Path(os.path.expanduser(str(data_dir)))
     if not p.exists():
-        raise FileNotFoundError(f"{origin}: {p} does not exist (looked for the {ROOT_FOLDER_NAME} folder or archive there)")
+        raise FileNotFoundError(
+            f"{origin}: {p} does not exist (looked for the {ROOT_FOLDER_NAME} folder or archive there)"
+        )
     if _is_archive(p):
         return extract_archive_cached(p, cache_root, verbose)
     if not p.is_dir():
@@ -210,7 +221,9 @@ def select_classes(
     if drop_background:
         chosen = [c for c in chosen if c.lower() != BACKGROUND_CLASS.lower()]
     if not chosen:
-        raise ValueError(f"data config field 'classes': the selection {classes!r} is empty{' in ' + where if where else ''}")
+        raise ValueError(
+            f"data config field 'classes': the selection {classes!r} is empty{' in ' + where if where else ''}"
+        )
     return sorted(chosen)
 
 
@@ -254,7 +267,9 @@ def _shape_mask(shape: str, dy: np.ndarray, dx: np.ndarray, r: np.ndarray) -> np
     if shape == "vstripes":
         return inside_sq & (np.floor(dx / (r / 3)).astype(np.int64) % 2 == 0)
     if shape == "checker":
-        return inside_sq & ((np.floor(dy / (r / 2)) + np.floor(dx / (r / 2))).astype(np.int64) % 2 == 0)
+        return inside_sq & (
+            (np.floor(dy / (r / 2)) + np.floor(dx / (r / 2))).astype(np.int64) % 2 == 0
+        )
     if shape == "ring":
         d2 = dy**2 + dx**2
         return (d2 < r**2) & (d2 > (0.55 * r) ** 2)
@@ -290,7 +305,9 @@ def make_synthetic(
         cx = width / 2 + rng.uniform(-0.18, 0.18, (n, 1, 1)) * width
         mask = _shape_mask(shape, yy[None] - cy, xx[None] - cx, r)[..., None]
         bg = rng.uniform(40, 140, (n, 1, 1, 1)) + rng.normal(0, 6, (n, 1, 1, 3))
-        fg = np.asarray(_COLOURS[colour], np.float64)[None, None, None] + rng.normal(0, 12, (n, 1, 1, 3))
+        fg = np.asarray(_COLOURS[colour], np.float64)[None, None, None] + rng.normal(
+            0, 12, (n, 1, 1, 3)
+        )
         img = np.where(mask, fg, bg) + rng.normal(0, 10, (n, height, width, 3))
         images[k : k + n] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
         labels[k : k + n] = order.index(name)

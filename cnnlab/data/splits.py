@@ -18,7 +18,9 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+def _approximate_mode(
+    class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState
+) -> np.ndarray:
     # sklearn.utils.extmath._approximate_mode
     continuous = class_counts / class_counts.sum() * n_draws
     floored = np.floor(continuous)
@@ -120,7 +122,9 @@ def tfds_split(
         pick[rng.choice(len(idx), size=train_per_class, replace=False)] = True
         train.append(idx[pick])
         test.append(idx[~pick])
-    return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(test)).astype(np.int64)
+    return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(test)).astype(
+        np.int64
+    )
 
 
 def carve_validation(
@@ -140,7 +144,10 @@ def class_count_table(class_names: Sequence[str], splits: dict[str, np.ndarray])
     there are many classes), with a total row."""
     names = list(class_names)
     split_names = list(splits)
-    counts = {s: np.bincount(np.asarray(v, dtype=np.int64), minlength=len(names)) for s, v in splits.items()}
+    counts = {
+        s: np.bincount(np.asarray(v, dtype=np.int64), minlength=len(names))
+        for s, v in splits.items()
+    }
     wname = min(max([len(n) for n in names] + [5]), 24)
     wnum = max(5, *(len(s) for s in split_names))
     head = f"{'class':<{wname}} " + " ".join(f"{s:>{wnum}}" for s in split_names)
@@ -156,7 +163,8 @@ def class_count_table(class_names: Sequence[str], splits: dict[str, np.ndarray])
         parts = [cells[r + k * rows] for k in range(ncol) if r + k * rows < len(cells)]
         lines.append("   ".join(p.ljust(width) for p in parts).rstrip())
     lines.append(
-        f"{'total':<{wname}} " + " ".join(f"{int(counts[s].sum()):>{wnum}}" for s in split_names)
+        f"{'total':<{wname}} "
+        + " ".join(f"{int(counts[s].sum()):>{wnum}}" for s in split_names)
         + f"   ({len(names)} classes)"
     )
     return "\n".join(lines)

@@ -16,7 +16,9 @@ from PIL import Image
 ENV_REAL_DIR = "CALTECH101_DIR"
 
 
-def write_image(path: Path, seed: int, size: tuple[int, int] = (24, 18), mode: str = "RGB", fmt: str = "JPEG") -> Path:
+def write_image(
+    path: Path, seed: int, size: tuple[int, int] = (24, 18), mode: str = "RGB", fmt: str = "JPEG"
+) -> Path:
     """Writes a small random image (``size`` = (width, height)) in Pillow ``mode``/``fmt``."""
     rng = np.random.default_rng(seed)
     w, h = size

@@ -42,7 +42,9 @@ from cnnlab.data.config import resolve_augment_config
 
 
 @functools.partial(jax.jit, static_argnames=("mode",))
-def normalize(images: jax.Array, mode: str = "scale", mean: Any = None, std: Any = None) -> jax.Array:
+def normalize(
+    images: jax.Array, mode: str = "scale", mean: Any = None, std: Any = None
+) -> jax.Array:
     """uint8 (or float, 0..255) images -> float32.
 
     ``"scale"``: ``x / 255`` (the tutorial's). ``"mean_std"``: ``(x / 255 - mean) / std`` with
@@ -142,8 +144,16 @@ def sample_transform_params(
         zx, zy = between(6, lo, hi), between(7, lo, hi)
     fh = (u[8] < 0.5) & bool(horizontal_flip)
     fv = (u[9] < 0.5) & bool(vertical_flip)
-    return {"theta": theta, "tx": tx, "ty": ty, "shear": shear, "zx": zx, "zy": zy,
-            "flip_horizontal": fh, "flip_vertical": fv}
+    return {
+        "theta": theta,
+        "tx": tx,
+        "ty": ty,
+        "shear": shear,
+        "zx": zx,
+        "zy": zy,
+        "flip_horizontal": fh,
+        "flip_vertical": fv,
+    }
 
 
 def transform_matrices(params: dict[str, Any], height: int, width: int) -> jax.Array:
@@ -181,9 +191,13 @@ def transform_matrices(params: dict[str, Any], height: int, width: int) -> jax.A
     # Flips (Keras applies them after the warp) act on output coordinates.
     sv = jnp.where(fv, -1.0, 1.0).astype(f32)
     shh = jnp.where(fh, -1.0, 1.0).astype(f32)
-    flip = mat([[sv, zero, jnp.where(fv, height - 1.0, 0.0)],
-                [zero, shh, jnp.where(fh, width - 1.0, 0.0)],
-                [zero, zero, one]])
+    flip = mat(
+        [
+            [sv, zero, jnp.where(fv, height - 1.0, 0.0)],
+            [zero, shh, jnp.where(fh, width - 1.0, 0.0)],
+            [zero, zero, one],
+        ]
+    )
     return m @ flip
 
 
@@ -232,8 +246,12 @@ def _warp_one(image: jax.Array, mat: jax.Array, fill_mode: str, cval: float) -> 
     def at(ri, ci):
         return jnp.take(flat, (ri * w + ci).reshape(-1), axis=0).reshape(h, w, ch)
 
-    out = ((1 - fr) * (1 - fc)) * at(r0, c0) + ((1 - fr) * fc) * at(r0, c1) \
-        + (fr * (1 - fc)) * at(r1, c0) + (fr * fc) * at(r1, c1)
+    out = (
+        ((1 - fr) * (1 - fc)) * at(r0, c0)
+        + ((1 - fr) * fc) * at(r0, c1)
+        + (fr * (1 - fc)) * at(r1, c0)
+        + (fr * fc) * at(r1, c1)
+    )
     if fill_mode == "constant":
         out = jnp.where((r_ok & c_ok)[..., None], out, jnp.asarray(cval, out.dtype))
     return out
@@ -251,11 +269,15 @@ def _like(x: jax.Array, dtype: Any) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("fill_mode",))
-def warp_affine(images: jax.Array, matrices: jax.Array, fill_mode: str = "nearest", cval: float = 0.0) -> jax.Array:
+def warp_affine(
+    images: jax.Array, matrices: jax.Array, fill_mode: str = "nearest", cval: float = 0.0
+) -> jax.Array:
     """Warps a batch [B, H, W, C] with per-image [B, 3, 3] output->input matrices (bilinear,
     scipy-style fill); the result has the input's dtype."""
     x = _to_float(images)
-    out = jax.vmap(_warp_one, in_axes=(0, 0, None, None))(x, matrices.astype(jnp.float32), fill_mode, cval)
+    out = jax.vmap(_warp_one, in_axes=(0, 0, None, None))(
+        x, matrices.astype(jnp.float32), fill_mode, cval
+    )
     return _like(out, images.dtype)
 
 
@@ -268,16 +290,38 @@ def apply_transform(
     return warp_affine(images, transform_matrices(params, h, w), fill_mode, cval)
 
 
-def _is_identity(rotation_range, width_shift_range, height_shift_range, shear_range, zoom_range,
-                 horizontal_flip, vertical_flip) -> bool:
-    return (not rotation_range and not width_shift_range and not height_shift_range and not shear_range
-            and _zoom_bounds(zoom_range) == (1.0, 1.0) and not horizontal_flip and not vertical_flip)
+def _is_identity(
+    rotation_range,
+    width_shift_range,
+    height_shift_range,
+    shear_range,
+    zoom_range,
+    horizontal_flip,
+    vertical_flip,
+) -> bool:
+    return (
+        not rotation_range
+        and not width_shift_range
+        and not height_shift_range
+        and not shear_range
+        and _zoom_bounds(zoom_range) == (1.0, 1.0)
+        and not horizontal_flip
+        and not vertical_flip
+    )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("rotation_range", "width_shift_range", "height_shift_range", "shear_range", "zoom_range",
-                     "horizontal_flip", "vertical_flip", "fill_mode"),
+    static_argnames=(
+        "rotation_range",
+        "width_shift_range",
+        "height_shift_range",
+        "shear_range",
+        "zoom_range",
+        "horizontal_flip",
+        "vertical_flip",
+        "fill_mode",
+    ),
 )
 def augment(
     key: jax.Array,
@@ -298,14 +342,29 @@ def augment(
     Ranges are static (hashable: numbers or tuples). See the module docstring for the exact
     semantics; all ranges zero and no flips is the exact identity.
     """
-    if _is_identity(rotation_range, width_shift_range, height_shift_range, shear_range, zoom_range,
-                    horizontal_flip, vertical_flip):
+    if _is_identity(
+        rotation_range,
+        width_shift_range,
+        height_shift_range,
+        shear_range,
+        zoom_range,
+        horizontal_flip,
+        vertical_flip,
+    ):
         return images
     b, h, w, _ = images.shape
     params = sample_transform_params(
-        key, b, h, w, rotation_range=rotation_range, width_shift_range=width_shift_range,
-        height_shift_range=height_shift_range, shear_range=shear_range, zoom_range=zoom_range,
-        horizontal_flip=horizontal_flip, vertical_flip=vertical_flip,
+        key,
+        b,
+        h,
+        w,
+        rotation_range=rotation_range,
+        width_shift_range=width_shift_range,
+        height_shift_range=height_shift_range,
+        shear_range=shear_range,
+        zoom_range=zoom_range,
+        horizontal_flip=horizontal_flip,
+        vertical_flip=vertical_flip,
     )
     return warp_affine(images, transform_matrices(params, h, w), fill_mode, cval)
 
@@ -326,7 +385,9 @@ TUTORIAL_AUGMENT: dict[str, Any] = {
 
 
 @functools.partial(jax.jit, static_argnames=("padding", "fill"))
-def random_crop(key: jax.Array, images: jax.Array, padding: int = 4, fill: str = "constant", cval: float = 0.0) -> jax.Array:
+def random_crop(
+    key: jax.Array, images: jax.Array, padding: int = 4, fill: str = "constant", cval: float = 0.0
+) -> jax.Array:
     """Pad-and-crop: pads each side by ``padding`` (``constant`` with ``cval``, ``reflect`` or
     ``edge``) and crops a random H x W window per image."""
     if padding <= 0:
@@ -334,7 +395,9 @@ def random_crop(key: jax.Array, images: jax.Array, padding: int = 4, fill: str =
     b, h, w, c = images.shape
     pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
     if fill == "constant":
-        padded = jnp.pad(images, pad, mode="constant", constant_values=jnp.asarray(cval).astype(images.dtype))
+        padded = jnp.pad(
+            images, pad, mode="constant", constant_values=jnp.asarray(cval).astype(images.dtype)
+        )
     else:
         padded = jnp.pad(images, pad, mode=fill)
     u = jax.random.uniform(key, (2, b))
@@ -377,7 +440,10 @@ def _log_gamma_from_uniforms(u: jax.Array, a: jax.Array) -> jax.Array:
 def _beta_from_uniforms(u: jax.Array, alpha: Any, beta: Any = None) -> jax.Array:
     alpha = jnp.asarray(alpha, jnp.float32)
     beta = alpha if beta is None else jnp.asarray(beta, jnp.float32)
-    return jax.nn.sigmoid(_log_gamma_from_uniforms(u[:_GAMMA_U], alpha) - _log_gamma_from_uniforms(u[_GAMMA_U:_BETA_U], beta))
+    return jax.nn.sigmoid(
+        _log_gamma_from_uniforms(u[:_GAMMA_U], alpha)
+        - _log_gamma_from_uniforms(u[_GAMMA_U:_BETA_U], beta)
+    )
 
 
 def sample_beta(key: jax.Array, alpha: Any, beta: Any = None) -> jax.Array:
@@ -387,7 +453,9 @@ def sample_beta(key: jax.Array, alpha: Any, beta: Any = None) -> jax.Array:
 
 
 @jax.jit
-def mixup(key: jax.Array, images: jax.Array, labels: jax.Array, alpha: float = 0.2) -> tuple[jax.Array, jax.Array]:
+def mixup(
+    key: jax.Array, images: jax.Array, labels: jax.Array, alpha: float = 0.2
+) -> tuple[jax.Array, jax.Array]:
     """Mixup: ``lam ~ Beta(alpha, alpha)`` per batch, mixed with a random permutation of the
     batch. ``labels`` are one-hot (or soft) [B, K]; returns float32 images (same value range)
     and float32 labels."""
@@ -401,7 +469,9 @@ def mixup(key: jax.Array, images: jax.Array, labels: jax.Array, alpha: float = 0
 
 
 @jax.jit
-def cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, alpha: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def cutmix(
+    key: jax.Array, images: jax.Array, labels: jax.Array, alpha: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
     """CutMix: pastes a random box from a permuted batch; box area ``(1 - lam) H W`` with
     ``lam ~ Beta(alpha, alpha)``, clipped at the border; labels are mixed by the actual box
     area. Returns images in the input dtype and float32 labels."""
@@ -426,8 +496,16 @@ def cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, alpha: float = 
 
 # --------------------------------------------------------------------------- from config
 
-_AFFINE_KEYS = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range", "zoom_range",
-                "horizontal_flip", "vertical_flip", "fill_mode")
+_AFFINE_KEYS = (
+    "rotation_range",
+    "width_shift_range",
+    "height_shift_range",
+    "shear_range",
+    "zoom_range",
+    "horizontal_flip",
+    "vertical_flip",
+    "fill_mode",
+)
 
 
 def make_augment_fn(config: Any = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -448,7 +526,9 @@ def make_augment_fn(config: Any = None) -> Callable[[jax.Array, jax.Array], jax.
     return fn
 
 
-def make_batch_augment_fn(config: Any, num_classes: int) -> Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+def make_batch_augment_fn(
+    config: Any, num_classes: int
+) -> Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     """``fn(key, images, int_labels) -> (images, soft_labels float32 [B, K])``: the image
     augmentation of :func:`make_augment_fn`, then mixup and/or cutmix when their alpha is > 0
     (with both, each batch uses one of them with probability 1/2). Without mixing the labels
@@ -479,12 +559,26 @@ def make_batch_augment_fn(config: Any, num_classes: int) -> Callable[[jax.Array,
 
 def describe(config: Any) -> str:  # pragma: no cover - cosmetic
     cfg = resolve_augment_config(config)
-    active = {k: v for k, v in cfg.items() if k != "preset" and v not in (0, 0.0, False, "nearest", "constant")}
+    active = {
+        k: v
+        for k, v in cfg.items()
+        if k != "preset" and v not in (0, 0.0, False, "nearest", "constant")
+    }
     return f"augment(preset={cfg['preset']}, {active})" if active else "augment(identity)"
 
 
 __all__ = [
-    "TUTORIAL_AUGMENT", "apply_transform", "augment", "channel_mean_std", "cutmix", "make_augment_fn",
-    "make_batch_augment_fn", "mixup", "normalize", "random_crop", "sample_transform_params",
-    "transform_matrices", "warp_affine",
+    "TUTORIAL_AUGMENT",
+    "apply_transform",
+    "augment",
+    "channel_mean_std",
+    "cutmix",
+    "make_augment_fn",
+    "make_batch_augment_fn",
+    "mixup",
+    "normalize",
+    "random_crop",
+    "sample_transform_params",
+    "transform_matrices",
+    "warp_affine",
 ]

@@ -8,7 +8,12 @@ combinations are rejected with the key named.
 Fields (``config.<field>``):
 
 * ``seed``: PRNG seed for initialization, dropout, augmentation and data order.
-* ``num_epochs``, ``batch_size`` (global), ``eval_batch_size``.
+* ``num_epochs``, ``batch_size`` (global, over all devices and processes),
+  ``per_device_batch_size`` (0 = unused; when set, the global ``batch_size`` becomes it times
+  the device count, and the resolved value is what ``config.json`` records), ``grad_accum_steps``
+  (``optax.MultiSteps``: one update per this many batches), ``steps_per_dispatch`` (batches run
+  per jitted call through ``lax.scan``, like Keras' ``steps_per_execution``),
+  ``eval_batch_size``.
 * ``model.name`` (a :mod:`cnnlab.models` name) and ``model.kwargs`` (its arguments).
 * ``data``: see :mod:`cnnlab.data` (source, classes, split, image size, augmentation...).
 * ``optimizer``: ``name`` in adam/adamw/sgd/rmsprop, ``learning_rate``, ``b1``, ``b2``, ``eps``,
@@ -56,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_epochs = 10
     c.batch_size = 32
+    c.per_device_batch_size = 0
+    c.grad_accum_steps = 1
+    c.steps_per_dispatch = 1
     c.eval_batch_size = 128
 
     c.model = ml_collections.ConfigDict()
@@ -149,9 +157,14 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     merged = default_config()
     merged.update(config)
 
-    for key in ("num_epochs", "batch_size", "eval_batch_size", "log_every_steps", "eval_every_epochs"):
+    for key in ("num_epochs", "batch_size", "eval_batch_size", "log_every_steps", "eval_every_epochs",
+                "grad_accum_steps", "steps_per_dispatch"):
         if merged[key] <= 0:
             raise ValueError(f"Config key {key!r} must be positive, got {merged[key]!r}.")
+    if merged.per_device_batch_size < 0:
+        raise ValueError(
+            f"Config key 'per_device_batch_size' must be >= 0, got {merged.per_device_batch_size!r}."
+        )
     _choice("model.name", merged.model.name, models.MODELS)
     fields = models.model_fields(merged.model.name)
     for key in merged.model.kwargs.keys():

@@ -13,12 +13,14 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cnnlab import data as data_lib
@@ -26,6 +28,7 @@ from cnnlab import models, nn
 from cnnlab.train import report as report_lib
 from cnnlab.train.checkpoint import Checkpoints
 from cnnlab.train.config import validate_config
+from cnnlab.train.distributed import is_main_process, process_slice
 from cnnlab.train.optim import make_optimizer
 from cnnlab.train.steps import (
     TrainState,
@@ -75,20 +78,27 @@ def _make_normalize(config: ml_collections.ConfigDict, train_images: np.ndarray)
     return lambda images: data_lib.normalize(images, "mean_std", mean, std)
 
 
+def resolve_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
+    """Derives the global batch from ``per_device_batch_size`` when set, and checks that the
+    global batches split evenly over the devices."""
+    if config.per_device_batch_size:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.batch_size = config.per_device_batch_size * num_devices
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % num_devices:
+            raise ValueError(
+                f"{key}={config[key]} is not divisible by the {num_devices} devices; choose a "
+                f"multiple of {num_devices} (or set per_device_batch_size)."
+            )
+    return config
+
+
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     """Validates the config, loads the data and builds model, optimizer and device mesh."""
     config = validate_config(config)
     devices = jax.devices()
-    if config.batch_size % len(devices):
-        raise ValueError(
-            f"batch_size={config.batch_size} is not divisible by the {len(devices)} devices; "
-            "choose a multiple of the device count."
-        )
-    if config.eval_batch_size % len(devices):
-        raise ValueError(
-            f"eval_batch_size={config.eval_batch_size} is not divisible by the {len(devices)} devices."
-        )
-    dataset = data_lib.load_dataset(config.data)
+    config = resolve_batch_size(config, len(devices))
+    dataset = data_lib.load_dataset(config.data, verbose=is_main_process())
     n_train = len(dataset.train.labels)
     if n_train < config.batch_size:
         raise ValueError(
@@ -99,11 +109,14 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     if config.mixed_precision:
         kwargs["dtype"] = jnp.bfloat16
     model = models.get_model(config.model.name, num_classes=len(dataset.class_names), **kwargs)
+    tx = make_optimizer(config, max(steps_per_epoch // config.grad_accum_steps, 1))
+    if config.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
     return Experiment(
         config=config,
         dataset=dataset,
         model=model,
-        tx=make_optimizer(config, steps_per_epoch),
+        tx=tx,
         mesh=data_lib.data_mesh(devices),
         steps_per_epoch=steps_per_epoch,
         normalize=_make_normalize(config, dataset.train.images),
@@ -134,8 +147,13 @@ def initial_state(exp: Experiment) -> TrainState:
 def evaluate_split(exp: Experiment, eval_step, state: TrainState, split) -> dict[str, Any]:
     """Loss, accuracy, top-5 and mean per-class accuracy on a split; every image counted once."""
     totals = None
-    batches = data_lib.iterate_epoch(
-        split.images, split.labels, exp.config.eval_batch_size, shuffle=False, drop_remainder=False
+    rows = process_slice(exp.config.eval_batch_size)
+    batches = (
+        {k: v[rows] for k, v in batch.items()}
+        for batch in data_lib.iterate_epoch(
+            split.images, split.labels, exp.config.eval_batch_size, shuffle=False,
+            drop_remainder=False,
+        )
     )
     sharding = data_lib.batch_sharding(exp.mesh)
     for batch in data_lib.prefetch_to_device(batches, 2, sharding):
@@ -187,14 +205,39 @@ def _check_finite(state: TrainState, ckpt: Checkpoints) -> None:
         )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+class StopTraining(Exception):
+    """Raised by an ``on_epoch_end`` callback to end a run early (e.g. a sweep pruning a trial);
+    the run's checkpoints, metrics and reports stay as they are at that epoch."""
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns the final
-    evaluation metrics."""
+    evaluation metrics.
+
+    ``on_epoch_end(epoch, record)`` is called after each evaluation with the epoch's metrics
+    record (the one written to ``metrics.jsonl``); it may raise :class:`StopTraining`.
+    """
+    return train(config, workdir, on_epoch_end=on_epoch_end)[1]
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> tuple[TrainState, dict[str, Any]]:
+    """:func:`train_and_evaluate`, also returning the final train state (on the mesh)."""
     exp = build_experiment(config)
     config = exp.config
     os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
-    write_json_atomic(os.path.join(workdir, "classes.json"), list(exp.dataset.class_names))
+    if is_main_process():
+        write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+        write_json_atomic(os.path.join(workdir, "classes.json"), list(exp.dataset.class_names))
 
     ckpt = Checkpoints(
         workdir,
@@ -206,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = 0
     if ckpt.latest_step() is not None:
         state, start_step = ckpt.restore(state)
-        print(f"Resuming from step {start_step} ({ckpt.latest.directory}).")
+        say(f"Resuming from step {start_step} ({ckpt.latest.directory}).")
     constraints = nn.collect_constraints(
         exp.model, jnp.zeros((1, *exp.image_shape), jnp.float32), training=False
     )
@@ -216,21 +259,102 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         images, targets = augment(key, images, labels)
         return exp.normalize(images), targets
 
-    train_step = jax.jit(
-        make_train_step(
-            exp.model,
-            exp.tx,
-            num_classes=exp.num_classes,
-            preprocess=preprocess,
-            constraints=constraints,
-            label_smoothing=config.loss.label_smoothing,
-        ),
-        donate_argnums=0,
+    step_fn = make_train_step(
+        exp.model,
+        exp.tx,
+        num_classes=exp.num_classes,
+        preprocess=preprocess,
+        constraints=constraints,
+        label_smoothing=config.loss.label_smoothing,
     )
+    # One jitted program for a single step and one for a chunk of `steps_per_dispatch` steps
+    # (lax.scan), each compiled once; state buffers are donated.
+    train_step = jax.jit(step_fn, donate_argnums=0)
+    train_chunk = jax.jit(lambda st, batches: jax.lax.scan(step_fn, st, batches), donate_argnums=0)
+    reset_sums = jax.jit(lambda st: st.replace(epoch_sums=zero_sums()), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(exp.model, num_classes=exp.num_classes, normalize=exp.normalize))
-    writer = MetricWriter(workdir, resume_step=start_step)
+    writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main_process())
     total_steps = config.num_epochs * exp.steps_per_epoch
-    sharding = data_lib.batch_sharding(exp.mesh)
+    stream = _host_chunks(exp, start_step)
+    say(
+        f"Training {config.model.name} on {len(exp.dataset.train.labels)} images "
+        f"({exp.num_classes} classes), {config.num_epochs} epochs x {exp.steps_per_epoch} steps, "
+        f"batch {config.batch_size}, {len(exp.mesh.devices.flat)} device(s) in "
+        f"{jax.process_count()} process(es) [{jax.devices()[0].platform}]."
+    )
+    final: dict[str, Any] = {}
+    kill_at = int(os.environ.get(_FAULT_KILL_AT_STEP, "-1"))
+    step = start_step
+    bar = _progress(total_steps, start_step, config.progress and is_main_process(), "train")
+    t_window, n_window = time.perf_counter(), 0
+    try:
+        for chunk in data_lib.prefetch_to_device(stream, 2, _chunk_sharding(exp.mesh)):
+            k = chunk["label"].shape[0]
+            if k == 1:
+                state, metrics = train_step(state, jax.tree_util.tree_map(lambda a: a[0], chunk))
+            else:
+                state, metrics = train_chunk(state, chunk)
+                metrics = jax.tree_util.tree_map(lambda a: a[-1], metrics)
+            previous, step = step, step + k
+            n_window += k * config.batch_size
+            bar.update(k)
+            epoch, step_in_epoch = divmod(step, exp.steps_per_epoch)
+            if _crossed(previous, step, config.log_every_steps):
+                metrics = jax.device_get(metrics)
+                _check_finite(state, ckpt)
+                rate = n_window / max(time.perf_counter() - t_window, 1e-9)
+                t_window, n_window = time.perf_counter(), 0
+                writer.write("train", step, {**metrics, "images_per_sec": rate})
+                bar.set_postfix(epoch=epoch + (step_in_epoch > 0), loss=f"{float(metrics['loss']):.3f}",
+                                acc=f"{float(metrics['accuracy']):.3f}", img_s=f"{rate:.0f}")
+            if step_in_epoch and _crossed(previous, step, config.checkpoint.every_steps):
+                _check_finite(state, ckpt)
+                ckpt.save_latest(step, state)
+            if step_in_epoch == 0:
+                final = _end_of_epoch(exp, state, epoch, step, eval_step, writer, ckpt, bar)
+                state = reset_sums(state)
+                if epoch % config.checkpoint.every_epochs == 0 or step == total_steps:
+                    ckpt.save_latest(step, state)
+                if on_epoch_end is not None:
+                    try:
+                        on_epoch_end(epoch, final)
+                    except StopTraining:
+                        ckpt.save_latest(step, state)
+                        break
+            if previous < kill_at <= step:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        bar.close()
+        writer.close()
+    _check_finite(state, ckpt)
+    if not final:  # resumed after the last epoch: evaluate what we have
+        final = evaluate(config, workdir, which="latest", exp=exp)
+    if is_main_process():
+        report_lib.write_reports(workdir, exp.dataset.class_names)
+    ckpt.close()
+    return state, {k: v for k, v in final.items() if k != "confusion"}
+
+
+def say(message: str) -> None:
+    """Prints on the main process only."""
+    if is_main_process():
+        print(message, flush=True)
+
+
+def _crossed(previous: int, step: int, every: int) -> bool:
+    """Whether a multiple of ``every`` lies in ``(previous, step]`` (0 disables)."""
+    return bool(every) and step // every > previous // every
+
+
+def _chunk_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(None, "data"))
+
+
+def _host_chunks(exp: Experiment, start_step: int):
+    """This process's slice of the training stream, ``steps_per_dispatch`` batches at a time,
+    stacked on a leading axis; a chunk never crosses an epoch boundary."""
+    config = exp.config
+    rows = process_slice(config.batch_size)
     stream = data_lib.iterate_train(
         exp.dataset.train.images,
         exp.dataset.train.labels,
@@ -239,55 +363,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         start_step=start_step,
         num_epochs=config.num_epochs,
     )
-    print(
-        f"Training {config.model.name} on {len(exp.dataset.train.labels)} images "
-        f"({exp.num_classes} classes), {config.num_epochs} epochs x {exp.steps_per_epoch} steps, "
-        f"batch {config.batch_size}, {len(exp.mesh.devices.flat)} device(s) "
-        f"[{jax.devices()[0].platform}]."
-    )
-    final: dict[str, Any] = {}
-    kill_at = int(os.environ.get(_FAULT_KILL_AT_STEP, "-1"))
-    step = start_step
-    bar = _progress(total_steps, start_step, config.progress, "train")
-    t_window, n_window = time.perf_counter(), 0
-    try:
-        for batch in data_lib.prefetch_to_device(stream, 2, sharding):
-            state, metrics = train_step(state, batch)
-            step += 1
-            n_window += config.batch_size
-            bar.update(1)
-            epoch, step_in_epoch = divmod(step, exp.steps_per_epoch)
-            if step % config.log_every_steps == 0:
-                metrics = jax.device_get(metrics)
-                _check_finite(state, ckpt)
-                rate = n_window / max(time.perf_counter() - t_window, 1e-9)
-                t_window, n_window = time.perf_counter(), 0
-                writer.write("train", step, {**metrics, "images_per_sec": rate})
-                bar.set_postfix(epoch=epoch + (step_in_epoch > 0), loss=f"{float(metrics['loss']):.3f}",
-                                acc=f"{float(metrics['accuracy']):.3f}", img_s=f"{rate:.0f}")
-            if (
-                config.checkpoint.every_steps
-                and step % config.checkpoint.every_steps == 0
-                and step_in_epoch
-            ):
-                _check_finite(state, ckpt)
-                ckpt.save_latest(step, state)
-            if step_in_epoch == 0:
-                final = _end_of_epoch(exp, state, epoch, step, eval_step, writer, ckpt, bar)
-                state = state.replace(epoch_sums=jax.device_put(zero_sums(), _replicated(exp.mesh)))
-                if epoch % config.checkpoint.every_epochs == 0 or step == total_steps:
-                    ckpt.save_latest(step, state)
-            if step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        bar.close()
-        writer.close()
-    _check_finite(state, ckpt)
-    if not final:  # resumed after the last epoch: evaluate what we have
-        final = evaluate(config, workdir, which="latest", exp=exp)
-    report_lib.write_reports(workdir, exp.dataset.class_names)
-    ckpt.close()
-    return {k: v for k, v in final.items() if k != "confusion"}
+    step, pending = start_step, []
+    for batch in stream:
+        pending.append({k: v[rows] for k, v in batch.items()})
+        step += 1
+        if len(pending) == config.steps_per_dispatch or step % exp.steps_per_epoch == 0:
+            yield {k: np.stack([b[k] for b in pending]) for k in pending[0]}
+            pending = []
 
 
 def _end_of_epoch(exp, state, epoch, step, eval_step, writer, ckpt, bar) -> dict[str, Any]:
@@ -306,12 +388,13 @@ def _end_of_epoch(exp, state, epoch, step, eval_step, writer, ckpt, bar) -> dict
                     record[f"{name}/{key}"] = value
         writer.write("epoch", step, record)
         ckpt.save_best(step, state, record)
-        if "test" in results:
+        if "test" in results and is_main_process():
             np.save(os.path.join(os.path.dirname(writer.path), "confusion_last.npy"), results["test"]["confusion"])
     summary = "  ".join(
         f"{k}={v:.4f}" for k, v in record.items() if k != "epoch" and isinstance(v, float)
     )
-    bar.write(f"epoch {epoch:3d}/{config.num_epochs}  {summary}")
+    if is_main_process():
+        bar.write(f"epoch {epoch:3d}/{config.num_epochs}  {summary}")
     return record
 
 
@@ -354,7 +437,9 @@ def evaluate(
     for name, split in _eval_splits(exp).items():
         res = evaluate_split(exp, eval_step, state, split)
         out.update({f"{name}/{k}": v for k, v in res.items() if k != "confusion"})
-        np.save(os.path.join(workdir, f"confusion_{name}_{which}.npy"), res["confusion"])
-    write_json_atomic(os.path.join(workdir, f"eval_{which}.json"), out)
+        if is_main_process():
+            np.save(os.path.join(workdir, f"confusion_{name}_{which}.npy"), res["confusion"])
+    if is_main_process():
+        write_json_atomic(os.path.join(workdir, f"eval_{which}.json"), out)
     ckpt.close()
     return out
