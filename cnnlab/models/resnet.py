@@ -41,12 +41,13 @@ class ResidualModule(flax_nn.Module):
 
 
 class ResNet(flax_nn.Module):
-    """Stem conv (stride 2) then stages of residual modules; the first module of every stage
+    """Stem conv (stride 2, optionally BN-ReLU-maxpool 3x3/2) then stages of residual modules; the first module of every stage
     after the first downsamples with stride 2; global average pooling; Dense logits."""
 
     num_classes: int
     stem_filters: int = 32
     stem_kernel: int = 5
+    stem_pool: bool = False
     stage_filters: Sequence[int] = (64, 128, 256)
     stage_depths: Sequence[int] = (2, 2, 2)
     bottleneck: bool = True
@@ -65,6 +66,9 @@ class ResNet(flax_nn.Module):
         reg = {"class_name": "L2", "config": {"l2": self.weight_decay}} if self.weight_decay else None
         kw = dict(kernel_initializer=self.kernel_initializer, kernel_regularizer=reg, dtype=self.dtype)
         x = nn.Conv2D(self.stem_filters, self.stem_kernel, strides=2, padding="same", use_bias=False, **kw)(x)
+        if self.stem_pool:
+            x = nn.Activation("relu")(nn.BatchNormalization()(x, training=training))
+            x = nn.MaxPooling2D((3, 3), strides=(2, 2), padding="same")(x)
         for stage, (filters, depth) in enumerate(zip(self.stage_filters, self.stage_depths)):
             for block in range(depth):
                 strides = 2 if (block == 0 and stage > 0) else 1
