@@ -17,6 +17,7 @@ ones that need the input (channels vs ``groups``) at the first call.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -37,13 +38,49 @@ from cnnlab.nn.penalties import PenaltiesMixin
 Array = jax.Array
 
 
-def validate_identifiers(layer: Any, **named: tuple[Any, Any]) -> None:
-    """Resolves each ``name=(registry, identifier)`` once so that bad names fail at construction."""
-    for name, (registry, identifier) in named.items():
+_SUFFIX_REGISTRIES = (
+    ("_initializer", initializers),
+    ("_regularizer", regularizers),
+    ("_constraint", constraints),
+)
+
+
+def validate_identifiers(layer: Any) -> None:
+    """Resolves every ``activation``, ``*_initializer``, ``*_regularizer`` and ``*_constraint``
+    field of ``layer`` once, so that a bad name fails at construction, naming the field."""
+    for field in dataclasses.fields(layer):
+        if field.name == "activation":
+            registry = activations
+        else:
+            registry = next((r for suffix, r in _SUFFIX_REGISTRIES if field.name.endswith(suffix)), None)
+        if registry is None:
+            continue
+        identifier = getattr(layer, field.name)
         try:
             registry.get(identifier)
         except ValueError as err:
-            raise ValueError(f"{type(layer).__name__}: invalid {name}={identifier!r}: {err}") from None
+            raise ValueError(
+                f"{type(layer).__name__}: invalid {field.name}={identifier!r}: {err}"
+            ) from None
+
+
+def validate_geometry(layer: Any, rank: int) -> None:
+    """Checks the window arguments a convolution layer shares (kernel_size, strides,
+    dilation_rate, padding, padding_mode, data_format), naming the bad one."""
+    normalize_tuple(layer.kernel_size, rank, "kernel_size")
+    check_strides_dilation(
+        normalize_tuple(layer.strides, rank, "strides"),
+        normalize_tuple(layer.dilation_rate, rank, "dilation_rate"),
+    )
+    check_padding(layer.padding, rank)
+    check_padding_mode(getattr(layer, "padding_mode", "zeros"))
+    backend.standardize_data_format(layer.data_format)
+
+
+def channels_of(x: Array, data_format: str | None) -> int:
+    """The channel count of ``x`` under ``data_format`` (``None``: the package default)."""
+    fmt = backend.standardize_data_format(data_format)
+    return x.shape[-1] if fmt == "channels_last" else x.shape[1]
 
 
 class _Conv(PenaltiesMixin, nn.Module):
@@ -73,32 +110,14 @@ class _Conv(PenaltiesMixin, nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
-        n = self.rank
         check_positive_int(self.filters, "filters")
         check_positive_int(self.groups, "groups")
         if self.filters % self.groups:
             raise ValueError(
                 f"filters={self.filters} must be divisible by groups={self.groups}."
             )
-        normalize_tuple(self.kernel_size, n, "kernel_size")
-        check_strides_dilation(
-            normalize_tuple(self.strides, n, "strides"),
-            normalize_tuple(self.dilation_rate, n, "dilation_rate"),
-        )
-        check_padding(self.padding, n)
-        check_padding_mode(self.padding_mode)
-        backend.standardize_data_format(self.data_format)
-        validate_identifiers(
-            self,
-            activation=(activations, self.activation),
-            kernel_initializer=(initializers, self.kernel_initializer),
-            bias_initializer=(initializers, self.bias_initializer),
-            kernel_regularizer=(regularizers, self.kernel_regularizer),
-            bias_regularizer=(regularizers, self.bias_regularizer),
-            activity_regularizer=(regularizers, self.activity_regularizer),
-            kernel_constraint=(constraints, self.kernel_constraint),
-            bias_constraint=(constraints, self.bias_constraint),
-        )
+        validate_geometry(self, self.rank)
+        validate_identifiers(self)
         super().__post_init__()
 
     def _weight_specs(self):
@@ -113,8 +132,7 @@ class _Conv(PenaltiesMixin, nn.Module):
                 f"{type(self).__name__} expects inputs with {self.rank + 2} dimensions, got shape "
                 f"{x.shape}."
             )
-        fmt = backend.standardize_data_format(self.data_format)
-        return x.shape[-1] if fmt == "channels_last" else x.shape[1]
+        return channels_of(x, self.data_format)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -207,25 +225,8 @@ class DepthwiseConv2D(PenaltiesMixin, nn.Module):
 
     def __post_init__(self) -> None:
         check_positive_int(self.depth_multiplier, "depth_multiplier")
-        normalize_tuple(self.kernel_size, 2, "kernel_size")
-        check_strides_dilation(
-            normalize_tuple(self.strides, 2, "strides"),
-            normalize_tuple(self.dilation_rate, 2, "dilation_rate"),
-        )
-        check_padding(self.padding, 2)
-        check_padding_mode(self.padding_mode)
-        backend.standardize_data_format(self.data_format)
-        validate_identifiers(
-            self,
-            activation=(activations, self.activation),
-            depthwise_initializer=(initializers, self.depthwise_initializer),
-            bias_initializer=(initializers, self.bias_initializer),
-            depthwise_regularizer=(regularizers, self.depthwise_regularizer),
-            bias_regularizer=(regularizers, self.bias_regularizer),
-            activity_regularizer=(regularizers, self.activity_regularizer),
-            depthwise_constraint=(constraints, self.depthwise_constraint),
-            bias_constraint=(constraints, self.bias_constraint),
-        )
+        validate_geometry(self, 2)
+        validate_identifiers(self)
         super().__post_init__()
 
     def _weight_specs(self):
@@ -236,8 +237,7 @@ class DepthwiseConv2D(PenaltiesMixin, nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        fmt = backend.standardize_data_format(self.data_format)
-        channels = x.shape[-1] if fmt == "channels_last" else x.shape[1]
+        channels = channels_of(x, self.data_format)
         kernel = self.param(
             "kernel",
             initializers.get(self.depthwise_initializer),
@@ -298,28 +298,8 @@ class SeparableConv2D(PenaltiesMixin, nn.Module):
     def __post_init__(self) -> None:
         check_positive_int(self.filters, "filters")
         check_positive_int(self.depth_multiplier, "depth_multiplier")
-        normalize_tuple(self.kernel_size, 2, "kernel_size")
-        check_strides_dilation(
-            normalize_tuple(self.strides, 2, "strides"),
-            normalize_tuple(self.dilation_rate, 2, "dilation_rate"),
-        )
-        check_padding(self.padding, 2)
-        check_padding_mode(self.padding_mode)
-        backend.standardize_data_format(self.data_format)
-        validate_identifiers(
-            self,
-            activation=(activations, self.activation),
-            depthwise_initializer=(initializers, self.depthwise_initializer),
-            pointwise_initializer=(initializers, self.pointwise_initializer),
-            bias_initializer=(initializers, self.bias_initializer),
-            depthwise_regularizer=(regularizers, self.depthwise_regularizer),
-            pointwise_regularizer=(regularizers, self.pointwise_regularizer),
-            bias_regularizer=(regularizers, self.bias_regularizer),
-            activity_regularizer=(regularizers, self.activity_regularizer),
-            depthwise_constraint=(constraints, self.depthwise_constraint),
-            pointwise_constraint=(constraints, self.pointwise_constraint),
-            bias_constraint=(constraints, self.bias_constraint),
-        )
+        validate_geometry(self, 2)
+        validate_identifiers(self)
         super().__post_init__()
 
     def _weight_specs(self):
@@ -331,8 +311,7 @@ class SeparableConv2D(PenaltiesMixin, nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        fmt = backend.standardize_data_format(self.data_format)
-        channels = x.shape[-1] if fmt == "channels_last" else x.shape[1]
+        channels = channels_of(x, self.data_format)
         ks = normalize_tuple(self.kernel_size, 2, "kernel_size")
         params = {
             "depthwise_kernel": self.param(
@@ -403,17 +382,7 @@ class Conv2DTranspose(PenaltiesMixin, nn.Module):
                 f"Invalid padding={self.padding!r} for Conv2DTranspose: expected 'valid' or 'same'."
             )
         backend.standardize_data_format(self.data_format)
-        validate_identifiers(
-            self,
-            activation=(activations, self.activation),
-            kernel_initializer=(initializers, self.kernel_initializer),
-            bias_initializer=(initializers, self.bias_initializer),
-            kernel_regularizer=(regularizers, self.kernel_regularizer),
-            bias_regularizer=(regularizers, self.bias_regularizer),
-            activity_regularizer=(regularizers, self.activity_regularizer),
-            kernel_constraint=(constraints, self.kernel_constraint),
-            bias_constraint=(constraints, self.bias_constraint),
-        )
+        validate_identifiers(self)
         super().__post_init__()
 
     def _weight_specs(self):
@@ -424,8 +393,7 @@ class Conv2DTranspose(PenaltiesMixin, nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        fmt = backend.standardize_data_format(self.data_format)
-        channels = x.shape[-1] if fmt == "channels_last" else x.shape[1]
+        channels = channels_of(x, self.data_format)
         ks = normalize_tuple(self.kernel_size, 2, "kernel_size")
         params = {
             "kernel": self.param(

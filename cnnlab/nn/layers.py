@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnlab import activations, backend, constraints, initializers, regularizers
+from cnnlab import activations, backend, initializers
 from cnnlab import functional as F
 from cnnlab.functional._args import check_positive_int, normalize_tuple
 from cnnlab.nn.conv import validate_identifiers
@@ -42,17 +42,7 @@ class Dense(PenaltiesMixin, nn.Module):
 
     def __post_init__(self) -> None:
         check_positive_int(self.units, "units")
-        validate_identifiers(
-            self,
-            activation=(activations, self.activation),
-            kernel_initializer=(initializers, self.kernel_initializer),
-            bias_initializer=(initializers, self.bias_initializer),
-            kernel_regularizer=(regularizers, self.kernel_regularizer),
-            bias_regularizer=(regularizers, self.bias_regularizer),
-            activity_regularizer=(regularizers, self.activity_regularizer),
-            kernel_constraint=(constraints, self.kernel_constraint),
-            bias_constraint=(constraints, self.bias_constraint),
-        )
+        validate_identifiers(self)
         super().__post_init__()
 
     def _weight_specs(self):
@@ -89,7 +79,7 @@ class Activation(nn.Module):
     activation: Any
 
     def __post_init__(self) -> None:
-        validate_identifiers(self, activation=(activations, self.activation))
+        validate_identifiers(self)
         super().__post_init__()
 
     def __call__(self, x: Array) -> Array:
@@ -156,17 +146,7 @@ class BatchNormalization(PenaltiesMixin, nn.Module):
             raise ValueError(f"Invalid momentum={self.momentum!r}: expected a float in [0, 1].")
         if float(self.epsilon) <= 0:
             raise ValueError(f"Invalid epsilon={self.epsilon!r}: expected a positive float.")
-        validate_identifiers(
-            self,
-            beta_initializer=(initializers, self.beta_initializer),
-            gamma_initializer=(initializers, self.gamma_initializer),
-            moving_mean_initializer=(initializers, self.moving_mean_initializer),
-            moving_variance_initializer=(initializers, self.moving_variance_initializer),
-            beta_regularizer=(regularizers, self.beta_regularizer),
-            gamma_regularizer=(regularizers, self.gamma_regularizer),
-            beta_constraint=(constraints, self.beta_constraint),
-            gamma_constraint=(constraints, self.gamma_constraint),
-        )
+        validate_identifiers(self)
         super().__post_init__()
 
     def _weight_specs(self):
