@@ -70,6 +70,18 @@ def test_smoke_training_beats_chance_and_leaves_reports(tmp_path):
     assert again["test/loss"] == pytest.approx(final["test/loss"], rel=1e-6)
     assert again["test/accuracy"] == final["test/accuracy"]
 
+    # The other two entry points work on the run directory.
+    (tmp_path / "plot.png").unlink()
+    out = subprocess.run([sys.executable, "-m", "cnnlab", "report", f"--workdir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "macro avg" in out.stdout and (tmp_path / "plot.png").exists()
+    out = subprocess.run([sys.executable, "-m", "cnnlab", "eval", f"--workdir={tmp_path}", "--which=best"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    best = json.loads((tmp_path / "eval_best.json").read_text())
+    assert best["checkpoint"] == "best" and best["test/accuracy"] >= final["test/accuracy"] - 1e-9
+
 
 def _run_cli(workdir, *extra, env=None):
     return subprocess.Popen(
