@@ -1,9 +1,12 @@
-"""The ``cnnlab`` command: ``train``, ``eval`` and ``report`` (absl flags, ml_collections configs).
+"""The ``cnnlab`` command: ``train``, ``eval``, ``report`` and ``sweep`` (absl flags,
+ml_collections configs).
 
     cnnlab train --config=configs/stridednet.py --workdir=runs/stridednet \\
         --config.optimizer.learning_rate=3e-4
     cnnlab eval --workdir=runs/stridednet [--which=best|latest]
     cnnlab report --workdir=runs/stridednet
+    cnnlab sweep --config=configs/sweeps/smoke_grid.py --workdir=runs/smoke_grid [--workers=2]
+    cnnlab sweep report --workdir=runs/smoke_grid
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-COMMANDS = ("train", "eval", "report")
+COMMANDS = ("train", "eval", "report", "sweep")
 
 _USAGE = f"usage: cnnlab {{{','.join(COMMANDS)}}} [flags]   (cnnlab <command> --help for flags)"
 
@@ -105,6 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "eval":
         _define_eval_flags()
         app.run(_eval, argv=argv)
+    elif command == "sweep":
+        from cnnlab.sweep.cli import main as sweep_main
+
+        sweep_main(argv)
     else:
         _define_eval_flags()
         app.run(_report, argv=argv)

@@ -1,0 +1,85 @@
+"""Hyperparameter sweeps: config-declared search spaces, packed (vmapped) trials, Optuna studies
+that resume and scale to many workers.
+
+A sweep file is a config file with a ``get_sweep()`` beside ``get_config()``::
+
+    from cnnlab import sweep
+
+    def get_config():
+        return sweep.config_from_file("../smoke.py", relative_to=__file__)
+
+    def get_sweep():
+        return sweep.Sweep(
+            grid=sweep.product({"optimizer.learning_rate": [1e-3, 3e-3]}, {"seed": [0, 1]}),
+            metric="test/accuracy", mode="max", pack=4,
+        )
+
+and runs with ``cnnlab sweep --config=<file> --workdir=<dir>`` (``--workers N`` local worker
+processes, ``--storage=postgresql://...`` to share the study between machines, ``--pack K``
+trials per compiled program); ``cnnlab sweep report --workdir=<dir>`` rewrites the report.
+
+Modules: :mod:`~cnnlab.sweep.space` (declaring and validating sweeps),
+:mod:`~cnnlab.sweep.packed` (K trials in one program), :mod:`~cnnlab.sweep.engine` (the Optuna
+study, claiming, resume, workers), :mod:`~cnnlab.sweep.report` (tables, plots, best config).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from cnnlab.sweep.files import config_from_file, load_sweep_file, write_config_file
+from cnnlab.sweep.space import (
+    Grid,
+    Sweep,
+    apply_point,
+    chain,
+    choice,
+    integer,
+    loguniform,
+    point,
+    product,
+    uniform,
+    validate_sweep,
+    zip,
+)
+
+# Modules that import Optuna or the trainer, loaded on first use (sweep files stay light).
+_LAZY = {
+    "run_sweep": "cnnlab.sweep.engine",
+    "Worker": "cnnlab.sweep.engine",
+    "default_storage": "cnnlab.sweep.engine",
+    "PACKABLE_FIELDS": "cnnlab.sweep.packed",
+    "NotPackable": "cnnlab.sweep.packed",
+    "pack_key": "cnnlab.sweep.packed",
+    "train_packed": "cnnlab.sweep.packed",
+    "write_report": "cnnlab.sweep.report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cnnlab.sweep' has no attribute {name!r}")
+
+
+__all__ = [
+    "Grid",
+    "Sweep",
+    "apply_point",
+    "chain",
+    "choice",
+    "config_from_file",
+    "integer",
+    "load_sweep_file",
+    "loguniform",
+    "point",
+    "product",
+    "uniform",
+    "validate_sweep",
+    "write_config_file",
+    "zip",
+    *_LAZY,
+]

@@ -1,0 +1,266 @@
+"""What a sweep leaves for a person: ``cnnlab sweep report --workdir=...`` (also run at the end).
+
+Written to the sweep's workdir:
+
+* ``trials.csv`` and ``trials.md``: one row per trial (slot), sorted by the target metric: its
+  state, the metric and the other test metrics, every swept field's value, pack size, duration,
+  retries, error, and its run directory.
+* ``params.png``: the metric against each swept field (log axes for log ranges; categories as
+  labels), pruned trials hollow.
+* ``curves.png``: every trial's metric per epoch on one figure, the best in bold.
+* ``best_config.py``: the best trial's full config as a runnable config file.
+* ``importances.json`` (and a section of ``trials.md``): Optuna's parameter importances
+  (PED-ANOVA) over the completed trials, when there are enough of them.
+* ``summary.json``: best trial, counts by state, the files above.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from cnnlab.sweep import engine
+from cnnlab.sweep.files import write_config_file
+from cnnlab.sweep.space import apply_point
+from cnnlab.train.writers import read_metrics, write_json_atomic
+
+_EXTRA_METRICS = ("test/accuracy", "test/mean_per_class_accuracy", "test/loss", "train/loss",
+                  "val/accuracy")
+
+
+def _load(workdir: str, storage: str | None, study_name: str | None):
+    path = os.path.join(workdir, engine.SWEEP_JSON)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No {engine.SWEEP_JSON} in {workdir!r}: is it a `cnnlab sweep` workdir?")
+    with open(path) as f:
+        info = json.load(f)
+    url = storage or info.get("storage") or engine.default_storage(workdir)
+    if "***" in url:
+        raise ValueError(f"The sweep's storage URL has a password; pass it with --storage ({url}).")
+    optuna = engine._optuna()
+    study = optuna.load_study(study_name=study_name or info.get("study_name", engine.DEFAULT_STUDY),
+                              storage=url)
+    return info, study
+
+
+def _rows(info: dict[str, Any], study) -> list[dict[str, Any]]:
+    """One row per slot: its latest real trial (duplicates dropped, interrupted tries counted)."""
+    by_slot: dict[int, list] = {}
+    for t in study.get_trials(deepcopy=False):
+        if engine.DUPLICATE in t.user_attrs or engine.SLOT not in t.user_attrs:
+            continue
+        by_slot.setdefault(int(t.user_attrs[engine.SLOT]), []).append(t)
+    metric = info["sweep"]["metric"]
+    rows = []
+    for slot, trials in sorted(by_slot.items()):
+        t = max(trials, key=lambda u: u.number)
+        attrs = t.user_attrs
+        metrics = attrs.get(engine.METRICS, {})
+        value = t.value if t.value is not None else metrics.get(metric)
+        if value is None and t.intermediate_values:
+            value = t.intermediate_values[max(t.intermediate_values)]
+        values = attrs.get(engine.VALUES) or {}
+        row = {
+            "trial": t.number, "slot": slot, "state": t.state.name, metric: value,
+            **{m: metrics.get(m) for m in _EXTRA_METRICS if m != metric and m in metrics},
+            "epochs": len(t.intermediate_values),
+            **{f: values.get(f, t.params.get(f)) for f in info["fields"]},
+            "pack": attrs.get(engine.PACKED), "duration_s": attrs.get(engine.DURATION),
+            "retries": len(trials) - 1, "error": attrs.get(engine.ERROR, ""),
+            "workdir": attrs.get(engine.WORKDIR, ""),
+            "_curve": dict(sorted(t.intermediate_values.items())), "_values": values,
+        }
+        rows.append(row)
+    sign = -1 if info["sweep"]["mode"] == "max" else 1
+
+    def key(r):
+        v = r[metric]
+        ok = isinstance(v, (int, float)) and math.isfinite(v)
+        return (r["state"] != "COMPLETE", not ok, sign * v if ok else 0.0, r["slot"])
+
+    return sorted(rows, key=key)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v)
+    return "" if v is None else str(v)
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if not k.startswith("_") and k not in cols:
+                cols.append(k)
+    return cols
+
+
+def _write_tables(workdir: str, rows, info, importances, note: str) -> str:
+    cols = _columns(rows)
+    with open(os.path.join(workdir, "trials.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([_fmt(r.get(c)) for c in cols])
+    shown = [c for c in cols if c not in ("workdir",)]
+    lines = [f"# Sweep {workdir}", "",
+             f"{info['sweep']['sampler']} sweep, {len(rows)} trials, sorted by "
+             f"`{info['sweep']['metric']}` ({info['sweep']['mode']}).", "",
+             "| " + " | ".join(shown) + " |", "|" + "|".join("---" for _ in shown) + "|"]
+    for r in rows:
+        cells = [_fmt(r.get(c)).replace("|", "\\|").replace("\n", " ")[:80] for c in shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Parameter importances", ""]
+    if importances:
+        lines += [f"- `{k}`: {v:.3f}" for k, v in importances.items()]
+    else:
+        lines.append(f"Not available: {note}")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(workdir, "trials.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def _numeric(values: list[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _plot_params(path: str, rows, info) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, fields = info["sweep"]["metric"], info["fields"]
+    space = info["sweep"].get("space", {})
+    points = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED") and isinstance(r[metric], (int, float))]
+    n = max(len(fields), 1)
+    cols = min(n, 3)
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * ((n + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, field in zip(axes.flat, fields):
+        xs = [r[field] for r in points]
+        ys = [r[metric] for r in points]
+        hollow = [r["state"] == "PRUNED" for r in points]
+        if xs and _numeric(xs):
+            log = space.get(field, {}).get("type") == "LogUniform" or space.get(field, {}).get("log") or (
+                min(xs) > 0 and max(xs) / max(min(xs), 1e-300) >= 100)
+            if log:
+                ax.set_xscale("log")
+            pos = xs
+        else:
+            labels = list(dict.fromkeys(_fmt(x) for x in xs))
+            pos = [labels.index(_fmt(x)) for x in xs]
+            ax.set_xticks(range(len(labels)), [lab[:18] for lab in labels], rotation=30, ha="right",
+                          fontsize=8)
+        for x, y, h in zip(pos, ys, hollow):
+            ax.scatter([x], [y], s=36, facecolors="none" if h else "C0", edgecolors="C0")
+        ax.set_xlabel(field, fontsize=9)
+        ax.set_ylabel(metric, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(fields):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _curve(row: dict[str, Any], metric: str) -> tuple[list[int], list[float]]:
+    path = os.path.join(row["workdir"], "metrics.jsonl") if row["workdir"] else ""
+    records = [r for r in read_metrics(path) if r.get("kind") == "epoch" and metric in r] if path else []
+    if records:
+        return [r["epoch"] for r in records], [r[metric] for r in records]
+    curve = row["_curve"]
+    return list(curve), list(curve.values())
+
+
+def _plot_curves(path: str, rows, info) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = info["sweep"]["metric"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    best = rows[0] if rows and rows[0]["state"] == "COMPLETE" else None
+    for r in rows:
+        xs, ys = _curve(r, metric)
+        if not xs:
+            continue
+        is_best = r is best
+        ax.plot(xs, ys, lw=2.6 if is_best else 1.0, alpha=1.0 if is_best else 0.6,
+                ls="--" if r["state"] == "PRUNED" else "-",
+                label=f"#{r['trial']}" + (" (best)" if is_best else ""))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if 0 < len(rows) <= 16:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _importances(study) -> tuple[dict[str, float], str]:
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return {}, "fewer than 2 completed trials."
+    try:
+        import optuna
+
+        return dict(optuna.importance.get_param_importances(study)), ""
+    except Exception as e:  # noqa: BLE001 - importances are a bonus; say why they are missing
+        return {}, f"{type(e).__name__}: {e}"
+
+
+def write_report(workdir: str, *, storage: str | None = None, study_name: str | None = None) -> dict[str, Any]:
+    """Writes the sweep report files in ``workdir`` (see the module docstring); returns the
+    summary (``best``, ``counts``, ``files``) and prints the table."""
+    info, study = _load(workdir, storage, study_name)
+    rows = _rows(info, study)
+    importances, note = _importances(study)
+    metric = info["sweep"]["metric"]
+    files = ["trials.csv", "trials.md", "params.png", "curves.png", "summary.json"]
+    text = _write_tables(workdir, rows, info, importances, note)
+    if importances:
+        write_json_atomic(os.path.join(workdir, "importances.json"), importances)
+        files.append("importances.json")
+    if rows:
+        _plot_params(os.path.join(workdir, "params.png"), rows, info)
+        _plot_curves(os.path.join(workdir, "curves.png"), rows, info)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    best = rows[0] if rows and rows[0]["state"] == "COMPLETE" else None
+    summary: dict[str, Any] = {"metric": metric, "mode": info["sweep"]["mode"], "counts": counts,
+                               "num_trials": info["sweep"]["num_trials"], "best": None}
+    if best is not None:
+        base = ml_collections.ConfigDict(info["base_config"])
+        config = apply_point(base, best["_values"])
+        config.progress = True
+        path = os.path.join(workdir, "best_config.py")
+        write_config_file(config, path, docstring=(
+            f"Best trial {best['trial']} (slot {best['slot']}) of the sweep in {workdir}: "
+            f"{metric}={best[metric]:.4f}.\n\n    cnnlab train --config={path} "
+            f"--workdir={os.path.join(workdir, 'best')}"))
+        files.append("best_config.py")
+        summary["best"] = {"trial": best["trial"], "slot": best["slot"], "value": best[metric],
+                           "values": best["_values"], "workdir": best["workdir"]}
+    summary["files"] = files
+    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    print(text if len(rows) <= 40 else "\n".join(text.splitlines()[:46]) + "\n...", flush=True)
+    if best is not None:
+        print(f"Best: trial {best['trial']} {metric}={best[metric]:.4f}; config in "
+              f"{os.path.join(workdir, 'best_config.py')}", flush=True)
+    print(f"Report written to {workdir}: {', '.join(files)}.", flush=True)
+    return summary
