@@ -62,6 +62,7 @@ from cnnlab.train.steps import (
     TrainState,
     create_train_state,
     make_eval_step,
+    chunk_unroll,
     make_train_step,
     zero_sums,
 )
@@ -417,7 +418,8 @@ def build_packed(configs: Sequence[ml_collections.ConfigDict], *, vmap_width: in
     vstep = over_trials(one_trial_step, K, vmap_width, shared)
     train_step = jax.jit(vstep, donate_argnums=0)
     train_chunk = jax.jit(
-        lambda st, h, batches: jax.lax.scan(lambda s, b: vstep(s, h, b), st, batches), donate_argnums=0
+        lambda st, h, batches: jax.lax.scan(lambda s, b: vstep(s, h, b), st, batches, unroll=chunk_unroll()),
+        donate_argnums=0,
     )
     unstack = jax.jit(lambda st: tuple(_slice(st, k) for k in range(K)))
     reset_sums = jax.jit(lambda st: st.replace(epoch_sums=jax.vmap(lambda _: zero_sums())(st.step)),

@@ -12,7 +12,8 @@ Fields (``config.<field>``):
   ``per_device_batch_size`` (0 = unused; when set, the global ``batch_size`` becomes it times
   the device count, and the resolved value is what ``config.json`` records), ``grad_accum_steps``
   (``optax.MultiSteps``: one update per this many batches), ``steps_per_dispatch`` (batches run
-  per jitted call through ``lax.scan``, like Keras' ``steps_per_execution``),
+  per jitted call through ``lax.scan``, like Keras' ``steps_per_execution``; unrolled on CPU,
+  so keep it small there),
   ``eval_batch_size``.
 * ``model.name`` (a :mod:`cnnlab.models` name) and ``model.kwargs`` (its arguments).
 * ``data``: see :mod:`cnnlab.data` (source, classes, split, image size, augmentation...).

@@ -73,6 +73,17 @@ def create_train_state(
     )
 
 
+def chunk_unroll() -> bool | int:
+    """``unroll`` for the ``lax.scan`` that runs ``steps_per_dispatch`` steps in one call.
+
+    Fully unrolled on CPU: XLA's CPU backend runs convolutions inside a loop body about 25x
+    slower than at the top level of a program (8 vs 192 images/s for StridedNet, see
+    experiments/bench/README.md); a rolled loop elsewhere, so compile time does not grow with
+    the chunk.
+    """
+    return True if jax.default_backend() == "cpu" else 1
+
+
 def make_train_step(
     model: flax_nn.Module,
     tx: optax.GradientTransformation,
@@ -93,6 +104,9 @@ def make_train_step(
         aug_rng, dropout_rng = jax.random.split(step_rng)
         labels = batch["label"]
         images, targets = preprocess(aug_rng, batch["image"], labels)
+        # Training accuracy is scored against each example's dominant label: its own without
+        # mixup/cutmix, the larger share of the mix with them.
+        dominant = jnp.argmax(targets, -1)
         if label_smoothing:
             targets = optax.smooth_labels(targets, label_smoothing)
 
@@ -115,7 +129,7 @@ def make_train_step(
         params = nn.apply_constraints(optax.apply_updates(state.params, updates), constraints)
 
         finite = jnp.isfinite(loss)
-        correct = jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        correct = jnp.sum(jnp.argmax(logits, -1) == dominant).astype(jnp.float32)
         count = jnp.asarray(labels.shape[0], jnp.float32)
         sums = {
             "loss": state.epoch_sums["loss"] + ce * count,

@@ -34,6 +34,7 @@ from cnnlab.train.steps import (
     TrainState,
     create_train_state,
     make_eval_step,
+    chunk_unroll,
     make_train_step,
     zero_sums,
 )
@@ -268,9 +269,11 @@ def train(
         label_smoothing=config.loss.label_smoothing,
     )
     # One jitted program for a single step and one for a chunk of `steps_per_dispatch` steps
-    # (lax.scan), each compiled once; state buffers are donated.
+    # (lax.scan, unrolled on CPU), each compiled once; state buffers are donated.
     train_step = jax.jit(step_fn, donate_argnums=0)
-    train_chunk = jax.jit(lambda st, batches: jax.lax.scan(step_fn, st, batches), donate_argnums=0)
+    train_chunk = jax.jit(
+        lambda st, batches: jax.lax.scan(step_fn, st, batches, unroll=chunk_unroll()), donate_argnums=0
+    )
     reset_sums = jax.jit(lambda st: st.replace(epoch_sums=zero_sums()), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(exp.model, num_classes=exp.num_classes, normalize=exp.normalize))
     writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main_process())

@@ -17,6 +17,7 @@ LEARNING_RATES = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 
 def get_config():
     config = sweep.config_from_file("../stridednet.py", relative_to=__file__)
+    config.steps_per_dispatch = 1  # packed trials already fill one program
     config.num_epochs = 10
     return config
 

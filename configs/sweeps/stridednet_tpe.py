@@ -14,6 +14,7 @@ from cnnlab import sweep
 
 def get_config():
     config = sweep.config_from_file("../stridednet.py", relative_to=__file__)
+    config.steps_per_dispatch = 1  # packed trials already fill one program
     config.num_epochs = 20
     return config
 

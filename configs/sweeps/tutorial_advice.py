@@ -23,7 +23,9 @@ from cnnlab import sweep
 
 
 def get_config():
-    return sweep.config_from_file("../stridednet.py", relative_to=__file__)
+    config = sweep.config_from_file("../stridednet.py", relative_to=__file__)
+    config.steps_per_dispatch = 1  # packed trials already fill one program
+    return config
 
 
 def get_sweep():
