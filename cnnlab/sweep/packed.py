@@ -60,9 +60,9 @@ from cnnlab.train.checkpoint import Checkpoints
 from cnnlab.train.config import validate_config
 from cnnlab.train.steps import (
     TrainState,
+    chunk_unroll,
     create_train_state,
     make_eval_step,
-    chunk_unroll,
     make_train_step,
     zero_sums,
 )

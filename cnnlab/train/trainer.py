@@ -32,9 +32,9 @@ from cnnlab.train.distributed import is_main_process, process_slice
 from cnnlab.train.optim import make_optimizer
 from cnnlab.train.steps import (
     TrainState,
+    chunk_unroll,
     create_train_state,
     make_eval_step,
-    chunk_unroll,
     make_train_step,
     zero_sums,
 )
