@@ -331,3 +331,48 @@ def test_tpe_sweep_with_median_pruning_runs_and_reports(tmp_path):
         assert t.params["model.kwargs.widths"] in ("[8]", "[4]")
         assert tuple(t.user_attrs[engine.VALUES]["model.kwargs.widths"]) in ((8,), (4,))
     assert (tmp_path / "params.png").exists() and (tmp_path / "best_config.py").exists()
+
+
+# --- trial axis over several devices ------------------------------------------------------------
+
+SHARDED_WORKER = r'''
+import json, sys
+import jax
+from cnnlab import sweep
+from cnnlab.sweep import packed
+from cnnlab.sweep.space import apply_point
+
+smoke, tiny, out = sys.argv[1], sys.argv[2], sys.argv[3]
+base = sweep.config_from_file(smoke)
+exec(tiny, {"c": base})
+configs = [apply_point(base, {"optimizer.learning_rate": lr}) for lr in (3e-3, 1e-3)]
+prog = packed.build_packed(configs)
+leaf = jax.tree_util.tree_leaves(prog.states.params)[0]
+rows = sorted({s.data.shape[0] for s in leaf.addressable_shards})  # trials held per device
+devices = sorted(d.id for d in leaf.sharding.device_set)
+outcomes, _ = packed.train_packed(configs, [f"{out}/t0", f"{out}/t1"])
+assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
+print(json.dumps({"devices": devices, "rows": rows}))
+'''
+
+
+def test_packed_trials_shard_over_devices_and_match_one_device(tmp_path):
+    """A pack of 2 trials on 2 (forced CPU) devices holds one trial per device, and each trial's
+    metrics equal the same pack on one device."""
+    runs = {}
+    for n in (1, 2):
+        env = {**os.environ, **CACHE_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        out = tmp_path / f"d{n}"
+        proc = subprocess.run([sys.executable, "-c", SHARDED_WORKER, SMOKE, TINY, str(out)], env=env,
+                              capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert info == {"devices": list(range(n)), "rows": [2 // n]}, info
+        runs[n] = out
+    for t in ("t0", "t1"):
+        one, two = epoch_records(str(runs[1] / t)), epoch_records(str(runs[2] / t))
+        assert [r["epoch"] for r in one] == [r["epoch"] for r in two] == [1, 2]
+        for a, b in zip(one, two):
+            for key, value in a.items():
+                expected = pytest.approx(value, rel=1e-4, abs=1e-6) if isinstance(value, float) else value
+                assert b[key] == expected, (t, a["epoch"], key)
