@@ -69,8 +69,12 @@ from cnnlab.train.steps import (
 from cnnlab.train.trainer import (
     NonFiniteLossError,
     StopTraining,
+    _crossed,
     build_experiment,
+    eval_splits,
+    metrics_from_sums,
     resolve_batch_size,
+    train_record,
 )
 from cnnlab.train.writers import MetricWriter, write_json_atomic
 
@@ -252,26 +256,6 @@ def _slice(tree: Any, k: int) -> Any:
 
 def _stack(trees: Sequence[Any]) -> Any:
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def _crossed(previous: int, step: int, every: int) -> bool:
-    return bool(every) and step // every > previous // every
-
-
-def _split_metrics(totals: dict[str, np.ndarray], k: int) -> dict[str, Any]:
-    # The formula of cnnlab.train.trainer.evaluate_split, for trial k of vmapped sums.
-    confusion = np.asarray(totals["confusion"][k])
-    count = float(totals["count"][k])
-    support = confusion.sum(axis=1)
-    per_class = np.divide(np.diag(confusion), support, out=np.zeros_like(support), where=support > 0)
-    return {
-        "loss": float(totals["loss"][k]) / count,
-        "accuracy": float(totals["correct"][k]) / count,
-        "top5_accuracy": float(totals["top5"][k]) / count,
-        "mean_per_class_accuracy": float(per_class[support > 0].mean()),
-        "count": int(count),
-        "confusion": confusion,
-    }
 
 
 def _host_chunks(exp, seeds: Sequence[int], start_step: int, shared: bool):
@@ -622,18 +606,11 @@ def _end_of_epoch(exp, states, epoch, step, veval, writers, ckpts, active, timin
     config = exp.config
     K = len(writers)
     sums = jax.device_get(states.epoch_sums)
-    records = []
-    for k in range(K):
-        count = max(float(sums["count"][k]), 1.0)
-        records.append({"epoch": epoch, "train/loss": float(sums["loss"][k]) / count,
-                        "train/accuracy": float(sums["correct"][k]) / count})
+    records = [train_record(epoch, _slice(sums, k)) for k in range(K)]
     if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
         t0 = time.perf_counter()
-        splits = {"test": exp.dataset.test}
-        if getattr(exp.dataset, "val", None) is not None and len(exp.dataset.val.labels):
-            splits["val"] = exp.dataset.val
         tests = [None] * K
-        for name, split in splits.items():
+        for name, split in eval_splits(exp).items():
             totals = None
             batches = data_lib.iterate_epoch(split.images, split.labels, config.eval_batch_size,
                                              shuffle=False, drop_remainder=False)
@@ -643,7 +620,7 @@ def _end_of_epoch(exp, states, epoch, step, veval, writers, ckpts, active, timin
                 totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
             totals = jax.device_get(totals)
             for k in range(K):
-                res = _split_metrics(totals, k)
+                res = metrics_from_sums(_slice(totals, k))
                 if name == "test":
                     tests[k] = res["confusion"]
                 records[k].update({f"{name}/{m}": v for m, v in res.items() if m not in ("confusion", "count")})

@@ -160,7 +160,12 @@ def evaluate_split(exp: Experiment, eval_step, state: TrainState, split) -> dict
     for batch in data_lib.prefetch_to_device(batches, 2, sharding):
         sums = eval_step(state.params, state.batch_stats, batch)
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
+    return metrics_from_sums(jax.device_get(totals))
+
+
+def metrics_from_sums(totals: dict[str, Any]) -> dict[str, Any]:
+    """Loss, accuracy, top-5 and mean per-class accuracy (plus ``count`` and ``confusion``)
+    from an eval step's sums over a whole split (host arrays)."""
     confusion = np.asarray(totals["confusion"])
     count = float(totals["count"])
     support = confusion.sum(axis=1)
@@ -175,7 +180,14 @@ def evaluate_split(exp: Experiment, eval_step, state: TrainState, split) -> dict
     }
 
 
-def _eval_splits(exp: Experiment) -> dict[str, Any]:
+def train_record(epoch: int, sums: dict[str, Any]) -> dict[str, Any]:
+    """The epoch record's training part from a state's ``epoch_sums`` (host values)."""
+    count = max(float(sums["count"]), 1.0)
+    return {"epoch": epoch, "train/loss": float(sums["loss"]) / count,
+            "train/accuracy": float(sums["correct"]) / count}
+
+
+def eval_splits(exp: Experiment) -> dict[str, Any]:
     splits = {"test": exp.dataset.test}
     if getattr(exp.dataset, "val", None) is not None and len(exp.dataset.val.labels):
         splits["val"] = exp.dataset.val
@@ -378,13 +390,10 @@ def _host_chunks(exp: Experiment, start_step: int):
 def _end_of_epoch(exp, state, epoch, step, eval_step, writer, ckpt, bar) -> dict[str, Any]:
     config = exp.config
     _check_finite(state, ckpt)
-    sums = jax.device_get(state.epoch_sums)
-    count = max(float(sums["count"]), 1.0)
-    record = {"epoch": epoch, "train/loss": float(sums["loss"]) / count,
-              "train/accuracy": float(sums["correct"]) / count}
+    record = train_record(epoch, jax.device_get(state.epoch_sums))
     results = {}
     if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
-        for name, split in _eval_splits(exp).items():
+        for name, split in eval_splits(exp).items():
             results[name] = evaluate_split(exp, eval_step, state, split)
             for key, value in results[name].items():
                 if key not in ("confusion", "count"):
@@ -437,7 +446,7 @@ def evaluate(
     state, step = ckpt.restore(initial_state(exp), which=which)
     eval_step = jax.jit(make_eval_step(exp.model, num_classes=exp.num_classes, normalize=exp.normalize))
     out: dict[str, Any] = {"checkpoint": which, "step": step}
-    for name, split in _eval_splits(exp).items():
+    for name, split in eval_splits(exp).items():
         res = evaluate_split(exp, eval_step, state, split)
         out.update({f"{name}/{k}": v for k, v in res.items() if k != "confusion"})
         if is_main_process():
