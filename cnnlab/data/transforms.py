@@ -310,19 +310,20 @@ def _is_identity(
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "rotation_range",
-        "width_shift_range",
-        "height_shift_range",
-        "shear_range",
-        "zoom_range",
-        "horizontal_flip",
-        "vertical_flip",
-        "fill_mode",
-    ),
+#: The affine/flip arguments of :func:`augment` (static under jit), also config keys.
+_AFFINE_KEYS = (
+    "rotation_range",
+    "width_shift_range",
+    "height_shift_range",
+    "shear_range",
+    "zoom_range",
+    "horizontal_flip",
+    "vertical_flip",
+    "fill_mode",
 )
+
+
+@functools.partial(jax.jit, static_argnames=_AFFINE_KEYS)
 def augment(
     key: jax.Array,
     images: jax.Array,
@@ -495,17 +496,6 @@ def cutmix(
 
 
 # --------------------------------------------------------------------------- from config
-
-_AFFINE_KEYS = (
-    "rotation_range",
-    "width_shift_range",
-    "height_shift_range",
-    "shear_range",
-    "zoom_range",
-    "horizontal_flip",
-    "vertical_flip",
-    "fill_mode",
-)
 
 
 def make_augment_fn(config: Any = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
