@@ -93,9 +93,7 @@ Augmentation (``augment`` sub-config, applied on device by the trainer through
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from cnnlab._lazy import lazy_attributes
 from cnnlab.data.cache import ENV_CACHE_DIR, cache_root
 from cnnlab.data.config import (
     CLASS_PRESETS,
@@ -132,17 +130,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        mod = importlib.import_module(_LAZY[name])
-        value = getattr(mod, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'cnnlab.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -25,9 +25,7 @@ study, claiming, resume, workers), :mod:`~cnnlab.sweep.report` (tables, plots, b
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from cnnlab._lazy import lazy_attributes
 from cnnlab.sweep.files import config_from_file, load_sweep_file, write_config_file
 from cnnlab.sweep.space import (
     Grid,
@@ -57,12 +55,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'cnnlab.sweep' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
