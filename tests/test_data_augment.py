@@ -228,3 +228,43 @@ def test_mixup_and_cutmix():
     px, py = plain(KEY, x, jnp.arange(8) % 3)
     np.testing.assert_array_equal(np.asarray(px), np.asarray(x))
     np.testing.assert_array_equal(np.asarray(py), np.asarray(y))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"rotation_range": 20.0, "zoom_range": 0.15, "width_shift_range": 0.2, "height_shift_range": 3.0,
+         "shear_range": 0.15, "mixup_alpha": 0.3, "cutmix_alpha": 1.0},
+        {"rotation_range": 0.0, "zoom_range": 0.0, "width_shift_range": 0.0, "height_shift_range": 0.0,
+         "shear_range": 0.0, "mixup_alpha": 0.2, "cutmix_alpha": 0.5},
+    ],
+)
+def test_traced_strengths_give_what_the_same_python_values_give(values):
+    # Packed sweep trials pass their augmentation strengths as traced scalars into a function
+    # built from another trial's config (same structure: flips, mixing on, float forms).
+    x = jnp.asarray(_img(8, 12, 12, dtype=np.uint8))
+    labels = jnp.arange(8) % 3
+    structure = {"horizontal_flip": True, "fill_mode": "reflect", "rotation_range": 5.0,
+                 "zoom_range": 0.05, "width_shift_range": 0.1, "height_shift_range": 0.1,
+                 "shear_range": 1.0, "mixup_alpha": 0.1, "cutmix_alpha": 0.1}
+    want = D.make_batch_augment_fn({**structure, **values}, 3)(KEY, x, labels)
+    fn = D.make_batch_augment_fn(structure, 3)
+    strengths = {k: jnp.float32(v) for k, v in values.items()}
+    got = jax.jit(fn)(KEY, x, labels, strengths)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=1e-4, rtol=0)
+    if not values["rotation_range"]:  # traced zeros still draw, and draw the identity warp
+        identity = D.make_augment_fn({"horizontal_flip": False})(KEY, x)
+        zeros = {k: jnp.float32(0.0) for k in ("rotation_range", "zoom_range", "width_shift_range",
+                                             "height_shift_range", "shear_range")}
+        traced = jax.jit(D.make_augment_fn({"rotation_range": 5.0, "zoom_range": 0.1}))(KEY, x, zeros)
+        np.testing.assert_array_equal(np.asarray(traced), np.asarray(identity))
+
+
+def test_strengths_that_cannot_be_traced_are_named():
+    fn = D.make_batch_augment_fn({"width_shift_range": [-2, 2]}, 3)
+    x = jnp.zeros((2, 8, 8, 3), jnp.uint8)
+    with pytest.raises(ValueError, match="width_shift_range"):
+        fn(KEY, x, jnp.zeros((2,), jnp.int32), {"width_shift_range": jnp.float32(0.1)})
+    with pytest.raises(ValueError, match="fill_mode"):
+        fn(KEY, x, jnp.zeros((2,), jnp.int32), {"fill_mode": jnp.float32(0.1)})

@@ -225,3 +225,20 @@ def test_mixed_precision_module():
     variables = layer.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
     assert variables["params"]["kernel"].dtype == jnp.float32
     assert layer.apply(variables, jnp.ones((1, 8, 8, 3))).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.5, 1.0])
+def test_dropout_with_a_traced_rate_gives_the_same_bits_as_the_python_rate(rate):
+    # Packed sweep trials pass their dropout rates as traced scalars.
+    x = jax.random.normal(jax.random.key(3), (4, 64))
+    rngs = {"dropout": jax.random.key(0)}
+    want = nn.Dropout(rate).apply({}, x, training=True, rngs=rngs)
+    got = jax.jit(lambda r: nn.Dropout(r).apply({}, x, training=True, rngs=rngs))(jnp.float32(rate))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    traced_eval = jax.jit(lambda r: nn.Dropout(r).apply({}, x, training=False))(jnp.float32(rate))
+    np.testing.assert_array_equal(np.asarray(traced_eval), np.asarray(x))
+    # The input gradient stays finite at every rate, 1 included (nothing kept: zero gradient).
+    grad = jax.jit(lambda r: jax.grad(
+        lambda y: nn.Dropout(r).apply({}, y, training=True, rngs=rngs).sum())(x))(jnp.float32(rate))
+    assert np.all(np.isfinite(np.asarray(grad)))
+    assert (np.asarray(grad) == 0).all() == (rate == 1.0)

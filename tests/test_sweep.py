@@ -16,7 +16,7 @@ import jax
 import pytest
 
 from cnnlab import sweep
-from cnnlab.sweep import engine
+from cnnlab.sweep import engine, packed
 from cnnlab.sweep.files import load_module
 from cnnlab.train import train_and_evaluate, validate_config
 from cnnlab.train.writers import read_metrics
@@ -199,6 +199,36 @@ def test_packed_trial_equals_the_same_config_trained_alone(grid_sweep, tmp_path)
                 expected = pytest.approx(a[key], rel=1e-4, abs=1e-6) if isinstance(a[key], float) else a[key]
                 assert p[key] == expected, (slot, p["epoch"], key)
         assert final["test/accuracy"] == pytest.approx(packed[-1]["test/accuracy"], abs=1e-9)
+
+
+def test_packed_trials_differing_in_dropout_and_augmentation_equal_each_alone(tmp_path):
+    # Dropout rates (0 in one trial) and augmentation strengths (a rotation of 0 against 15
+    # degrees, zoom, a fractional against a pixel shift, mixup alpha) are traced per trial.
+    base = tiny_config()
+    base.model.name = "stridednet"
+    base.model.kwargs = {"widths": (8,), "dense_units": 16, "stem_filters": 4, "weight_decay": 1e-4}
+    base.data.image_size = 24
+    base.data.augment.mixup_alpha = 0.2
+    points = [
+        {"model.kwargs.dropout": 0.0, "model.kwargs.head_dropout": 0.5, "data.augment.rotation_range": 0.0,
+         "data.augment.zoom_range": 0.1, "data.augment.width_shift_range": 0.1, "data.augment.mixup_alpha": 0.2},
+        {"model.kwargs.dropout": 0.3, "model.kwargs.head_dropout": 0.0, "data.augment.rotation_range": 15.0,
+         "data.augment.zoom_range": 0.0, "data.augment.width_shift_range": 2.0, "data.augment.mixup_alpha": 0.4},
+    ]
+    configs = [sweep.apply_point(base, p) for p in points]
+    assert sorted(packed._varying(configs)) == [
+        "augment/mixup_alpha", "augment/rotation_range", "augment/width_shift_range", "augment/zoom_range",
+        "model/dropout", "model/head_dropout"]
+    outcomes, _ = packed.train_packed(configs, [str(tmp_path / f"packed{k}") for k in range(2)])
+    assert all(o.error is None for o in outcomes)
+    for k, config in enumerate(configs):
+        train_and_evaluate(config, str(tmp_path / f"alone{k}"))
+        got, want = epoch_records(str(tmp_path / f"packed{k}")), epoch_records(str(tmp_path / f"alone{k}"))
+        assert [r["epoch"] for r in got] == [r["epoch"] for r in want] == [1, 2]
+        for p, a in zip(got, want):
+            for key in a:
+                expected = pytest.approx(a[key], rel=1e-4, abs=1e-6) if isinstance(a[key], float) else a[key]
+                assert p[key] == expected, (k, p["epoch"], key)
 
 
 # --- resume --------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pathlib
 import pytest
 
 from cnnlab import models, sweep
+from cnnlab.data.transforms import TUTORIAL_AUGMENT
 from cnnlab.sweep import packed, space
 from cnnlab.sweep.files import config_source, load_module, write_config_file
 from cnnlab.train import validate_config
@@ -160,13 +161,28 @@ def test_pack_key_ignores_exactly_the_packable_fields():
     base = base_config()
     key = packed.pack_key(base)
     same = {"seed": 7, "optimizer.learning_rate": 0.5, "optimizer.b1": 0.8, "optimizer.eps": 1e-3,
-            "model.kwargs.weight_decay": 1e-3, "progress": False}
+            "model.kwargs.weight_decay": 1e-3, "progress": False, "model.kwargs.head_dropout": 0.1,
+            "data.augment.zoom_range": 0.1, "data.augment.rotation_range": 10.0,
+            "data.augment.width_shift_range": 3.0, "data.augment.height_shift_range": 0.2,
+            "data.augment.shear_range": 5.0}
     for k, v in same.items():
         assert packed.pack_key(space.apply_point(base, {k: v})) == key, k
-    different = {"model.kwargs.widths": (16,), "model.kwargs.head_dropout": 0.1, "optimizer.name": "sgd",
-                 "data.augment.zoom_range": 0.1, "loss.label_smoothing": 0.1, "num_epochs": 3}
+    # Structure: which mixing is on, flips, fill modes, crops.
+    different = {"model.kwargs.widths": (16,), "optimizer.name": "sgd", "loss.label_smoothing": 0.1,
+                 "num_epochs": 3, "data.augment.mixup_alpha": 0.2, "data.augment.cutmix_alpha": 1.0,
+                 "data.augment.vertical_flip": True,
+                 "data.augment.fill_mode": "reflect", "data.augment.random_crop_padding": 2}
     for k, v in different.items():
         assert packed.pack_key(space.apply_point(base, {k: v})) != key, k
+    mixing = space.apply_point(base, {"data.augment.mixup_alpha": 0.2})
+    assert packed.pack_key(space.apply_point(mixing, {"data.augment.mixup_alpha": 0.4})) == packed.pack_key(mixing)
+    # The tutorial preset and the same values given one by one are one program.
+    preset = space.apply_point(base, {"data.augment.preset": "tutorial"})
+    spelled = space.apply_point(base, {f"data.augment.{k}": v for k, v in TUTORIAL_AUGMENT.items()})
+    assert packed.pack_key(preset) == packed.pack_key(spelled)
+    # A dropout rate outside [0, 1] is named (the engine then runs that trial alone, where it fails).
+    with pytest.raises(ValueError, match=r"model.kwargs.head_dropout=1.5"):
+        packed.pack_key(space.apply_point(base, {"model.kwargs.head_dropout": 1.5}))
     # make_optimizer's decay stage exists only for nonzero decay (adam, sgd, rmsprop): zero and
     # nonzero do not pack, two nonzero values do; adamw always has it.
     for name in ("adam", "sgd", "adamw"):

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cnnlab.data.config import resolve_augment_config
 
@@ -63,8 +64,6 @@ def normalize(
 
 def channel_mean_std(images: Any, chunk: int = 1024) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images in [0, 1] units (host-side, chunked)."""
-    import numpy as np  # noqa: PLC0415
-
     s = np.zeros(3)
     s2 = np.zeros(3)
     n = 0
@@ -81,9 +80,15 @@ def channel_mean_std(images: Any, chunk: int = 1024) -> tuple[list[float], list[
 # --------------------------------------------------------------------------- parameters
 
 
+def _static_zero(v: Any) -> bool:
+    """True for a Python (not traced) range of zero: that draw is skipped. A traced range (one
+    per packed sweep trial) always draws, which at value zero gives exactly what skipping gives."""
+    return not isinstance(v, jax.Array) and not v
+
+
 def _shift_draw(u: jax.Array, u_sign: jax.Array, rng: Any, size: int) -> jax.Array:
     # u, u_sign: uniform [0, 1) draws of shape [B].
-    if not rng:
+    if _static_zero(rng):
         return jnp.zeros_like(u)
     sign = jnp.where(u_sign < 0.5, -1.0, 1.0)
     if isinstance(rng, (tuple, list)):  # np.random.choice(list) * random sign
@@ -96,13 +101,26 @@ def _shift_draw(u: jax.Array, u_sign: jax.Array, rng: Any, size: int) -> jax.Arr
     else:  # np.random.uniform(-rng, rng)
         v = (2.0 * u - 1.0) * rng
         top = rng
+    if isinstance(top, jax.Array):  # traced: a fraction of the size below 1, pixels from 1
+        return jnp.where(top < 1, v * size, v)
     return v * size if top < 1 else v
 
 
-def _zoom_bounds(zoom_range: Any) -> tuple[float, float]:
+def _zoom_bounds(zoom_range: Any) -> tuple[Any, Any]:
+    # float32 arithmetic, so a Python zoom and the same value traced give the same bounds.
     if isinstance(zoom_range, (tuple, list)):
-        return float(zoom_range[0]), float(zoom_range[1])
-    return 1.0 - float(zoom_range), 1.0 + float(zoom_range)
+        return np.float32(zoom_range[0]), np.float32(zoom_range[1])
+    if isinstance(zoom_range, jax.Array):
+        z = zoom_range.astype(jnp.float32)
+        return 1.0 - z, 1.0 + z
+    return np.float32(1.0) - np.float32(zoom_range), np.float32(1.0) + np.float32(zoom_range)
+
+
+def _static_no_zoom(zoom_range: Any) -> bool:
+    if isinstance(zoom_range, jax.Array):
+        return False
+    lo, hi = _zoom_bounds(zoom_range)
+    return bool(lo == 1.0 and hi == 1.0)
 
 
 def sample_transform_params(
@@ -121,6 +139,7 @@ def sample_transform_params(
 ) -> dict[str, jax.Array]:
     """Per-example random parameters, drawn as ``ImageDataGenerator.get_random_transform``.
 
+    The ranges of the float forms may be traced scalars (see :func:`make_batch_augment_fn`).
     Returns ``theta, tx, ty, shear, zx, zy`` (float32 [B]) and ``flip_horizontal,
     flip_vertical`` (bool [B]) with Keras' meanings (``tx`` from ``height_shift_range`` scaled
     by ``height``, ``ty`` from ``width_shift_range`` scaled by ``width``).
@@ -133,14 +152,14 @@ def sample_transform_params(
         return lo + (hi - lo) * u[row]
 
     zeros = jnp.zeros((b,), jnp.float32)
-    theta = between(0, -rotation_range, rotation_range) if rotation_range else zeros
+    theta = zeros if _static_zero(rotation_range) else between(0, -rotation_range, rotation_range)
     tx = _shift_draw(u[1], u[2], height_shift_range, height)
     ty = _shift_draw(u[3], u[4], width_shift_range, width)
-    shear = between(5, -shear_range, shear_range) if shear_range else zeros
-    lo, hi = _zoom_bounds(zoom_range)
-    if lo == 1.0 and hi == 1.0:
+    shear = zeros if _static_zero(shear_range) else between(5, -shear_range, shear_range)
+    if _static_no_zoom(zoom_range):
         zx = zy = jnp.ones((b,), jnp.float32)
     else:
+        lo, hi = _zoom_bounds(zoom_range)
         zx, zy = between(6, lo, hi), between(7, lo, hi)
     fh = (u[8] < 0.5) & bool(horizontal_flip)
     fv = (u[9] < 0.5) & bool(vertical_flip)
@@ -300,11 +319,11 @@ def _is_identity(
     vertical_flip,
 ) -> bool:
     return (
-        not rotation_range
-        and not width_shift_range
-        and not height_shift_range
-        and not shear_range
-        and _zoom_bounds(zoom_range) == (1.0, 1.0)
+        _static_zero(rotation_range)
+        and _static_zero(width_shift_range)
+        and _static_zero(height_shift_range)
+        and _static_zero(shear_range)
+        and _static_no_zoom(zoom_range)
         and not horizontal_flip
         and not vertical_flip
     )
@@ -323,8 +342,7 @@ _AFFINE_KEYS = (
 )
 
 
-@functools.partial(jax.jit, static_argnames=_AFFINE_KEYS)
-def augment(
+def _augment(
     key: jax.Array,
     images: jax.Array,
     *,
@@ -338,11 +356,7 @@ def augment(
     fill_mode: str = "nearest",
     cval: float = 0.0,
 ) -> jax.Array:
-    """Keras ``ImageDataGenerator``-style random affine augmentation of a batch [B, H, W, C].
-
-    Ranges are static (hashable: numbers or tuples). See the module docstring for the exact
-    semantics; all ranges zero and no flips is the exact identity.
-    """
+    """:func:`augment` without ``jax.jit``: the float ranges may also be traced scalars."""
     if _is_identity(
         rotation_range,
         width_shift_range,
@@ -368,6 +382,47 @@ def augment(
         vertical_flip=vertical_flip,
     )
     return warp_affine(images, transform_matrices(params, h, w), fill_mode, cval)
+
+
+#: Fields of the augmentation config that may be traced scalars in
+#: ``make_batch_augment_fn(...)(key, images, labels, strengths)`` (in their float forms: a shift
+#: range or zoom range given as a list, or a shift range given as an int, stays static).
+TRACEABLE_STRENGTHS = (
+    "rotation_range",
+    "width_shift_range",
+    "height_shift_range",
+    "shear_range",
+    "zoom_range",
+    "mixup_alpha",
+    "cutmix_alpha",
+)
+
+
+@functools.partial(jax.jit, static_argnames=_AFFINE_KEYS)
+def augment(
+    key: jax.Array,
+    images: jax.Array,
+    *,
+    rotation_range: float = 0.0,
+    width_shift_range: Any = 0.0,
+    height_shift_range: Any = 0.0,
+    shear_range: float = 0.0,
+    zoom_range: Any = 0.0,
+    horizontal_flip: bool = False,
+    vertical_flip: bool = False,
+    fill_mode: str = "nearest",
+    cval: float = 0.0,
+) -> jax.Array:
+    """Keras ``ImageDataGenerator``-style random affine augmentation of a batch [B, H, W, C].
+
+    Ranges are static (hashable: numbers or tuples). See the module docstring for the exact
+    semantics; all ranges zero and no flips is the exact identity.
+    """
+    return _augment(
+        key, images, rotation_range=rotation_range, width_shift_range=width_shift_range,
+        height_shift_range=height_shift_range, shear_range=shear_range, zoom_range=zoom_range,
+        horizontal_flip=horizontal_flip, vertical_flip=vertical_flip, fill_mode=fill_mode, cval=cval,
+    )
 
 
 #: The Keras Conv2D tutorial's ImageDataGenerator settings, as keyword arguments of augment().
@@ -498,19 +553,34 @@ def cutmix(
 # --------------------------------------------------------------------------- from config
 
 
-def make_augment_fn(config: Any = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``fn(key, images) -> images``: the config's affine/flip augmentation, then its random
-    crop (jit-compiled; the identity for an all-zero config)."""
+def _with_strengths(cfg: dict[str, Any], strengths: Any) -> dict[str, Any]:
+    if not strengths:
+        return cfg
+    unknown = sorted(set(strengths) - set(TRACEABLE_STRENGTHS))
+    if unknown:
+        raise ValueError(f"augment strengths {unknown} cannot be traced; traceable: {TRACEABLE_STRENGTHS}")
+    static = [k for k in strengths
+              if isinstance(cfg[k], (tuple, list)) or (type(cfg[k]) is int and cfg[k] != 0)]
+    if static:
+        raise ValueError(f"augment fields {static} are lists or int pixel ranges here, which stay "
+                         "static; only their float forms can be traced.")
+    return {**cfg, **strengths}
+
+
+def make_augment_fn(config: Any = None) -> Callable[..., jax.Array]:
+    """``fn(key, images, strengths=None) -> images``: the config's affine/flip augmentation, then
+    its random crop (jit-compiled; the identity for an all-zero config). ``strengths`` maps
+    fields of :data:`TRACEABLE_STRENGTHS` to (traced) values that replace the config's."""
     cfg = resolve_augment_config(config)
-    affine = {k: cfg[k] for k in _AFFINE_KEYS}
     cval = cfg["cval"]
     padding = cfg["random_crop_padding"]
     crop_fill = cfg["random_crop_fill"]
 
     @jax.jit
-    def fn(key: jax.Array, images: jax.Array) -> jax.Array:
+    def fn(key: jax.Array, images: jax.Array, strengths: Any = None) -> jax.Array:
+        affine = {k: v for k, v in _with_strengths(cfg, strengths).items() if k in _AFFINE_KEYS}
         k1, k2 = jax.random.split(key)
-        x = augment(k1, images, cval=cval, **affine)
+        x = _augment(k1, images, cval=cval, **affine)
         return random_crop(k2, x, padding, crop_fill, cval) if padding else x
 
     return fn
@@ -518,30 +588,38 @@ def make_augment_fn(config: Any = None) -> Callable[[jax.Array, jax.Array], jax.
 
 def make_batch_augment_fn(
     config: Any, num_classes: int
-) -> Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-    """``fn(key, images, int_labels) -> (images, soft_labels float32 [B, K])``: the image
-    augmentation of :func:`make_augment_fn`, then mixup and/or cutmix when their alpha is > 0
-    (with both, each batch uses one of them with probability 1/2). Without mixing the labels
-    are plain one-hot and the images keep their dtype; with mixup they become float32."""
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """``fn(key, images, int_labels, strengths=None) -> (images, soft_labels float32 [B, K])``:
+    the image augmentation of :func:`make_augment_fn`, then mixup and/or cutmix when their alpha
+    is > 0 (with both, each batch uses one of them with probability 1/2). Without mixing the
+    labels are plain one-hot and the images keep their dtype; with mixup they become float32.
+
+    ``strengths`` (e.g. one value per packed sweep trial, traced) replaces the config's values of
+    those :data:`TRACEABLE_STRENGTHS`; the same values given as Python numbers in the config give
+    the same result. Which of mixup and cutmix is on stays the config's (alpha > 0).
+    """
     cfg = resolve_augment_config(config)
     image_fn = make_augment_fn(cfg)
     ma, ca = cfg["mixup_alpha"], cfg["cutmix_alpha"]
 
     @jax.jit
-    def fn(key, images, labels):
+    def fn(key, images, labels, strengths=None):
+        strengths = dict(strengths or {})
+        mix_alpha = strengths.pop("mixup_alpha", ma)
+        cut_alpha = strengths.pop("cutmix_alpha", ca)
         k1, k2, k3 = jax.random.split(key, 3)
-        x = image_fn(k1, images)
+        x = image_fn(k1, images, strengths or None)
         y = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
         if ma > 0 and ca > 0:
             xf = _to_float(x)
-            xm, ym = mixup(k2, xf, y, ma)
-            xc, yc = cutmix(k2, xf, y, ca)
+            xm, ym = mixup(k2, xf, y, mix_alpha)
+            xc, yc = cutmix(k2, xf, y, cut_alpha)
             use_mix = jax.random.bernoulli(k3, 0.5)
             return jnp.where(use_mix, xm, xc), jnp.where(use_mix, ym, yc)
         if ma > 0:
-            return mixup(k2, x, y, ma)
+            return mixup(k2, x, y, mix_alpha)
         if ca > 0:
-            return cutmix(k2, x, y, ca)
+            return cutmix(k2, x, y, cut_alpha)
         return x, y
 
     return fn
@@ -558,6 +636,7 @@ def describe(config: Any) -> str:  # pragma: no cover - cosmetic
 
 
 __all__ = [
+    "TRACEABLE_STRENGTHS",
     "TUTORIAL_AUGMENT",
     "apply_transform",
     "augment",

@@ -40,28 +40,37 @@ def dense(
 def dropout(
     key: Array | None,
     x: Array,
-    rate: float,
+    rate: float | Array,
     *,
     noise_shape: Sequence[int | None] | None = None,
     deterministic: bool = False,
 ) -> Array:
     """Inverted dropout as Keras: keep with probability ``1 - rate`` and scale by its inverse.
 
-    ``noise_shape`` entries of ``None`` take the input's size (Keras convention).
+    ``noise_shape`` entries of ``None`` take the input's size (Keras convention). ``rate`` may be
+    a traced scalar (e.g. one per packed sweep trial): then the mask is drawn even at rate 0
+    (where it keeps everything), and a Python rate and the same traced rate give the same bits.
     """
-    if not 0.0 <= float(rate) <= 1.0:
-        raise ValueError(f"Invalid dropout rate={rate!r}: expected a float in [0, 1].")
-    if deterministic or rate == 0.0:
+    traced = isinstance(rate, jax.Array)
+    if not traced:
+        if not 0.0 <= float(rate) <= 1.0:
+            raise ValueError(f"Invalid dropout rate={rate!r}: expected a float in [0, 1].")
+        if deterministic or rate == 0.0:
+            return x
+        if rate == 1.0:
+            return jnp.zeros_like(x)
+    elif deterministic:
         return x
-    if rate == 1.0:
-        return jnp.zeros_like(x)
     if key is None:
         raise ValueError("dropout needs a PRNG key when deterministic=False and rate > 0.")
     shape = x.shape
     if noise_shape is not None:
         shape = tuple(s if n is None else n for s, n in zip(x.shape, noise_shape))
-    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
+    keep = jax.random.bernoulli(key, keep_prob, shape)
+    # At rate 1 nothing is kept; dividing by 1 there keeps the gradient finite.
+    scale = jnp.where(keep_prob > 0, keep_prob, 1.0).astype(x.dtype)
+    return jnp.where(keep, x / scale, jnp.zeros_like(x))
 
 
 def moments(x: Array, axes: Sequence[int]) -> tuple[Array, Array]:

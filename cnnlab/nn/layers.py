@@ -87,21 +87,27 @@ class Activation(nn.Module):
 
 
 class Dropout(nn.Module):
-    """Keras ``Dropout``: inverted dropout in training, identity in inference."""
+    """Keras ``Dropout``: inverted dropout in training, identity in inference.
 
-    rate: float
+    ``rate`` is a float in [0, 1], or a traced scalar when the module is built inside a traced
+    function (packed sweep trials that differ in their dropout rate).
+    """
+
+    rate: float | Array
     noise_shape: Any = None
     seed: int | None = None
     rng_collection: str = "dropout"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rate, (int, float)) or not 0.0 <= float(self.rate) <= 1.0:
+        if not isinstance(self.rate, jax.Array) and (
+            not isinstance(self.rate, (int, float)) or not 0.0 <= float(self.rate) <= 1.0
+        ):
             raise ValueError(f"Invalid rate={self.rate!r} for Dropout: expected a float in [0, 1].")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array, training: bool = False) -> Array:
-        if not training or self.rate == 0.0:
+        if not training or (not isinstance(self.rate, jax.Array) and self.rate == 0.0):
             return x
         return F.dropout(self.make_rng(self.rng_collection), x, self.rate, noise_shape=self.noise_shape)
 

@@ -21,12 +21,19 @@ What may differ between packed trials (:data:`PACKABLE_FIELDS`), and how it is t
   checkpoints are ordinary run checkpoints (``cnnlab train``/``eval`` read and resume them).
 * ``model.kwargs.weight_decay`` (the models' L2 factor): the model is built with factor 1 and
   each sown penalty is multiplied by the trial's factor (checked to be linear before use).
+* dropout rates (the model fields in :data:`DROPOUT_FIELDS`, e.g. StridedNet's ``dropout`` and
+  ``head_dropout``): the model is rebuilt inside the vmapped step with the trial's rates as
+  tracers, which :class:`cnnlab.nn.Dropout` accepts (a traced rate always draws its mask; at
+  rate 0 the mask keeps everything, as skipping would).
+* augmentation strengths (``data.augment.*`` of
+  :data:`cnnlab.data.transforms.TRACEABLE_STRENGTHS`: rotation, shift, shear and zoom ranges in
+  their float forms, mixup and cutmix alphas): passed as tracers to the augment function. Which
+  of them are lists or int pixel ranges, which flips and fill modes, and whether mixup/cutmix
+  is on at all (alpha > 0) stay part of the program.
 
-Everything else (model structure, data, batch size, epochs, schedule shape, augmentation,
-dropout rates, label smoothing, which optimizer, whether a decoupled weight-decay stage exists)
-must be equal: :func:`pack_key` is equal exactly for configs that can share a program.
-Dropout rates and augmentation strengths are Python constants inside the layers and transforms,
-so trials differing in them run one at a time.
+Everything else (model structure, data, batch size, epochs, schedule shape, label smoothing,
+which optimizer, whether a decoupled weight-decay stage exists) must be equal: :func:`pack_key`
+is equal exactly for configs that can share a program.
 
 Each packed trial leaves an ordinary run directory: ``config.json``, ``classes.json``,
 ``metrics.jsonl``, latest/best checkpoints, ``confusion_last.npy`` and the reports, and its
@@ -53,6 +60,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cnnlab import data as data_lib
 from cnnlab import models, nn
+from cnnlab.data.config import resolve_augment_config
+from cnnlab.data.transforms import TRACEABLE_STRENGTHS
 from cnnlab.sweep.space import copy_config, flatten
 from cnnlab.train import optim as optim_lib
 from cnnlab.train import report as report_lib
@@ -78,7 +87,8 @@ from cnnlab.train.trainer import (
 )
 from cnnlab.train.writers import MetricWriter, write_json_atomic
 
-#: Config fields whose values may differ between the trials of one pack.
+#: Config fields whose values may differ between the trials of one pack, besides the models'
+#: :data:`DROPOUT_FIELDS` and the float-form ``data.augment`` strengths (see :func:`pack_key`).
 PACKABLE_FIELDS = (
     "seed",
     "optimizer.learning_rate",
@@ -90,6 +100,14 @@ PACKABLE_FIELDS = (
 )
 #: Models whose sown penalties are all ``L2(model.kwargs.weight_decay)`` (so linear in it).
 LINEAR_L2_MODELS = ("simple_cnn", "stridednet", "resnet", "inception")
+#: Model fields that are dropout rates (used only as ``nn.Dropout`` rates), so packable.
+DROPOUT_FIELDS: dict[str, tuple[str, ...]] = {
+    "simple_cnn": ("head_dropout",),
+    "stridednet": ("dropout", "head_dropout"),
+    "resnet": ("head_dropout",),
+    "inception": ("head_dropout",),
+}
+_MIXING = ("mixup_alpha", "cutmix_alpha")
 _OPT_HPARAMS = ("learning_rate", "weight_decay", "b1", "b2", "eps")
 _FAULT_KILL_AT_STEP = "CNNLAB_FAULT_KILL_AT_STEP"  # the trainer's fault injection, honoured here
 
@@ -104,6 +122,37 @@ def _decay_stage(config: ml_collections.ConfigDict) -> bool:
     return bool(o.weight_decay) and o.name in ("sgd", "rmsprop", "adam")
 
 
+def _traceable_augment(cfg: dict[str, Any]) -> dict[str, bool]:
+    """For each of TRACEABLE_STRENGTHS of a resolved augment config: whether its form traces
+    (floats; a zero int is a zero float), as opposed to a list or an int pixel range."""
+    def is_float(v):
+        return isinstance(v, float) or (type(v) is int and v == 0)
+    return {k: is_float(cfg[k]) for k in TRACEABLE_STRENGTHS}
+
+
+def _augment_structure(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The resolved augment config with each traceable strength replaced by what the program
+    depends on (for mixup/cutmix: whether it is on)."""
+    cfg = resolve_augment_config(config.data.augment)
+    cfg.pop("preset")
+    for k, traces in _traceable_augment(cfg).items():
+        if traces:
+            cfg[k] = ("on" if cfg[k] > 0 else "off") if k in _MIXING else "traced"
+    return cfg
+
+
+def _dropout_rates(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """``{field: rate}`` of the model's dropout fields (config value or the model's default);
+    raises ``ValueError`` naming a rate outside [0, 1]."""
+    rates = {}
+    for f in DROPOUT_FIELDS.get(config.model.name, ()):
+        v = _model_field(config, f)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"Invalid model.kwargs.{f}={v!r}: expected a dropout rate in [0, 1].")
+        rates[f] = float(v)
+    return rates
+
+
 def pack_key(config: ml_collections.ConfigDict) -> str | None:
     """Equal for configs that can be trained in one packed program; ``None`` when the config
     cannot be packed at all (multi-process runs)."""
@@ -113,6 +162,11 @@ def pack_key(config: ml_collections.ConfigDict) -> str | None:
     flat = flatten(config)
     for key in PACKABLE_FIELDS:
         flat.pop(key, None)
+    for f in _dropout_rates(config):
+        flat.pop(f"model.kwargs.{f}", None)
+    for key in [k for k in flat if k.startswith("data.augment.")]:
+        del flat[key]
+    flat["data.augment"] = _augment_structure(config)
     flat["progress"] = None
     flat["_decay_stage"] = _decay_stage(config)
     return json.dumps(flat, sort_keys=True, default=str)
@@ -133,21 +187,31 @@ class TrialOutcome:
 # ---------------------------------------------------------------------------------------------
 
 
-def _model_weight_decay(config: ml_collections.ConfigDict) -> float | None:
+def _model_field(config: ml_collections.ConfigDict, name: str) -> Any:
+    """``model.kwargs.<name>``, or the model's default when the config leaves it out (``None``
+    when the model has no such field)."""
     kwargs = config.model.kwargs
-    if "weight_decay" in kwargs:
-        return float(kwargs.weight_decay)
-    field = {f.name: f for f in dataclasses.fields(models.MODELS[config.model.name])}.get("weight_decay")
-    return None if field is None else float(field.default)
+    if name in kwargs:
+        return kwargs[name]
+    field = {f.name: f for f in dataclasses.fields(models.MODELS[config.model.name])}.get(name)
+    return None if field is None else field.default
 
 
 def _varying(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, np.ndarray]:
-    """``{name: float32 [K]}`` for each hyperparameter whose value differs between trials."""
+    """``{name: float32 [K]}`` for each hyperparameter whose value differs between trials:
+    the optimizer's (``learning_rate`` ...), ``l2``, ``model/<dropout field>`` and
+    ``augment/<strength>``."""
     columns: dict[str, list[float]] = {name: [] for name in (*_OPT_HPARAMS, "l2")}
     for c in configs:
         for name in _OPT_HPARAMS:
             columns[name].append(float(c.optimizer[name]))
-        columns["l2"].append(_model_weight_decay(c) or 0.0)
+        columns["l2"].append(float(_model_field(c, "weight_decay") or 0.0))
+        for f, rate in _dropout_rates(c).items():
+            columns.setdefault(f"model/{f}", []).append(rate)
+        augment = resolve_augment_config(c.data.augment)
+        for k, traces in _traceable_augment(augment).items():
+            if traces:
+                columns.setdefault(f"augment/{k}", []).append(float(augment[k]))
     return {
         name: np.asarray(values, np.float32)
         for name, values in columns.items()
@@ -349,24 +413,30 @@ def build_packed(configs: Sequence[ml_collections.ConfigDict], *, vmap_width: in
     seeds = np.asarray([c.seed for c in resolved], np.int32)
     shared = len(set(seeds.tolist())) == 1
     h_host = _varying(resolved)
-    l2 = h_host.pop("l2", None)
-    opt_traced = bool(h_host)
+    opt_traced = any(name in h_host for name in _OPT_HPARAMS)
+    rate_fields = [k.split("/", 1)[1] for k in h_host if k.startswith("model/")]
+    strength_names = [k for k in h_host if k.startswith("augment/")]
 
     kwargs = dict(config.model.kwargs.to_dict())
     if config.mixed_precision:
         kwargs["dtype"] = jnp.bfloat16
 
-    def model_for(weight_decay: float):
-        return models.get_model(config.model.name, num_classes=exp.num_classes,
-                                **{**kwargs, "weight_decay": weight_decay})
+    def model_for(**overrides: Any):
+        return models.get_model(config.model.name, num_classes=exp.num_classes, **{**kwargs, **overrides})
 
-    model = exp.model
-    if l2 is not None:
+    unit_l2 = {}
+    if "l2" in h_host:
         if config.model.name not in LINEAR_L2_MODELS:
             raise NotPackable(f"model.kwargs.weight_decay of {config.model.name!r} is not known to "
                               "scale its penalties linearly.")
-        model = model_for(1.0)
-        h_host["l2"] = l2
+        unit_l2 = {"weight_decay": 1.0}
+    model = model_for(**unit_l2) if unit_l2 else exp.model
+
+    def trial_model(h: dict[str, jax.Array]) -> Any:
+        """The model with the trial's traced dropout rates (built inside the traced step)."""
+        if not rate_fields:
+            return model
+        return model_for(**unit_l2, **{f: h[f"model/{f}"] for f in rate_fields})
 
     step_kwargs = dict(
         num_classes=exp.num_classes,
@@ -375,9 +445,14 @@ def build_packed(configs: Sequence[ml_collections.ConfigDict], *, vmap_width: in
     )
     augment = data_lib.make_batch_augment_fn(config.data.augment, exp.num_classes)
 
-    def preprocess(key, images, labels):
-        images, targets = augment(key, images, labels)
-        return exp.normalize(images), targets
+    def preprocess_for(h: dict[str, jax.Array]) -> Callable:
+        strengths = {name.split("/", 1)[1]: h[name] for name in strength_names}
+
+        def preprocess(key, images, labels):
+            images, targets = augment(key, images, labels, strengths or None)
+            return exp.normalize(images), targets
+
+        return preprocess
 
     def tx_for(h):
         return _traced_optimizer(config, exp.steps_per_epoch, h) if opt_traced else exp.tx
@@ -386,14 +461,15 @@ def build_packed(configs: Sequence[ml_collections.ConfigDict], *, vmap_width: in
         shapes = jax.eval_shape(
             lambda: create_train_state(exp.model, exp.tx, seed=0, image_shape=exp.image_shape)
         )
-        h0 = {k: jnp.asarray(v[0]) for k, v in h_host.items()}
+        h0 = {k: jnp.asarray(v[0]) for k, v in h_host.items() if k in _OPT_HPARAMS}
         got = jax.eval_shape(lambda: tx_for(h0).init(shapes.params))
         if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(shapes.opt_state):
             raise NotPackable("The traced optimizer's state differs from make_optimizer's.")
 
     def one_trial_step(state: TrainState, h: dict[str, jax.Array], batch):
-        m = _ScaledPenalties(model, h["l2"]) if "l2" in h else model
-        step = make_train_step(m, tx_for(h), preprocess=preprocess, **step_kwargs)
+        m = trial_model(h)
+        m = _ScaledPenalties(m, h["l2"]) if "l2" in h else m
+        step = make_train_step(m, tx_for(h), preprocess=preprocess_for(h), **step_kwargs)
         return step(state, batch)
 
     if vmap_width is None or vmap_width <= 0:  # vmap where batched convolutions are fast
