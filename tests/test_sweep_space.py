@@ -205,3 +205,16 @@ def test_l2_scaling_is_linear_for_every_packable_model(name):
     packed.check_linear_penalties(
         lambda wd: models.get_model(name, num_classes=4, weight_decay=wd), (32, 32, 3), [0.0, 1e-4, 1e-3])
 
+
+
+def test_regularization_sweep_trains_as_one_pack():
+    path = ROOT / "configs" / "sweeps" / "stridednet_regularization.py"
+    base = load_module(str(path)).get_config()
+    sw = sweep.load_sweep_file(str(path))
+    configs = [space.apply_point(base, p) for p in sw.grid.points]
+    assert len(configs) == sw.pack == 12
+    assert len({packed.pack_key(c) for c in configs}) == 1
+    assert sorted(packed._varying(configs)) == sorted(
+        ["model/dropout", "model/head_dropout"]
+        + [f"augment/{k}" for k in ("rotation_range", "zoom_range", "width_shift_range", "height_shift_range",
+                                    "shear_range")])
