@@ -4,9 +4,12 @@ runnable config files, pack keys, and the sweep files under configs/sweeps."""
 import dataclasses
 import pathlib
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from cnnlab import models, sweep
+from cnnlab import models, nn, sweep
 from cnnlab.data.transforms import TUTORIAL_AUGMENT
 from cnnlab.sweep import packed, space
 from cnnlab.sweep.files import config_source, load_module, write_config_file
@@ -218,3 +221,39 @@ def test_regularization_sweep_trains_as_one_pack():
         ["model/dropout", "model/head_dropout"]
         + [f"augment/{k}" for k in ("rotation_range", "zoom_range", "width_shift_range", "height_shift_range",
                                     "shear_range")])
+
+
+def _dropout_outputs(name, rates, image_size=32):
+    """The model's training-mode logits under ``rates`` given as Python floats and as traced
+    scalars, and under other traced rates."""
+    x = jax.random.uniform(jax.random.key(0), (2, image_size, image_size, 3))
+    rngs = {"dropout": jax.random.key(1)}
+    model = models.get_model(name, num_classes=4, **rates)
+    variables = model.init({"params": jax.random.key(0)}, x, training=False)
+
+    def run(r):
+        logits, _ = models.get_model(name, num_classes=4, **r).apply(
+            variables, x, training=True, rngs=rngs, mutable=["batch_stats", nn.LOSSES])
+        return logits
+
+    want = jax.jit(lambda: run(rates))()
+    got = jax.jit(run)({f: jnp.float32(v) for f, v in rates.items()})
+    other = jax.jit(run)({f: jnp.float32(v / 2) for f, v in rates.items()})
+    return np.asarray(want), np.asarray(got), np.asarray(other)
+
+
+@pytest.mark.parametrize("name", ["simple_cnn", "stridednet"])
+def test_dropout_fields_take_traced_rates(name):
+    rates = {f: 0.3 + 0.2 * i for i, f in enumerate(packed.DROPOUT_FIELDS[name])}
+    want, got, other = _dropout_outputs(name, rates)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(other, want)  # the field really is a rate the model uses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(packed.DROPOUT_FIELDS))
+def test_dropout_fields_of_every_packable_model_take_traced_rates(name):
+    rates = {f: 0.5 for f in packed.DROPOUT_FIELDS[name]}
+    want, got, other = _dropout_outputs(name, rates)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(other, want)

@@ -280,3 +280,24 @@ def test_unknown_model_lists_the_known_ones():
 
 def test_default_config_validates():
     validate_config(default_config())
+
+
+@pytest.mark.parametrize("mode,values,kept", [("max", [0.5, 0.7, 0.6, 0.7], 2), ("min", [0.5, 0.3, 0.4, 0.3], 2)])
+def test_best_checkpoint_is_written_only_when_the_metric_improves(tmp_path, mode, values, kept):
+    from cnnlab.train.checkpoint import Checkpoints
+
+    ckpt = Checkpoints(str(tmp_path), keep=1, best_metric="test/accuracy", best_mode=mode)
+    written, save = [], ckpt.best.save
+    ckpt.best.save = lambda step, **kw: (written.append(step), save(step, **kw))[1]
+    for step, value in enumerate(values, start=1):
+        ckpt.save_best(step, {"w": jnp.full((2,), float(step))}, {"test/accuracy": value})
+    assert written == [1, 2]  # worse and equal epochs write nothing
+    assert ckpt.best.best_step() == kept  # ties keep the earlier checkpoint
+    assert ckpt.best.all_steps() == [kept]
+    state, step = ckpt.restore({"w": jnp.zeros((2,))}, which="best")
+    assert step == kept and float(state["w"][0]) == kept
+    ckpt.close()
+    again = Checkpoints(str(tmp_path), keep=1, best_metric="test/accuracy", best_mode=mode)
+    again.save_best(9, {"w": jnp.full((2,), 9.0)}, {"test/accuracy": values[1]})  # a tie, after reopening
+    assert again.best.best_step() == kept
+    again.close()

@@ -27,6 +27,7 @@ class Checkpoints:
 
     def __init__(self, workdir: str, *, keep: int, best_metric: str, best_mode: str) -> None:
         self.best_metric = best_metric
+        self.best_mode = best_mode
         self.latest = _manager(os.path.join(workdir, "checkpoints", "latest"), max_to_keep=keep)
         self.best = _manager(
             os.path.join(workdir, "checkpoints", "best"),
@@ -45,10 +46,18 @@ class Checkpoints:
         self.latest.wait_until_finished()
 
     def save_best(self, step: int, state: Any, metrics: dict[str, float]) -> None:
+        """Saves ``state`` as the best when ``metrics[best_metric]`` beats the kept best (ties
+        keep the earlier one); otherwise writes nothing."""
         if self.best_metric not in metrics:
             return
         if self.best.latest_step() == step:
             return
+        kept = self.best.best_step()
+        if kept is not None:
+            old = (self.best.metrics(kept) or {}).get(self.best_metric)
+            new = float(metrics[self.best_metric])
+            if old is not None and not (new > old if self.best_mode == "max" else new < old):
+                return
         self.best.save(
             step, args=ocp.args.StandardSave(state), metrics={self.best_metric: metrics[self.best_metric]}
         )
