@@ -356,7 +356,12 @@ def _augment(
     fill_mode: str = "nearest",
     cval: float = 0.0,
 ) -> jax.Array:
-    """:func:`augment` without ``jax.jit``: the float ranges may also be traced scalars."""
+    """Keras ``ImageDataGenerator``-style random affine augmentation of a batch [B, H, W, C].
+
+    See the module docstring for the exact semantics; all ranges zero and no flips is the exact
+    identity. :func:`augment` is this function jitted with the ranges static; called unjitted
+    (inside a traced function), the float ranges may also be traced scalars.
+    """
     if _is_identity(
         rotation_range,
         width_shift_range,
@@ -398,31 +403,8 @@ TRACEABLE_STRENGTHS = (
 )
 
 
-@functools.partial(jax.jit, static_argnames=_AFFINE_KEYS)
-def augment(
-    key: jax.Array,
-    images: jax.Array,
-    *,
-    rotation_range: float = 0.0,
-    width_shift_range: Any = 0.0,
-    height_shift_range: Any = 0.0,
-    shear_range: float = 0.0,
-    zoom_range: Any = 0.0,
-    horizontal_flip: bool = False,
-    vertical_flip: bool = False,
-    fill_mode: str = "nearest",
-    cval: float = 0.0,
-) -> jax.Array:
-    """Keras ``ImageDataGenerator``-style random affine augmentation of a batch [B, H, W, C].
-
-    Ranges are static (hashable: numbers or tuples). See the module docstring for the exact
-    semantics; all ranges zero and no flips is the exact identity.
-    """
-    return _augment(
-        key, images, rotation_range=rotation_range, width_shift_range=width_shift_range,
-        height_shift_range=height_shift_range, shear_range=shear_range, zoom_range=zoom_range,
-        horizontal_flip=horizontal_flip, vertical_flip=vertical_flip, fill_mode=fill_mode, cval=cval,
-    )
+#: The jitted entry point: ranges static (hashable: numbers or tuples).
+augment = jax.jit(_augment, static_argnames=_AFFINE_KEYS)
 
 
 #: The Keras Conv2D tutorial's ImageDataGenerator settings, as keyword arguments of augment().
