@@ -106,6 +106,19 @@ def epoch_records(trial_dir):
     return [r for r in read_metrics(os.path.join(trial_dir, "metrics.jsonl")) if r["kind"] == "epoch"]
 
 
+def assert_same_epoch_records(packed_dir, alone_dir, tag):
+    """A packed trial's epoch records equal those of the same config trained alone (epochs 1
+    and 2, same keys, floats within rel 1e-4); returns the packed records."""
+    packed, alone = epoch_records(packed_dir), epoch_records(alone_dir)
+    assert [r["epoch"] for r in packed] == [r["epoch"] for r in alone] == [1, 2]
+    for p, a in zip(packed, alone):
+        assert p.keys() == a.keys()
+        for key in a:
+            expected = pytest.approx(a[key], rel=1e-4, abs=1e-6) if isinstance(a[key], float) else a[key]
+            assert p[key] == expected, (tag, p["epoch"], key)
+    return packed
+
+
 def assert_each_slot_ran_once(workdir, url, n):
     from optuna.trial import TrialState
 
@@ -191,13 +204,7 @@ def test_packed_trial_equals_the_same_config_trained_alone(grid_sweep, tmp_path)
         trial = workdir / "trials" / f"{slot:04d}"
         config = load_module(str(trial / "config.py")).get_config()
         final = train_and_evaluate(config, str(tmp_path / f"alone{slot}"))
-        packed, alone = epoch_records(str(trial)), epoch_records(str(tmp_path / f"alone{slot}"))
-        assert [r["epoch"] for r in packed] == [r["epoch"] for r in alone] == [1, 2]
-        for p, a in zip(packed, alone):
-            assert p.keys() == a.keys()
-            for key in a:
-                expected = pytest.approx(a[key], rel=1e-4, abs=1e-6) if isinstance(a[key], float) else a[key]
-                assert p[key] == expected, (slot, p["epoch"], key)
+        packed = assert_same_epoch_records(str(trial), str(tmp_path / f"alone{slot}"), slot)
         assert final["test/accuracy"] == pytest.approx(packed[-1]["test/accuracy"], abs=1e-9)
 
 
@@ -223,12 +230,7 @@ def test_packed_trials_differing_in_dropout_and_augmentation_equal_each_alone(tm
     assert all(o.error is None for o in outcomes)
     for k, config in enumerate(configs):
         train_and_evaluate(config, str(tmp_path / f"alone{k}"))
-        got, want = epoch_records(str(tmp_path / f"packed{k}")), epoch_records(str(tmp_path / f"alone{k}"))
-        assert [r["epoch"] for r in got] == [r["epoch"] for r in want] == [1, 2]
-        for p, a in zip(got, want):
-            for key in a:
-                expected = pytest.approx(a[key], rel=1e-4, abs=1e-6) if isinstance(a[key], float) else a[key]
-                assert p[key] == expected, (k, p["epoch"], key)
+        assert_same_epoch_records(str(tmp_path / f"packed{k}"), str(tmp_path / f"alone{k}"), k)
 
 
 # --- resume --------------------------------------------------------------------------------------

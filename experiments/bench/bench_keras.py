@@ -23,12 +23,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
-def build(keras, classes: int):
+def build(keras, classes: int, *, preprocessing=None, head_initializer: str = "glorot_uniform"):
+    """The tutorial's StridedNet in Keras behind ``preprocessing`` layers (default:
+    ``Rescaling(1/255)``, for uint8 batches); also used by experiments/sweeps/bench.py."""
     from keras import layers
 
     reg = keras.regularizers.l2(common.WEIGHT_DECAY)
     conv = dict(kernel_initializer="he_normal", kernel_regularizer=reg)
-    m = keras.Sequential([keras.Input((96, 96, 3)), layers.Rescaling(1.0 / 255)])
+    if preprocessing is None:
+        preprocessing = [layers.Rescaling(1.0 / 255)]
+    m = keras.Sequential([keras.Input((96, 96, 3)), *preprocessing])
     m.add(layers.Conv2D(16, (7, 7), strides=(2, 2), padding="valid", **conv))
     for w in (32, 64, 128):
         m.add(layers.Conv2D(w, (3, 3), padding="same", **conv))
@@ -43,7 +47,7 @@ def build(keras, classes: int):
     m.add(layers.Activation("relu"))
     m.add(layers.BatchNormalization())
     m.add(layers.Dropout(0.5))
-    m.add(layers.Dense(classes))
+    m.add(layers.Dense(classes, kernel_initializer=head_initializer))
     m.add(layers.Activation("softmax"))
     return m
 

@@ -193,6 +193,13 @@ def torch_kernels(batch: int, repeats: int, threads: int) -> list[dict]:
             ts.append(time.perf_counter() - t)
         return statistics.median(ts)
 
+    def add_row(name, flops, fwd, fwd_bwd, bwd_factor):
+        # bwd_factor: forward + backward FLOPs in units of the forward's (3; 2 without dgrad).
+        t_f, t_fb = timed(fwd), timed(fwd_bwd)
+        rows.append({"layer": name, "batch": batch, "fwd_s": t_f, "fwd_gflops": flops / t_f / 1e9,
+                     "dgrad_s": None, "wgrad_s": None, "wgrad_gflops": None,
+                     "fwd_bwd_s": t_fb, "fwd_bwd_gflops": bwd_factor * flops / t_fb / 1e9})
+
     for name, h, w, cin, cout, k, s, pad in CONVS:
         x = torch.randn(batch, cin, h, w, requires_grad=True)
         conv = torch.nn.Conv2d(cin, cout, k, stride=s, padding=(0 if pad == "VALID" else k // 2), bias=False)
@@ -210,10 +217,7 @@ def torch_kernels(batch: int, repeats: int, threads: int) -> list[dict]:
             y = conv(x)
             y.backward(y.detach())
 
-        t_f, t_fb = timed(fwd), timed(fwd_bwd)
-        rows.append({"layer": name, "batch": batch, "fwd_s": t_f, "fwd_gflops": flops / t_f / 1e9,
-                     "dgrad_s": None, "wgrad_s": None, "wgrad_gflops": None,
-                     "fwd_bwd_s": t_fb, "fwd_bwd_gflops": (2 if stem else 3) * flops / t_fb / 1e9})
+        add_row(name, flops, fwd, fwd_bwd, 2 if stem else 3)
     for name, fin, fout in DENSES:
         x = torch.randn(batch, fin, requires_grad=True)
         lin = torch.nn.Linear(fin, fout, bias=False)
@@ -227,10 +231,7 @@ def torch_kernels(batch: int, repeats: int, threads: int) -> list[dict]:
             y = lin(x)
             y.backward(y.detach())
 
-        t_f, t_fb = timed(fwd), timed(fwd_bwd)
-        rows.append({"layer": name, "batch": batch, "fwd_s": t_f, "fwd_gflops": flops / t_f / 1e9,
-                     "dgrad_s": None, "wgrad_s": None, "wgrad_gflops": None,
-                     "fwd_bwd_s": t_fb, "fwd_bwd_gflops": 3 * flops / t_fb / 1e9})
+        add_row(name, flops, fwd, fwd_bwd, 3)
     return rows
 
 

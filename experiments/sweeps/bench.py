@@ -121,6 +121,8 @@ import keras
 from keras import layers
 import numpy as np
 from cnnlab import data as D, sweep
+sys.path.insert(0, "experiments/bench")
+import bench_keras  # the Keras StridedNet the speed benchmark uses
 t_import = time.perf_counter() - t0
 epochs, augment, lrs = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 config = sweep.config_from_file("configs/stridednet.py")
@@ -134,24 +136,11 @@ y_test = keras.utils.to_categorical(ds.test.labels, 4)
 t_data = time.perf_counter() - t
 
 def stridednet():
-    reg = keras.regularizers.l2(5e-4)
-    m = keras.Sequential([keras.Input((96, 96, 3))])
-    if augment == "tutorial":
-        for layer in (layers.RandomRotation(20 / 360, fill_mode="nearest"), layers.RandomZoom(0.15, fill_mode="nearest"),
-                      layers.RandomTranslation(0.2, 0.2, fill_mode="nearest"), layers.RandomShear(0.15, 0.15),
-                      layers.RandomFlip("horizontal")):
-            m.add(layer)
-    m.add(layers.Conv2D(16, (7, 7), strides=(2, 2), padding="valid", kernel_initializer="he_normal", kernel_regularizer=reg))
-    for w in (32, 64, 128):
-        m.add(layers.Conv2D(w, (3, 3), padding="same", kernel_initializer="he_normal", kernel_regularizer=reg))
-        m.add(layers.Activation("relu")); m.add(layers.BatchNormalization(axis=-1))
-        m.add(layers.Conv2D(w, (3, 3), strides=(2, 2), padding="same", kernel_initializer="he_normal", kernel_regularizer=reg))
-        m.add(layers.Activation("relu")); m.add(layers.BatchNormalization(axis=-1))
-        m.add(layers.Dropout(0.25))
-    m.add(layers.Flatten()); m.add(layers.Dense(512, kernel_initializer="he_normal"))
-    m.add(layers.Activation("relu")); m.add(layers.BatchNormalization()); m.add(layers.Dropout(0.5))
-    m.add(layers.Dense(4, kernel_initializer="he_normal")); m.add(layers.Activation("softmax"))
-    return m
+    # Inputs are scaled to [0, 1] above; the head is he_normal like cnnlab's StridedNet.
+    augmentation = [layers.RandomRotation(20 / 360, fill_mode="nearest"), layers.RandomZoom(0.15, fill_mode="nearest"),
+                    layers.RandomTranslation(0.2, 0.2, fill_mode="nearest"), layers.RandomShear(0.15, 0.15),
+                    layers.RandomFlip("horizontal")] if augment == "tutorial" else []
+    return bench_keras.build(keras, 4, preprocessing=augmentation, head_initializer="he_normal")
 
 class Stamps(keras.callbacks.Callback):
     def on_train_begin(self, logs=None): self.t = [time.perf_counter()]
