@@ -32,6 +32,29 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Any] = dict(entries)
 
+    def register(self, name: str, obj: Any = _MISSING) -> Any:
+        """Adds ``obj`` under ``name``; without ``obj``, a decorator that adds what it decorates.
+
+        The extension point for users: ``@REGISTRY.register("my_thing")`` in their own module,
+        imported by their config file. Re-registering a name replaces the entry (so a module
+        reloaded in a notebook does not fail).
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"A {self.kind} name must be a non-empty string, got {name!r}.")
+        if obj is not _MISSING:
+            self._entries[name] = obj
+            return obj
+
+        def decorator(target: Any) -> Any:
+            self._entries[name] = target
+            return target
+
+        return decorator
+
+    def items(self) -> list[tuple[str, Any]]:
+        """``(name, object)`` pairs in registration order."""
+        return list(self._entries.items())
+
     def names(self) -> tuple[str, ...]:
         """Every accepted name (aliases included), sorted."""
         return tuple(sorted(self._entries))

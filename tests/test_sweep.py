@@ -16,7 +16,8 @@ import jax
 import pytest
 
 from cnnlab import sweep
-from cnnlab.sweep import engine, packed
+from cnnlab.sweep import engine
+from cnnlab.train import group as packed
 from cnnlab.sweep.files import load_module
 from cnnlab.train import train_and_evaluate, validate_config
 from cnnlab.train.writers import read_metrics
@@ -371,7 +372,7 @@ SHARDED_WORKER = r'''
 import json, sys
 import jax
 from cnnlab import sweep
-from cnnlab.sweep import packed
+from cnnlab.train import group as packed
 from cnnlab.sweep.space import apply_point
 
 smoke, tiny, out = sys.argv[1], sys.argv[2], sys.argv[3]

@@ -19,7 +19,7 @@ processes, ``--storage=postgresql://...`` to share the study between machines, `
 trials per compiled program); ``cnnlab sweep report --workdir=<dir>`` rewrites the report.
 
 Modules: :mod:`~cnnlab.sweep.space` (declaring and validating sweeps),
-:mod:`~cnnlab.sweep.packed` (K trials in one program), :mod:`~cnnlab.sweep.engine` (the Optuna
+:mod:`~cnnlab.train.group` (K trials in one program), :mod:`~cnnlab.sweep.engine` (the Optuna
 study, claiming, resume, workers), :mod:`~cnnlab.sweep.report` (tables, plots, best config).
 """
 
@@ -47,10 +47,10 @@ _LAZY = {
     "run_sweep": "cnnlab.sweep.engine",
     "Worker": "cnnlab.sweep.engine",
     "default_storage": "cnnlab.sweep.engine",
-    "PACKABLE_FIELDS": "cnnlab.sweep.packed",
-    "NotPackable": "cnnlab.sweep.packed",
-    "pack_key": "cnnlab.sweep.packed",
-    "train_packed": "cnnlab.sweep.packed",
+    "PACKABLE_FIELDS": "cnnlab.train.group",
+    "NotPackable": "cnnlab.train.group",
+    "pack_key": "cnnlab.train.group",
+    "train_packed": "cnnlab.train.group",
     "write_report": "cnnlab.sweep.report",
 }
 

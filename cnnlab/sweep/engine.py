@@ -6,7 +6,7 @@ such as ``postgresql://user@host/db`` shared by workers on many machines):
 * **Slots.** The sweep's ``N`` trials are enqueued once, when the study is created, as
   ``WAITING`` Optuna trials tagged ``cnnlab.slot = i`` (grid point ``i``; random draw ``i``,
   sampled up front from ``(seed, i)``; or an empty slot that TPE fills when it is claimed).
-  Grid points are enqueued grouped by :func:`~cnnlab.sweep.packed.pack_key`, so consecutive
+  Grid points are enqueued grouped by :func:`~cnnlab.train.group.pack_key`, so consecutive
   claims can be packed.
 * **Claiming.** A worker pops ``WAITING`` trials through Optuna's storage, which moves each from
   ``WAITING`` to ``RUNNING`` under a row lock (PostgreSQL: ``SELECT ... FOR UPDATE``; SQLite:
@@ -307,7 +307,7 @@ def _enqueue_order(sweep: Sweep, base: ml_collections.ConfigDict) -> list[int]:
     claims can share a program."""
     if sweep.kind != "grid":
         return list(range(sweep.num_slots))
-    from cnnlab.sweep.packed import pack_key
+    from cnnlab.train.group import pack_key
 
     keys = [pack_key(apply_point(base, p)) or f"~{i}" for i, p in enumerate(sweep.grid)]
     first = {}
@@ -627,7 +627,7 @@ class Worker:
         self._finish(c, metrics, pruned=bool(pruned))
 
     def run_packed(self, claims: list[_Claim]) -> None:
-        from cnnlab.sweep.packed import NotPackable, train_packed
+        from cnnlab.train.group import NotPackable, train_packed
 
         for c in claims:
             self._prepare(c)
@@ -653,7 +653,7 @@ class Worker:
 
     def run_claims(self, claims: list[_Claim]) -> None:
         """Groups the claims into packs of equal pack key and start step; runs each."""
-        from cnnlab.sweep.packed import NotPackable, pack_key
+        from cnnlab.train.group import NotPackable, pack_key
         from cnnlab.train.checkpoint import Checkpoints
 
         groups: dict[Any, list[_Claim]] = {}
@@ -767,7 +767,7 @@ def run_sweep(
         max_retry: how often an interrupted slot is retried.
         poll_interval: seconds between checks while other workers hold the last trials.
         vmap_width: packed trials computed side by side by ``jax.vmap`` (the others loop in
-            the same program); default: all on GPU/TPU, 1 on CPU (see ``packed.over_trials``).
+            the same program); default: all on GPU/TPU, 1 on CPU (see ``cnnlab.train.group.over_trials``).
         report: write the sweep report at the end.
     """
     base = copy_config(base)

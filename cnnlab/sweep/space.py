@@ -39,6 +39,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from cnnlab.schema import copy_config, flatten
 from cnnlab.train.config import METRICS, validate_config
 
 Point = dict[str, Any]
@@ -322,11 +323,6 @@ def label(value: Any) -> bool | int | float | str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def copy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """An unlocked deep copy (flag-loaded configs are locked)."""
-    return ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else dict(config))
-
-
 def _closest(key: str, choices) -> str:
     match = difflib.get_close_matches(key, list(choices), n=1)
     return f' Did you mean "{match[0]}"?' if match else ""
@@ -378,18 +374,6 @@ def apply_point(config: ml_collections.ConfigDict, values: Mapping[str, Any]) ->
                 node[leaf] = value
         except (TypeError, KeyError) as e:
             raise ValueError(f"Cannot set {key!r} to {value!r}: {e}") from None
-    return out
-
-
-def flatten(config: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-    """``{"optimizer.learning_rate": 1e-3, ...}`` for every leaf of a (nested) config."""
-    plain = config.to_dict() if hasattr(config, "to_dict") else config
-    out: dict[str, Any] = {}
-    for k, v in plain.items():
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
     return out
 
 

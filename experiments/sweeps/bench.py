@@ -187,7 +187,7 @@ SCALING_WORKER = r'''
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 from cnnlab import data as D, nn, sweep
-from cnnlab.sweep.packed import build_packed
+from cnnlab.train.group import build_packed
 from cnnlab.sweep.space import apply_point
 from cnnlab.train.steps import make_train_step
 from cnnlab.train.trainer import build_experiment, initial_state

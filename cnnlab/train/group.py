@@ -62,7 +62,7 @@ from cnnlab import data as data_lib
 from cnnlab import models, nn
 from cnnlab.data.config import resolve_augment_config
 from cnnlab.data.transforms import TRACEABLE_STRENGTHS
-from cnnlab.sweep.space import copy_config, flatten
+from cnnlab.schema import copy_config, flatten
 from cnnlab.train import optim as optim_lib
 from cnnlab.train import report as report_lib
 from cnnlab.train.checkpoint import Checkpoints
