@@ -17,8 +17,8 @@ import pytest
 
 from cnnlab import sweep
 from cnnlab.sweep import engine
-from cnnlab.train import group as packed
 from cnnlab.sweep.files import load_module
+from cnnlab.train import group as packed
 from cnnlab.train import train_and_evaluate, validate_config
 from cnnlab.train.writers import read_metrics
 

@@ -12,8 +12,8 @@ import pytest
 from cnnlab import models, nn, sweep
 from cnnlab.data.transforms import TUTORIAL_AUGMENT
 from cnnlab.sweep import space
-from cnnlab.train import group as packed
 from cnnlab.sweep.files import config_source, load_module, write_config_file
+from cnnlab.train import group as packed
 from cnnlab.train import validate_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

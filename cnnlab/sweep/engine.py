@@ -653,8 +653,8 @@ class Worker:
 
     def run_claims(self, claims: list[_Claim]) -> None:
         """Groups the claims into packs of equal pack key and start step; runs each."""
-        from cnnlab.train.group import NotPackable, pack_key
         from cnnlab.train.checkpoint import Checkpoints
+        from cnnlab.train.group import NotPackable, pack_key
 
         groups: dict[Any, list[_Claim]] = {}
         for c in claims:

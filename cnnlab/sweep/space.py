@@ -39,7 +39,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cnnlab.schema import copy_config, flatten
+from cnnlab.schema import copy_config
 from cnnlab.train.config import METRICS, validate_config
 
 Point = dict[str, Any]
