@@ -720,3 +720,39 @@ def _end_of_epoch(exp, states, epoch, step, veval, writers, ckpts, active, timin
                                 if m != "epoch" and isinstance(v, float))
             print(f"{tag(k)} epoch {epoch:3d}/{config.num_epochs}  {summary}", flush=True)
     return records
+
+
+def train_trials(
+    configs: Sequence[ml_collections.ConfigDict],
+    workdirs: Sequence[str],
+    *,
+    on_epoch_end: Callable[[int, int, dict[str, Any]], None] | None = None,
+    tag: Callable[[int], str] | None = None,
+    vmap_width: int | None = None,
+) -> tuple[list[TrialOutcome], dict[str, float]]:
+    """Trains K >= 1 trials (equal :func:`pack_key` when K > 1), trial ``k`` in ``workdirs[k]``;
+    the one entry point for runs and sweeps. ``on_epoch_end(k, epoch, record)`` may raise
+    :class:`~cnnlab.train.StopTraining` for trial ``k``. Returns each trial's outcome and timings."""
+    if len(configs) == 1:
+        from cnnlab.train.trainer import train_and_evaluate
+
+        outcome = TrialOutcome(metrics={})
+
+        def one(epoch: int, record: dict[str, Any]) -> None:
+            outcome.metrics = {m: v for m, v in record.items() if m != "confusion"}
+            if on_epoch_end is not None:
+                try:
+                    on_epoch_end(0, epoch, record)
+                except StopTraining:
+                    outcome.pruned = True
+                    raise
+
+        t0 = time.perf_counter()
+        try:
+            final = train_and_evaluate(configs[0], workdirs[0], on_epoch_end=one)
+            if not outcome.pruned:
+                outcome.metrics = final
+        except NonFiniteLossError as e:
+            outcome.error = e
+        return [outcome], {"total": time.perf_counter() - t0}
+    return train_packed(configs, workdirs, on_epoch_end=on_epoch_end, tag=tag, vmap_width=vmap_width)
