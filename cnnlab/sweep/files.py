@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from cnnlab.sweep.space import flatten
+from cnnlab.schema import flatten
 from cnnlab.train.config import default_config
 
 
