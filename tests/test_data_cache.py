@@ -31,6 +31,15 @@ def tree(tmp_path):
     return testing.make_tree(tmp_path / "tree", {"a": 6, "b": 6})
 
 
+def _total(ds):
+    return sum(len(s) for s in ds.splits().values())
+
+
+def _image_of(ds, name):
+    (image,) = [s.images[s.files.index(name)] for s in ds.splits().values() if name in s.files]
+    return image
+
+
 def _prepared_dirs(tmp_path):
     d = tmp_path / "cache" / "prepared"
     return sorted(p for p in d.iterdir()) if d.exists() else []
@@ -82,22 +91,32 @@ def test_stale_cache_is_rebuilt_when_a_file_changes(tmp_path, tree):
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     second = D.load_dataset(_cfg(tmp_path, tree), verbose=False)
     assert not second.cache_hit and second.cache_path != first.cache_path
-    idx = (
-        second.train.files.index("a/image_0001.jpg")
-        if "a/image_0001.jpg" in second.train.files
-        else None
-    )
-    split = second.train if idx is not None else second.test
-    i = split.files.index("a/image_0001.jpg")
     fresh = D.load_dataset(_cfg(tmp_path, tree, use_cache=False), verbose=False)
-    fsplit = fresh.train if "a/image_0001.jpg" in fresh.train.files else fresh.test
     np.testing.assert_array_equal(
-        split.images[i], fsplit.images[fsplit.files.index("a/image_0001.jpg")]
+        _image_of(second, "a/image_0001.jpg"), _image_of(fresh, "a/image_0001.jpg")
+    )
+    assert not np.array_equal(
+        _image_of(first, "a/image_0001.jpg"), _image_of(second, "a/image_0001.jpg")
     )
     # Adding a file also gives a new key.
     testing.write_image(tree / "b" / "image_0100.jpg", 5)
     third = D.load_dataset(_cfg(tmp_path, tree), verbose=False)
-    assert not third.cache_hit and len(third.train) + len(third.test) == 13
+    assert not third.cache_hit and _total(third) == 13
+
+
+def test_unreadable_file_keeps_a_row_in_the_cache(tmp_path, tree):
+    testing.truncate_file(tree / "b" / "image_0002.jpg", 0.3)
+    with pytest.warns(UserWarning, match="b/image_0002.jpg"):
+        ds = D.load_dataset(_cfg(tmp_path, tree), verbose=False)
+    manifest = json.loads((ds.cache_path / "manifest.json").read_text())
+    assert manifest["num_images"] == 12 and len(manifest["files"]) == 12
+    assert [s["file"] for s in manifest["skipped"]] == ["b/image_0002.jpg"]
+    row = manifest["files"].index("b/image_0002.jpg")
+    assert not np.load(ds.cache_path / "images.npy")[row].any()
+    assert _total(ds) == 11
+    # The cache serves every split setting; the dataset's manifest says where the file was.
+    assert "split" not in manifest["skipped"][0]
+    assert ds.manifest["skipped"][0]["split"] in ("train", "test")
 
 
 def test_stale_manifest_key_is_rebuilt(tmp_path, tree):
@@ -182,7 +201,7 @@ def test_real_tutorial4_prepare_and_cache(real_cache):
     root, cdir = real_cache
     cfg = {"data_dir": str(root), "cache_dir": str(cdir), "classes": "tutorial4"}
     ds = D.load_dataset(cfg, verbose=False)
-    assert len(ds.train) + len(ds.test) == 2233 and len(ds.test) == 559
+    assert _total(ds) == 2233 and len(ds.test) == 559
     assert ds.train.images.shape[1:] == (96, 96, 3)
     assert ds.class_names == ["Faces", "Leopards", "Motorbikes", "airplanes"]
     t0 = time.perf_counter()
@@ -196,7 +215,7 @@ def test_real_full_tree_tfds_protocol(real_cache):
     root, cdir = real_cache
     cfg = {"data_dir": str(root), "cache_dir": str(cdir), "classes": "all", "split": "tfds"}
     ds = D.load_dataset(cfg, verbose=False)
-    assert ds.num_classes == 102 and (len(ds.train), len(ds.test)) == (3060, 6084)
+    assert ds.num_classes == 102 and (_total(ds) - len(ds.test), len(ds.test)) == (3060, 6084)
     assert (
         ds.manifest["ignored_non_jpg"] == ["BACKGROUND_Google/tmp"] and ds.manifest["skipped"] == []
     )

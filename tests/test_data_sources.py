@@ -1,4 +1,4 @@
-"""Data sources, config validation and preprocessing (cnnlab.data)."""
+"""Data sources and preprocessing (cnnlab.data; the data config is tested in test_schema.py)."""
 
 from __future__ import annotations
 
@@ -28,74 +28,15 @@ def _cfg(tmp_path, data_dir, **kw):
     return cfg
 
 
+def _total(ds):
+    return sum(len(s) for s in ds.splits().values())
+
+
 def _real_dir():
     d = testing.real_data_dir()
     if d is None:
         pytest.skip("CALTECH101_DIR is unset or missing: real CALTECH-101 tests skipped")
     return d
-
-
-# --------------------------------------------------------------------------- config
-
-
-def test_default_config_has_every_field_and_validates():
-    cfg = D.default_data_config()
-    resolved = D.resolve_config(cfg)
-    assert set(cfg.to_dict()) == set(resolved)
-    assert resolved["classes"] == "tutorial4"
-    assert resolved["split"] == "stratified" and resolved["test_fraction"] == 0.25
-    assert resolved["image_size"] == 96 and resolved["resize"] == "stretch"
-    assert D.resolve_config({"classes": "Faces, Leopards"})["classes"] == ("Faces", "Leopards")
-    assert D.resolve_config({"classes": ["a", "b"]})["classes"] == ("a", "b")
-    assert D.resolve_config({"image_size": [32, 48]})["image_size"] == (32, 48)
-
-
-@pytest.mark.parametrize(
-    "field,value",
-    [
-        ("source", "imagenet"),
-        ("split", "random"),
-        ("resize", "squash"),
-        ("test_fraction", 1.5),
-        ("test_fraction", 0.0),
-        ("val_fraction", -0.1),
-        ("image_size", 0),
-        ("image_size", (32,)),
-        ("max_per_class", -1),
-        ("num_workers", -2),
-        ("classes", ""),
-        ("classes", 3),
-        ("drop_background", "yes"),
-        ("cache_verify", "none"),
-    ],
-)
-def test_bad_values_raise_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        D.resolve_config({field: value})
-
-
-def test_unknown_fields_raise():
-    with pytest.raises(ValueError, match="colour_jitter"):
-        D.resolve_config({"colour_jitter": 0.3})
-    with pytest.raises(ValueError, match="brightness"):
-        D.resolve_config({"augment": {"brightness": 0.3}})
-    with pytest.raises(ValueError, match="augment.fill_mode"):
-        D.resolve_config({"augment": {"fill_mode": "mirror"}})
-
-
-def test_augment_presets():
-    tut = D.resolve_augment_config(D.augment_preset("tutorial"))
-    assert tut["rotation_range"] == 20 and tut["zoom_range"] == 0.15 and tut["horizontal_flip"]
-    assert (
-        tut["width_shift_range"] == 0.2
-        and tut["height_shift_range"] == 0.2
-        and tut["shear_range"] == 0.15
-    )
-    # A preset name with an explicit override.
-    cfg = D.resolve_augment_config({"preset": "tutorial", "rotation_range": 5.0})
-    assert cfg["rotation_range"] == 5.0 and cfg["zoom_range"] == 0.15
-    none = D.resolve_augment_config(None)
-    assert none["rotation_range"] == 0 and not none["horizontal_flip"]
 
 
 # --------------------------------------------------------------------------- folder source
@@ -105,9 +46,9 @@ def test_folder_source_small_tree(tmp_path):
     root = testing.make_tree(tmp_path / "tree")
     ds = D.load_dataset(_cfg(tmp_path, root), verbose=False)
     assert ds.class_names == ["Beta", "alpha", "gamma"]  # sorted, case-sensitive
-    assert len(ds.train) + len(ds.test) == 19
+    assert _total(ds) == 19
     assert len(ds.test) == 5  # ceil(0.25 * 19)
-    for split in (ds.train, ds.test):
+    for split in ds.splits().values():
         assert split.images.dtype == np.uint8 and split.images.shape[1:] == (16, 16, 3)
         assert split.labels.dtype == np.int32
         assert len(split.files) == len(split)
@@ -143,11 +84,11 @@ def test_non_jpg_is_excluded_and_modes_become_rgb(tmp_path):
     testing.write_image(root / "b" / "palette.jpg", 4, mode="P", fmt="PNG")
     testing.write_image(root / "b" / "rgba.jpg", 5, mode="RGBA", fmt="PNG")
     ds = D.load_dataset(_cfg(tmp_path, root), verbose=False)
-    files = set(ds.train.files) | set(ds.test.files)
+    files = set().union(*ds.split_files.values())
     assert "a/tmp" not in files and "b/notes.txt" not in files
     assert {"a/gray.jpg", "a/cmyk.jpg", "b/palette.jpg", "b/rgba.jpg"} <= files
     assert ds.manifest["ignored_non_jpg"] == ["a/tmp", "b/notes.txt"]
-    for split in (ds.train, ds.test):
+    for split in ds.splits().values():
         if "a/gray.jpg" in split.files:
             img = split.images[split.files.index("a/gray.jpg")].astype(int)
             assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(
@@ -163,11 +104,11 @@ def test_truncated_jpeg_is_skipped_with_warning(tmp_path):
         UserWarning, match=r"skipped 2 unreadable image\(s\).*a/image_0002.jpg.*b/image_0003.jpg"
     ):
         ds = D.load_dataset(_cfg(tmp_path, root), verbose=False)
-    assert len(ds.train) + len(ds.test) == 8
+    assert _total(ds) == 8
     skipped = [s["file"] for s in ds.manifest["skipped"]]
     assert skipped == ["a/image_0002.jpg", "b/image_0003.jpg"]
     # The summary line reports the count.
-    assert "a/image_0002.jpg" not in ds.train.files + ds.test.files
+    assert "a/image_0002.jpg" not in set().union(*ds.split_files.values())
 
 
 def test_empty_class_folder_raises(tmp_path):
@@ -202,9 +143,9 @@ def test_class_selection_and_cap(tmp_path):
         verbose=False,
     )
     assert ds.class_names == ["a", "b", "c"]
-    counts = np.bincount(np.concatenate([ds.train.labels, ds.test.labels]))
+    counts = np.bincount(np.concatenate([s.labels for s in ds.splits().values()]))
     assert counts.tolist() == [4, 4, 3]
-    assert sorted(f for f in ds.train.files + ds.test.files if f.startswith("a/")) == [
+    assert sorted(f for f in set().union(*ds.split_files.values()) if f.startswith("a/")) == [
         f"a/image_{i:04d}.jpg" for i in range(1, 5)
     ]
     with pytest.raises(ValueError, match="zebra"):
@@ -255,7 +196,7 @@ def test_synthetic_is_deterministic_and_shaped(tmp_path):
     np.testing.assert_array_equal(a.train.images, b.train.images)
     np.testing.assert_array_equal(a.test.labels, b.test.labels)
     assert a.num_classes == 5 and a.class_names == sorted(a.class_names)
-    assert len(a.train) + len(a.test) == 60 and a.train.images.shape[1:] == (24, 24, 3)
+    assert _total(a) == 60 and a.train.images.shape[1:] == (24, 24, 3)
     c = D.load_dataset({**cfg, "synthetic_seed": 1}, verbose=False)
     assert not np.array_equal(a.train.images, c.train.images)
     # Classes differ visibly: mean colours of two classes are far apart.
@@ -263,7 +204,7 @@ def test_synthetic_is_deterministic_and_shaped(tmp_path):
     means = np.stack([imgs[labels == k].reshape(-1, 3).mean(0) for k in range(5)])
     assert np.min(np.linalg.norm(means[:, None] - means[None], axis=-1)[~np.eye(5, dtype=bool)]) > 5
     tfds_like = D.load_dataset({**cfg, "split": "tfds", "train_per_class": 10}, verbose=False)
-    assert len(tfds_like.train) == 50
+    assert _total(tfds_like) - len(tfds_like.test) == 50  # train (and val)
 
 
 # --------------------------------------------------------------------------- tfds
@@ -318,17 +259,38 @@ def test_tfds_source_structure_with_fake_module(monkeypatch):
     mod, _ = _fake_tfds(names, examples)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", mod)
     ds = D.load_dataset(
-        {"source": "tfds", "classes": ["Faces", "Leopards"], "split": "tfds", "image_size": 8},
+        {
+            "source": "tfds",
+            "classes": ["Faces", "Leopards"],
+            "split": "tfds",
+            "image_size": 8,
+            "val_fraction": 0.0,
+        },
         verbose=False,
     )
     assert ds.class_names == ["faces", "leopards"]
     assert len(ds.train) == 4 and len(ds.test) == 8  # tfds' own split
     assert ds.train.images.shape == (4, 8, 8, 3) and ds.train.images.dtype == np.uint8
     assert all(f.split("/")[0] in ("faces", "leopards") for f in ds.train.files)
+    # A validation split comes out of tfds' training images; tfds' test split stays.
+    with_val = D.load_dataset(
+        {
+            "source": "tfds",
+            "classes": ["Faces", "Leopards"],
+            "split": "tfds",
+            "image_size": 8,
+            "val_fraction": 0.25,
+        },
+        verbose=False,
+    )
+    assert with_val.split_files["test"] == ds.split_files["test"] and len(with_val.val) == 1
+    assert set(with_val.split_files["train"]) | set(with_val.split_files["val"]) == set(
+        ds.split_files["train"]
+    )
     strat = D.load_dataset(
         {"source": "tfds", "classes": "all", "image_size": 8, "test_fraction": 0.5}, verbose=False
     )
-    assert len(strat.train) == 9 and len(strat.test) == 9
+    assert _total(strat) == 18 and len(strat.test) == 9
 
 
 def test_tfds_unprepared_without_download_raises(monkeypatch):

@@ -161,3 +161,125 @@ def test_save_classes(tmp_path):
     assert ds.num_classes == 3
     ds.save_classes(tmp_path / "classes.json")
     assert json.loads((tmp_path / "classes.json").read_text()) == ds.class_names
+
+
+# --------------------------------------------------------------------------- fixed before decoding
+
+
+def _folder_cfg(tmp_path, root, **kw):
+    cfg = {
+        "data_dir": str(root),
+        "cache_dir": str(tmp_path / "cache"),
+        "classes": "all",
+        "num_workers": 0,
+        "image_size": 8,
+    }
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "protocol",
+    [
+        {"split": "stratified", "test_fraction": 0.25, "val_fraction": 0.2},
+        {"split": "stratified", "test_fraction": 0.3, "val_fraction": 0.0},
+        {"split": "tfds", "train_per_class": 6, "val_fraction": 0.25},
+    ],
+)
+def test_unreadable_file_moves_no_other_file(tmp_path, protocol):
+    root = testing.make_tree(tmp_path / "tree", {"a": 11, "b": 9, "c": 8})
+    cfg = _folder_cfg(tmp_path, root, **protocol)
+    before = D.load_dataset(cfg, verbose=False).split_files
+    assert set(before) == (
+        {"train", "val", "test"} if protocol["val_fraction"] else {"train", "test"}
+    )
+    victims = ["a/image_0004.jpg", "b/image_0001.jpg"]
+    for v in victims:
+        testing.truncate_file(root / v, 0.3)
+    with pytest.warns(
+        UserWarning, match=r"skipped 2 unreadable.*a/image_0004.jpg \((train|val|test): "
+    ):
+        after = D.load_dataset(cfg, verbose=False)
+    assert not after.cache_hit
+    for name, files in before.items():
+        assert after.split_files[name] == [f for f in files if f not in victims], name
+    home = {f: name for name, files in before.items() for f in files}
+    assert [(s["file"], s["split"]) for s in after.manifest["skipped"]] == [
+        (v, home[v]) for v in victims
+    ]
+    # A cache hit and an uncached load give the same split and the same record of skips.
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        cached = D.load_dataset(cfg, verbose=False)
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        fresh = D.load_dataset({**cfg, "use_cache": False}, verbose=False)
+    assert cached.cache_hit
+    for other in (cached, fresh):
+        assert other.split_files == after.split_files
+        assert other.manifest["skipped"] == after.manifest["skipped"]
+        np.testing.assert_array_equal(other.train.images, after.train.images)
+    # Repairing the files puts them back where they were.
+    for i, v in enumerate(victims):
+        testing.write_image(root / v, 500 + i)
+    assert D.load_dataset(cfg, verbose=False).split_files == before
+
+
+def test_stratified_split_of_a_folder_equals_sklearn_on_the_file_list(tmp_path):
+    sklearn_split = pytest.importorskip("sklearn.model_selection")
+    root = testing.make_tree(tmp_path / "tree", {"a": 11, "b": 9, "c": 8})
+    testing.truncate_file(root / "c" / "image_0002.jpg", 0.3)
+    with pytest.warns(UserWarning, match="c/image_0002.jpg"):
+        ds = D.load_dataset(
+            _folder_cfg(tmp_path, root, test_fraction=0.25, val_fraction=0.0), verbose=False
+        )
+    files = sorted(
+        f"{c}/image_{i + 1:04d}.jpg" for c, n in {"a": 11, "b": 9, "c": 8}.items() for i in range(n)
+    )
+    labels = [f.split("/")[0] for f in files]
+    tr, te = sklearn_split.train_test_split(files, test_size=0.25, stratify=labels, random_state=42)
+    assert ds.test.files == [f for f in te if f != "c/image_0002.jpg"]
+    assert ds.train.files == [f for f in tr if f != "c/image_0002.jpg"]
+
+
+def _synthetic(**kw):
+    cfg = {
+        "source": "synthetic",
+        "synthetic_num_classes": 4,
+        "synthetic_per_class": 50,
+        "image_size": 8,
+        "classes": "all",
+        "val_fraction": 0.0,
+    }
+    return D.load_dataset({**cfg, **kw}, verbose=False)
+
+
+@pytest.mark.parametrize(
+    "protocol", [{"split": "stratified"}, {"split": "tfds", "train_per_class": 30}]
+)
+def test_validation_split_is_stratified_seeded_and_leaves_test_alone(protocol):
+    plain = _synthetic(**protocol)
+    ds = _synthetic(**protocol, val_fraction=0.2)
+    assert plain.val is None and plain.split_files["test"] == ds.split_files["test"]
+    train, val, test = (set(ds.split_files[k]) for k in ("train", "val", "test"))
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert train | val == set(plain.split_files["train"])
+    assert len(val) == int(np.ceil(0.2 * len(plain.train)))
+    share = ds.val.class_counts(4) / plain.train.class_counts(4)
+    assert np.all(np.abs(share - 0.2) <= 1 / plain.train.class_counts(4).min() + 1e-9)
+    assert _synthetic(**protocol, val_fraction=0.2).split_files == ds.split_files
+    other = _synthetic(**protocol, val_fraction=0.2, split_seed=7)
+    assert other.split_files["val"] != ds.split_files["val"]
+    # The validation split does not depend on images that are only in other splits' classes.
+    y = np.repeat(np.arange(3), [20, 20, 20])
+    names = ["x", "y", "z"]
+    tr = np.arange(60)
+    _, va = D.carve_validation(tr, y, 0.1, 42, names)
+    _, va_sub = D.carve_validation(tr[:40], y, 0.1, 42, names)
+    assert set(va[y[va] < 2]) == set(va_sub)
+
+
+def test_validation_carve_on_tiny_classes():
+    y = np.repeat(np.arange(3), [3, 3, 1])
+    tr, va = D.carve_validation(np.arange(7), y, 0.1, 0)
+    assert len(va) == 1 and np.all(np.bincount(y[tr], minlength=3) >= 1)
+    with pytest.raises(ValueError, match="val_fraction=0.5"):
+        D.carve_validation(np.arange(2), np.array([0, 1]), 0.5, 0)

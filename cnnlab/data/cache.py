@@ -2,10 +2,14 @@
 
 Layout of one prepared dataset, ``<cache_root>/prepared/<key>/``::
 
-    images.npy     uint8 [N, H, W, 3]
+    images.npy     uint8 [N, H, W, 3], one row per listed file (zeros for an unreadable one)
     labels.npy     int32 [N]
     classes.json   the sorted class names (label i = classes[i])
-    manifest.json  key, format version, shapes, checksums, files, skipped files, options
+    manifest.json  key, format version, shapes, checksums, the N files, the unreadable
+                   (``skipped``) ones, options
+
+Unreadable files keep their row so that a cached dataset lists the same files, and so gets the
+same split, as a fresh one; the split drops them after assignment.
 
 The key is a hash of everything the arrays depend on (the sorted relative file list with
 sizes and mtimes, the image size, resize mode and the other preprocessing options), so a
@@ -27,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: unreadable files keep a (zero) row
 ENV_CACHE_DIR = "CNNLAB_CACHE_DIR"
 _CHUNK = 1 << 24
 

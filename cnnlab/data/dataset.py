@@ -1,4 +1,10 @@
-"""``load_dataset``: source -> (cached) prepared arrays -> splits -> :class:`Dataset`."""
+"""``load_dataset``: source file list -> split assignment -> (cached) decoded arrays ->
+:class:`Dataset`.
+
+The split is computed from the sorted file list and the seed before anything is decoded;
+files that fail to decode are then dropped from the split they were assigned to (named in a
+warning and in ``manifest["skipped"]``), so they never move another file between splits.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from cnnlab.data._decode import decode_task, resize_image, to_rgb
 from cnnlab.data.cache import FORMAT_VERSION, cache_root, compute_key, load_prepared, write_prepared
 from cnnlab.data.config import CLASS_PRESETS, image_hw, resolve_config
 from cnnlab.data.iterator import Batch, iterate_epoch, iterate_train, num_batches
-from cnnlab.data.splits import carve_validation, class_count_table, stratified_split, tfds_split
+from cnnlab.data.splits import assign_splits, class_count_table
 
 _PREFIX = "[cnnlab.data]"
 
@@ -96,6 +102,12 @@ class Dataset:
             out["val"] = self.val
         out["test"] = self.test
         return out
+
+    @property
+    def split_files(self) -> dict[str, list[str]]:
+        """The sorted relative file names (``Faces/image_0001.jpg``; synthetic ids for the
+        synthetic source) of each split; unreadable files are in none of them."""
+        return {name: sorted(split.files) for name, split in self.splits().items()}
 
     def train_batches(
         self, batch_size: int, *, seed: int = 0, start_step: int = 0, num_epochs: int | None = None
@@ -191,10 +203,12 @@ def decode_images(
 def _warn_skipped(skipped: list[dict[str, str]], where: str) -> None:
     if not skipped:
         return
-    shown = "; ".join(f"{s['file']} ({s['error']})" for s in skipped[:20])
+    shown = "; ".join(f"{s['file']} ({s['split']}: {s['error']})" for s in skipped[:20])
     more = f"; ... and {len(skipped) - 20} more (see the manifest)" if len(skipped) > 20 else ""
     warnings.warn(
-        f"skipped {len(skipped)} unreadable image(s) in {where}: {shown}{more}", stacklevel=3
+        f"skipped {len(skipped)} unreadable image(s) in {where}, dropped from their splits: "
+        f"{shown}{more}",
+        stacklevel=3,
     )
 
 
@@ -214,6 +228,9 @@ def _preprocess_key(cfg: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class _Prepared:
+    """Every listed file, in sorted order: ``images[i]`` (zeros where ``ok[i]`` is False, the
+    file did not decode), ``labels[i]`` and ``files[i]``."""
+
     images: np.ndarray
     labels: np.ndarray
     class_names: list[str]
@@ -222,6 +239,11 @@ class _Prepared:
     predefined_train: np.ndarray | None = None
     cache_path: Path | None = None
     cache_hit: bool = False
+    ok: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.ok is None:
+            self.ok = np.ones(len(self.files), bool)
 
 
 def _check_nonempty_classes(class_names: list[str], labels: np.ndarray, where: str) -> None:
@@ -267,8 +289,11 @@ def _prepare_folder(cfg: dict[str, Any], verbose: bool) -> _Prepared:
         loaded, reason = load_prepared(cache_dir, key)
         if loaded is not None:
             images, labels, class_names, manifest = loaded
+            files = manifest["files"]
+            bad = {s["file"] for s in manifest["skipped"]}
+            ok = np.asarray([f not in bad for f in files], bool)
             return _Prepared(
-                images, labels, class_names, manifest["files"], manifest, None, cache_dir, True
+                images, labels, class_names, files, manifest, None, cache_dir, True, ok
             )
         if reason != "missing":
             warnings.warn(f"rebuilding the data cache {cache_dir}: {reason}", stacklevel=3)
@@ -287,13 +312,10 @@ def _prepare_folder(cfg: dict[str, Any], verbose: bool) -> _Prepared:
     seconds = time.perf_counter() - t0
     labels = np.asarray(labels_list, np.int32)
     skipped = [{"file": entries[i].rel, "error": errors[i]} for i in sorted(errors)]
-    _warn_skipped(skipped, where)
     if not ok.any():
         raise ValueError(f"zero readable images among the {len(entries)} files found in {root}")
-    if not ok.all():
-        images, labels = images[ok], labels[ok]
-    _check_nonempty_classes(chosen, labels, where)
-    files = [e.rel for e, good in zip(entries, ok, strict=True) if good]
+    _check_nonempty_classes(chosen, labels[ok], where)
+    files = [e.rel for e in entries]
     manifest = {
         "key": key,
         "source": "folder",
@@ -308,8 +330,8 @@ def _prepare_folder(cfg: dict[str, Any], verbose: bool) -> _Prepared:
     }
     if cfg["use_cache"]:
         manifest = write_prepared(cache_dir, images, labels, chosen, manifest, cfg["cache_verify"])
-        return _Prepared(images, labels, chosen, files, manifest, None, cache_dir, False)
-    return _Prepared(images, labels, chosen, files, manifest, None, None, False)
+    path = cache_dir if cfg["use_cache"] else None
+    return _Prepared(images, labels, chosen, files, manifest, None, path, False, ok)
 
 
 def _prepare_synthetic(cfg: dict[str, Any]) -> _Prepared:
@@ -415,6 +437,7 @@ def _prepare_tfds(cfg: dict[str, Any], verbose: bool) -> _Prepared:
 
 def _make_split(prep: _Prepared, idx: np.ndarray) -> Split:
     idx = np.asarray(idx, np.int64)
+    idx = idx[prep.ok[idx]]  # unreadable files leave the split they were assigned to
     order = np.argsort(idx, kind="stable")  # read the memory map in file order
     images = np.empty((idx.size, *prep.images.shape[1:]), np.uint8)
     images[order] = prep.images[idx[order]]
@@ -444,29 +467,20 @@ def load_dataset(config: Any = None, *, verbose: bool = True) -> Dataset:
     else:
         prep = _prepare_tfds(cfg, verbose)
     names = prep.class_names
-    if cfg["split"] == "tfds":
-        if prep.predefined_train is not None:
-            train_idx = np.flatnonzero(prep.predefined_train)
-            test_idx = np.flatnonzero(~prep.predefined_train)
-        else:
-            train_idx, test_idx = tfds_split(
-                prep.labels, prep.files, cfg["train_per_class"], cfg["split_seed"], names
-            )
-    else:
-        train_idx, test_idx = stratified_split(
-            prep.labels, cfg["test_fraction"], cfg["split_seed"], names
-        )
-    val_idx = None
-    if cfg["val_fraction"] > 0:
-        train_idx, val_idx = carve_validation(
-            train_idx, prep.labels, cfg["val_fraction"], cfg["split_seed"], names
-        )
+    assigned = assign_splits(
+        cfg, prep.labels, prep.files, names, predefined_train=prep.predefined_train
+    )
+    split_of = {int(i): name for name, idx in assigned.items() for i in idx}
+    index = {f: i for i, f in enumerate(prep.files)}
+    skipped = [{**s, "split": split_of[index[s["file"]]]} for s in prep.manifest["skipped"]]
+    _warn_skipped(skipped, str(prep.manifest.get("source_dir", cfg["source"])))
+    splits = {name: _make_split(prep, idx) for name, idx in assigned.items()}
     ds = Dataset(
-        train=_make_split(prep, train_idx),
-        test=_make_split(prep, test_idx),
-        val=_make_split(prep, val_idx) if val_idx is not None else None,
+        train=splits["train"],
+        test=splits["test"],
+        val=splits.get("val"),
         class_names=list(names),
-        manifest=prep.manifest,
+        manifest={**prep.manifest, "skipped": skipped},
         config=cfg,
         cache_path=prep.cache_path,
         cache_hit=prep.cache_hit,
@@ -476,10 +490,9 @@ def load_dataset(config: Any = None, *, verbose: bool = True) -> Dataset:
         how = ("cache hit" if prep.cache_hit else "prepared") + (
             f" {prep.cache_path}" if prep.cache_path else ""
         )
-        skipped = len(prep.manifest.get("skipped", []))
         print(
-            f"{_PREFIX} {cfg['source']}: {len(names)} classes, {prep.labels.shape[0]:,} images at {h}x{w} "
-            f"({cfg['resize']}), split={cfg['split']}, skipped={skipped}; {how} in {time.perf_counter() - t0:.2f} s",
+            f"{_PREFIX} {cfg['source']}: {len(names)} classes, {int(prep.ok.sum()):,} images at {h}x{w} "
+            f"({cfg['resize']}), split={cfg['split']}, skipped={len(skipped)}; {how} in {time.perf_counter() - t0:.2f} s",
             flush=True,
         )
         print(ds.summary(), flush=True)

@@ -6,6 +6,8 @@
   depending on scikit-learn.
 * :func:`tfds_split`: a fixed number of training images per class, drawn with a seeded
   generator from each class's sorted file list; the rest is the test split.
+* :func:`carve_validation`: a stratified, seeded validation split out of the training split.
+* :func:`assign_splits`: the configured protocol applied to a file list.
 * :func:`class_count_table`: a compact per-class count table for printing.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -134,9 +137,62 @@ def carve_validation(
     seed: int = 42,
     class_names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Splits ``train_indices`` into (train, val) with :func:`stratified_split` on their labels."""
-    sub_train, sub_val = stratified_split(labels[train_indices], val_fraction, seed, class_names)
-    return train_indices[sub_train], train_indices[sub_val]
+    """Splits ``train_indices`` into (train, val), both in the order of ``train_indices``.
+
+    ``ceil(val_fraction * n)`` images are allocated to the classes in proportion to their
+    training counts (scikit-learn's largest-remainder rule, ties broken by the seed), each class
+    keeping at least one training image; a class's share is drawn from its sorted indices by
+    ``np.random.default_rng([seed, crc32(class key)])``, as in :func:`tfds_split`. Unlike the
+    test split, classes may get no validation image, so small datasets can still be carved.
+    """
+    train_indices = np.asarray(train_indices, np.int64)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    y = np.asarray(labels)[train_indices]
+    classes, counts = np.unique(y, return_counts=True)
+    n_val = math.ceil(val_fraction * y.size)
+    take = np.minimum(_approximate_mode(counts, n_val, np.random.RandomState(seed)), counts - 1)
+    if take.sum() == 0:
+        raise ValueError(
+            f"val_fraction={val_fraction}: no class has 2 training images to carve a validation split from"
+        )
+    is_val = np.zeros(y.size, bool)
+    for c, k in zip(classes, take, strict=True):
+        pos = np.flatnonzero(y == c)
+        pos = pos[np.argsort(train_indices[pos], kind="stable")]
+        name = class_names[int(c)] if class_names is not None else str(int(c))
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        is_val[pos[rng.choice(pos.size, size=int(k), replace=False)]] = True
+    return train_indices[~is_val], train_indices[is_val]
+
+
+def assign_splits(
+    cfg: dict[str, Any],
+    labels: np.ndarray,
+    files: Sequence[str],
+    class_names: Sequence[str],
+    *,
+    predefined_train: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Indices of every listed file per split (``train``, ``val`` when ``val_fraction > 0``,
+    ``test``) under the data config ``cfg``.
+
+    Depends only on the sorted file list, its labels and the split fields, never on which
+    images decode, so an unreadable file cannot move any other file to another split. The
+    validation split comes out of the training split only: the test split does not depend on
+    ``val_fraction``. ``predefined_train`` marks a source's own training images (tfds).
+    """
+    names = list(class_names)
+    if cfg["split"] == "tfds" and predefined_train is not None:
+        train, test = np.flatnonzero(predefined_train), np.flatnonzero(~predefined_train)
+    elif cfg["split"] == "tfds":
+        train, test = tfds_split(labels, files, cfg["train_per_class"], cfg["split_seed"], names)
+    else:
+        train, test = stratified_split(labels, cfg["test_fraction"], cfg["split_seed"], names)
+    if not cfg["val_fraction"]:
+        return {"train": train, "test": test}
+    train, val = carve_validation(train, labels, cfg["val_fraction"], cfg["split_seed"], names)
+    return {"train": train, "val": val, "test": test}
 
 
 def class_count_table(class_names: Sequence[str], splits: dict[str, np.ndarray]) -> str:

@@ -14,14 +14,16 @@ import tempfile
 from typing import Any
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes JSON to a temporary file in the same directory, then renames it over ``path``."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to a temporary file in the same directory (mode 0644), then renames it
+    over ``path``, so a reader sees the old or the new file, never a torn one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,6 +31,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Writes JSON atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable))
 
 
 def _jsonable(value: Any) -> Any:

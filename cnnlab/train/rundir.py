@@ -1,0 +1,281 @@
+"""What a run directory records so that its results can be trusted later.
+
+* ``split.json``: each split's sorted file names and their sha256, and the unreadable files
+  dropped from their splits; :func:`check_split` refuses data that no longer gives this split.
+* ``environment.json``: cnnlab version and git commit, Python/JAX/Flax/Optax versions, platform
+  and devices of the latest start (a different earlier one moves to ``environment_history/``).
+* ``config.json``: the resolved config; :func:`record_config` refuses a resume with another
+  config unless allowed, then keeps the old one in ``config_history/`` and the change with its
+  step in ``config_changes.jsonl``.
+
+Every file is written atomically (temporary file + rename) with mode 0644. Call these on the
+main process only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+import warnings
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from cnnlab.data.dataset import Dataset
+from cnnlab.schema import flatten
+from cnnlab.train.writers import write_json_atomic, write_text_atomic
+
+SPLIT_FILE = "split.json"
+ENVIRONMENT_FILE = "environment.json"
+CONFIG_FILE = "config.json"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
+
+#: Flattened config keys that do not change results: resuming with other values is allowed
+#: silently (``config.json`` takes the new values, no history entry).
+OPERATIONAL_KEYS = (
+    "progress",
+    "log_every_steps",
+    "data.data_dir",
+    "data.cache_dir",
+    "data.num_workers",
+    "data.use_cache",
+    "data.cache_verify",
+)
+
+_ABSENT = "<absent>"
+
+
+class SplitChangedError(ValueError):
+    """The data on disk no longer gives the split a run recorded."""
+
+
+class ConfigChangedError(ValueError):
+    """A run is resumed with a config that differs from the one it recorded."""
+
+
+# --------------------------------------------------------------------------- split
+
+
+def _digest(files: list[str]) -> str:
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()
+
+
+def _split_record(dataset: Dataset) -> dict[str, Any]:
+    return {
+        "splits": {
+            name: {"count": len(files), "sha256": _digest(files), "files": files}
+            for name, files in dataset.split_files.items()
+        },
+        "skipped": list(dataset.manifest.get("skipped", [])),
+        "class_names": list(dataset.class_names),
+        "source": dataset.manifest.get("source_dir", dataset.config.get("source")),
+        "protocol": {
+            k: dataset.config.get(k)
+            for k in ("split", "split_seed", "test_fraction", "train_per_class", "val_fraction")
+        },
+    }
+
+
+def write_split_record(workdir: str | os.PathLike, dataset: Dataset) -> dict[str, Any]:
+    """Writes ``split.json`` for a :class:`cnnlab.data.Dataset` and returns the record."""
+    record = _split_record(dataset)
+    write_json_atomic(os.path.join(workdir, SPLIT_FILE), record)
+    return record
+
+
+def _examples(items: list[str], limit: int = 3) -> str:
+    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_split(workdir: str | os.PathLike, dataset: Dataset) -> None:
+    """Raises :class:`SplitChangedError` when ``dataset`` does not give the split recorded in
+    ``workdir/split.json``: a file added, removed or made unreadable (and, since the split is a
+    function of the whole file list, the files that moved with it), or other split settings.
+
+    A run directory without ``split.json`` (written before cnnlab recorded splits) only warns.
+    """
+    path = os.path.join(workdir, SPLIT_FILE)
+    if not os.path.exists(path):
+        warnings.warn(
+            f"{workdir} has no {SPLIT_FILE} (a run from before splits were recorded): "
+            "cannot check that the data gives the split it was trained with",
+            stacklevel=2,
+        )
+        return
+    with open(path) as f:
+        recorded = {k: v["files"] for k, v in json.load(f)["splits"].items()}
+    current = dataset.split_files
+    names = sorted(set(recorded) | set(current))
+    changed = [n for n in names if recorded.get(n, []) != current.get(n, [])]
+    if not changed:
+        return
+    was = {f: n for n in names for f in recorded.get(n, [])}
+    now = {f: n for n in names for f in current.get(n, [])}
+    gone, new = sorted(set(was) - set(now)), sorted(set(now) - set(was))
+    problems = []
+    if gone:
+        shown = _examples([f"{f} (was {was[f]})" for f in gone])
+        problems.append(f"{len(gone)} file(s) no longer in the data or unreadable: {shown}")
+    if new:
+        problems.append(f"{len(new)} new file(s): {_examples(new)}")
+    for n in changed:
+        old, cur = set(recorded.get(n, [])), set(current.get(n, []))
+        removed, added = sorted(old - cur), sorted(cur - old)
+        parts = [f"{len(removed)} file(s) removed ({_examples(removed, 2)})"] if removed else []
+        parts += [f"{len(added)} added ({_examples(added, 2)})"] if added else []
+        problems.append(f"{n}: {', '.join(parts)}")
+    raise SplitChangedError(
+        f"the data no longer gives the split recorded in {path}: {'; '.join(problems)}. "
+        "Its results would mix images across splits: restore the data the run used "
+        f"({SPLIT_FILE} lists every file) or train a new run in a fresh directory"
+    )
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_state(directory: Path) -> dict[str, Any] | None:
+    """The commit (and whether the package's files differ from it) of the git checkout that
+    holds ``directory``; None when there is none or git fails."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", "-C", str(directory), *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+        return out.stdout.strip()
+
+    try:
+        # The package must be tracked there: not a copy installed inside someone's repository.
+        git("ls-files", "--error-unmatch", "__init__.py")
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--", ".")),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Versions, git state, platform and devices of this process (see :func:`write_environment`)."""
+    devices = jax.devices()
+    return {
+        "cnnlab": _version("cnnlab"),
+        "git": _git_state(Path(__file__).resolve().parents[1]),
+        "python": platform.python_version(),
+        **{name: _version(name) for name in ("jax", "jaxlib", "flax", "optax")},
+        "platform": platform.platform(),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in devices],
+        "device_kinds": sorted({d.device_kind for d in devices}),
+        "process_count": jax.process_count(),
+    }
+
+
+def _history_path(workdir: str | os.PathLike, folder: str, stem: str) -> str:
+    directory = Path(workdir) / folder
+    taken = [int(p.name.split(".")[1]) for p in directory.glob(f"{stem}.[0-9]*.json")]
+    return str(directory / f"{stem}.{max(taken, default=0) + 1:04d}.json")
+
+
+def write_environment(workdir: str | os.PathLike) -> dict[str, Any]:
+    """Writes ``environment.json`` for this start and returns it; an earlier one that differs
+    (a resume on other devices or versions) is kept as ``environment_history/environment.NNNN.json``."""
+    env = environment()
+    path = os.path.join(workdir, ENVIRONMENT_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if {k: v for k, v in old.items() if k != "time"} != env:
+            write_json_atomic(_history_path(workdir, "environment_history", "environment"), old)
+    env["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json_atomic(path, env)
+    return env
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    # JSON round trip: what config.json will hold (tuples become lists), so old and new compare.
+    plain = config.to_dict() if hasattr(config, "to_dict") else config
+    return json.loads(json.dumps(plain, sort_keys=True, default=str))
+
+
+def record_config(
+    workdir: str | os.PathLike,
+    config: Mapping[str, Any],
+    *,
+    step: int,
+    allow_config_change: bool = False,
+) -> dict[str, tuple[Any, Any]]:
+    """Records the resolved ``config`` of a run starting or resuming at ``step``.
+
+    A fresh run directory gets ``config.json``. Otherwise the recorded config is compared key
+    by key (flattened, :data:`OPERATIONAL_KEYS` ignored); any difference raises
+    :class:`ConfigChangedError` naming every changed key with both values, unless
+    ``allow_config_change``: then the old file is kept as ``config_history/config.NNNN.json``,
+    ``{"step", "changes": {key: [old, new]}, "time", "previous"}`` is appended to
+    ``config_changes.jsonl`` and ``config.json`` is replaced. Returns the changes
+    (``{key: (old, new)}``, empty when none).
+    """
+    new = _plain(config)
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        write_json_atomic(path, new)
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    old_flat, new_flat = flatten(old), flatten(new)
+    differ = [
+        k
+        for k in sorted(set(old_flat) | set(new_flat))
+        if old_flat.get(k, _ABSENT) != new_flat.get(k, _ABSENT)
+    ]
+    changes = {
+        k: (old_flat.get(k, _ABSENT), new_flat.get(k, _ABSENT))
+        for k in differ
+        if k not in OPERATIONAL_KEYS
+    }
+    if changes and not allow_config_change:
+        listed = "; ".join(
+            f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items()
+        )
+        raise ConfigChangedError(
+            f"the config differs from the one recorded in {path} ({len(changes)} key(s)): {listed}. "
+            "Pass --allow_config_change to resume with the new values (the change and its step "
+            f"are then recorded in {CONFIG_CHANGES_FILE}), or use a fresh run directory"
+        )
+    if changes:
+        previous = _history_path(workdir, "config_history", "config")
+        write_json_atomic(previous, old)
+        entry = {
+            "step": int(step),
+            "changes": {k: list(v) for k, v in changes.items()},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "previous": os.path.relpath(previous, workdir),
+        }
+        log = os.path.join(workdir, CONFIG_CHANGES_FILE)
+        text = Path(log).read_text() if os.path.exists(log) else ""
+        write_text_atomic(log, text + json.dumps(entry, sort_keys=True) + "\n")
+    if differ:
+        write_json_atomic(path, new)
+    return changes
