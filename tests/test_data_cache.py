@@ -14,16 +14,9 @@ from cnnlab.data import cache, testing
 
 
 def _cfg(tmp_path, root, **kw):
-    cfg = {
-        "data_dir": str(root),
-        "cache_dir": str(tmp_path / "cache"),
-        "classes": "all",
-        "num_workers": 0,
-        "image_size": 12,
-        "test_fraction": 0.3,
-    }
-    cfg.update(kw)
-    return cfg
+    return testing.folder_config(
+        root, tmp_path / "cache", **{"image_size": 12, "test_fraction": 0.3, **kw}
+    )
 
 
 @pytest.fixture

@@ -16,16 +16,7 @@ from cnnlab.data._decode import load_image, resize_image
 
 
 def _cfg(tmp_path, data_dir, **kw):
-    cfg = {
-        "data_dir": str(data_dir),
-        "cache_dir": str(tmp_path / "cache"),
-        "classes": "all",
-        "num_workers": 0,
-        "test_fraction": 0.25,
-        "image_size": 16,
-    }
-    cfg.update(kw)
-    return cfg
+    return testing.folder_config(data_dir, tmp_path / "cache", **{"image_size": 16, **kw})
 
 
 def _total(ds):
@@ -258,31 +249,14 @@ def test_tfds_source_structure_with_fake_module(monkeypatch):
             )
     mod, _ = _fake_tfds(names, examples)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", mod)
-    ds = D.load_dataset(
-        {
-            "source": "tfds",
-            "classes": ["Faces", "Leopards"],
-            "split": "tfds",
-            "image_size": 8,
-            "val_fraction": 0.0,
-        },
-        verbose=False,
-    )
+    cfg = {"source": "tfds", "classes": ["Faces", "Leopards"], "split": "tfds", "image_size": 8}
+    ds = D.load_dataset({**cfg, "val_fraction": 0.0}, verbose=False)
     assert ds.class_names == ["faces", "leopards"]
     assert len(ds.train) == 4 and len(ds.test) == 8  # tfds' own split
     assert ds.train.images.shape == (4, 8, 8, 3) and ds.train.images.dtype == np.uint8
     assert all(f.split("/")[0] in ("faces", "leopards") for f in ds.train.files)
     # A validation split comes out of tfds' training images; tfds' test split stays.
-    with_val = D.load_dataset(
-        {
-            "source": "tfds",
-            "classes": ["Faces", "Leopards"],
-            "split": "tfds",
-            "image_size": 8,
-            "val_fraction": 0.25,
-        },
-        verbose=False,
-    )
+    with_val = D.load_dataset({**cfg, "val_fraction": 0.25}, verbose=False)
     assert with_val.split_files["test"] == ds.split_files["test"] and len(with_val.val) == 1
     assert set(with_val.split_files["train"]) | set(with_val.split_files["val"]) == set(
         ds.split_files["train"]

@@ -166,18 +166,6 @@ def test_save_classes(tmp_path):
 # --------------------------------------------------------------------------- fixed before decoding
 
 
-def _folder_cfg(tmp_path, root, **kw):
-    cfg = {
-        "data_dir": str(root),
-        "cache_dir": str(tmp_path / "cache"),
-        "classes": "all",
-        "num_workers": 0,
-        "image_size": 8,
-    }
-    cfg.update(kw)
-    return cfg
-
-
 @pytest.mark.parametrize(
     "protocol",
     [
@@ -188,7 +176,7 @@ def _folder_cfg(tmp_path, root, **kw):
 )
 def test_unreadable_file_moves_no_other_file(tmp_path, protocol):
     root = testing.make_tree(tmp_path / "tree", {"a": 11, "b": 9, "c": 8})
-    cfg = _folder_cfg(tmp_path, root, **protocol)
+    cfg = testing.folder_config(root, tmp_path / "cache", **protocol)
     before = D.load_dataset(cfg, verbose=False).split_files
     assert set(before) == (
         {"train", "val", "test"} if protocol["val_fraction"] else {"train", "test"}
@@ -229,7 +217,8 @@ def test_stratified_split_of_a_folder_equals_sklearn_on_the_file_list(tmp_path):
     testing.truncate_file(root / "c" / "image_0002.jpg", 0.3)
     with pytest.warns(UserWarning, match="c/image_0002.jpg"):
         ds = D.load_dataset(
-            _folder_cfg(tmp_path, root, test_fraction=0.25, val_fraction=0.0), verbose=False
+            testing.folder_config(root, tmp_path / "cache", test_fraction=0.25, val_fraction=0.0),
+            verbose=False,
         )
     files = sorted(
         f"{c}/image_{i + 1:04d}.jpg" for c, n in {"a": 11, "b": 9, "c": 8}.items() for i in range(n)

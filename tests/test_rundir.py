@@ -25,18 +25,6 @@ def _all_files(workdir: Path) -> list[Path]:
     return sorted(p for p in workdir.rglob("*") if p.is_file())
 
 
-def _folder_cfg(tmp_path, root, **kw):
-    cfg = {
-        "data_dir": str(root),
-        "cache_dir": str(tmp_path / "cache"),
-        "classes": "all",
-        "num_workers": 0,
-        "image_size": 8,
-        "val_fraction": 0.2,
-    }
-    return {**cfg, **kw}
-
-
 # --------------------------------------------------------------------------- split
 
 
@@ -71,7 +59,7 @@ def test_split_record_lists_every_split_and_checks_equal_data(tmp_path):
 @pytest.mark.parametrize("change", ["remove", "add", "unreadable"])
 def test_check_split_detects_changed_data(tmp_path, change):
     root = testing.make_tree(tmp_path / "tree", {"a": 10, "b": 9, "c": 8})
-    cfg = _folder_cfg(tmp_path, root)
+    cfg = testing.folder_config(root, tmp_path / "cache", val_fraction=0.2)
     ds = D.load_dataset(cfg, verbose=False)
     rundir.write_split_record(tmp_path / "run", ds)
     home = {f: name for name, files in ds.split_files.items() for f in files}

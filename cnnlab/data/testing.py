@@ -9,6 +9,7 @@ import os
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -48,6 +49,12 @@ def make_tree(
         for i in range(n):
             write_image(root / name / f"image_{i + 1:04d}.jpg", seed * 1000 + ci * 100 + i, size)
     return root
+
+
+def folder_config(root: Path, cache_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A data config for a generated tree: every class, decoded in-process, 8x8 images."""
+    cfg = {"data_dir": str(root), "cache_dir": str(cache_dir), "classes": "all"}
+    return {**cfg, "num_workers": 0, "image_size": 8, **overrides}
 
 
 def truncate_file(path: Path, keep_fraction: float = 0.5) -> Path:
