@@ -67,8 +67,9 @@ def _digest(files: list[str]) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()
 
 
-def _split_record(dataset: Dataset) -> dict[str, Any]:
-    return {
+def write_split_record(workdir: str | os.PathLike, dataset: Dataset) -> dict[str, Any]:
+    """Writes ``split.json`` for a :class:`cnnlab.data.Dataset` and returns the record."""
+    record = {
         "splits": {
             name: {"count": len(files), "sha256": _digest(files), "files": files}
             for name, files in dataset.split_files.items()
@@ -81,11 +82,6 @@ def _split_record(dataset: Dataset) -> dict[str, Any]:
             for k in ("split", "split_seed", "test_fraction", "train_per_class", "val_fraction")
         },
     }
-
-
-def write_split_record(workdir: str | os.PathLike, dataset: Dataset) -> dict[str, Any]:
-    """Writes ``split.json`` for a :class:`cnnlab.data.Dataset` and returns the record."""
-    record = _split_record(dataset)
     write_json_atomic(os.path.join(workdir, SPLIT_FILE), record)
     return record
 
