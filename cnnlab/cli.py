@@ -34,8 +34,26 @@ def _define_distributed_flags() -> None:
 def _define_train_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, reports).")
+    flags.DEFINE_bool(
+        "allow_config_change", False,
+        "Resume a run whose recorded config differs from --config (the change is recorded).",
+    )
     flags.mark_flags_as_required(["config", "workdir"])
     _define_distributed_flags()
+
+
+_TRAIN_FLAGS = ("config", "workdir", "allow_config_change", "coordinator_address", "num_processes",
+                "process_id")
+
+
+def _train_help() -> str:
+    """``cnnlab train``'s flags and every config field (type, default, doc) from the schema."""
+    from cnnlab.train.config import config_help
+
+    lines = ["usage: cnnlab train --config=<file.py> --workdir=<dir> [--config.<key>=<value> ...]", ""]
+    lines += [f"  --{n}: {FLAGS[n].help} (default: {FLAGS[n].default!r})" for n in _TRAIN_FLAGS]
+    lines += ["", "Config fields (--config.<key>=<value>), as key (type, default): doc:", ""]
+    return "\n".join(lines + ["  " + line for line in config_help().splitlines()])
 
 
 def _define_eval_flags() -> None:
@@ -63,7 +81,9 @@ def _train(argv) -> None:
     _initialize_distributed()
     from cnnlab.train import train_and_evaluate
 
-    final = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    final = train_and_evaluate(
+        FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
+    )
     print("final:", "  ".join(f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float)))
 
 
@@ -104,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     command = argv.pop(1)
     if command == "train":
         _define_train_flags()
+        if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
+            print(_train_help())
+            sys.exit(0)
         app.run(_train, argv=argv)
     elif command == "eval":
         _define_eval_flags()

@@ -33,10 +33,11 @@ def get_config():
     config.data.split_seed = 42
     config.data.image_size = 96
     config.data.resize = "stretch"
-    config.data.augment.preset = "none"
-    config.data.augment.horizontal_flip = True
-    config.data.augment.random_crop_padding = 8
-    config.data.augment.mixup_alpha = 0.2
+    config.data.val_fraction = 0.1  # 3 of the 30 training images per class select the checkpoint
+    config.data.augment.ops = ("keras_affine", "random_crop", "mixup")
+    config.data.augment.keras_affine.horizontal_flip = True
+    config.data.augment.random_crop.padding = 8
+    config.data.augment.mixup.alpha = 0.2
 
     config.model.name = "resnet"
     config.model.kwargs.stem_filters = 32
@@ -55,5 +56,5 @@ def get_config():
     config.schedule.warmup_epochs = 3.0
     config.loss.label_smoothing = 0.1
     config.normalization = "mean_std"
-    config.checkpoint.best_metric = "test/mean_per_class_accuracy"
+    config.checkpoint.best_metric = "val/mean_per_class_accuracy"
     return config

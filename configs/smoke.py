@@ -21,7 +21,8 @@ def get_config():
     config.data.synthetic_per_class = 80
     config.data.image_size = 32
     config.data.split = "stratified"
-    config.data.augment.horizontal_flip = True
+    config.data.augment.ops = ("keras_affine",)
+    config.data.augment.keras_affine.horizontal_flip = True
 
     config.model.name = "simple_cnn"
     config.model.kwargs.widths = (16, 32, 32)

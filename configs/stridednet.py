@@ -2,7 +2,9 @@
 
 96x96 inputs, classes Faces/Leopards/Motorbikes/airplanes, stratified 75/25 split with seed
 42, Adam lr 1e-4 with Keras' legacy decay 1e-4/epochs per step, L2 5e-4 on conv kernels,
-he_normal, the tutorial's ImageDataGenerator augmentation, batch 32, 50 epochs.
+he_normal, the tutorial's ImageDataGenerator augmentation, batch 32, 50 epochs. The best
+checkpoint is chosen on a validation split (10% of the training images); the test metrics are
+reported as the tutorial reports them.
 
     CALTECH101_DIR=../shared/data/caltech101/101_ObjectCategories \\
         cnnlab train --config=configs/stridednet.py --workdir=runs/stridednet
@@ -10,6 +12,7 @@ he_normal, the tutorial's ImageDataGenerator augmentation, batch 32, 50 epochs.
 Quick check: ``--config.num_epochs=2``.
 """
 
+from cnnlab.data import augment_preset
 from cnnlab.train import default_config
 
 EPOCHS = 50
@@ -32,7 +35,8 @@ def get_config():
     config.data.split_seed = 42
     config.data.image_size = 96
     config.data.resize = "stretch"
-    config.data.augment.preset = "tutorial"
+    config.data.val_fraction = 0.1  # carved from the 75%: selects the best checkpoint
+    config.data.augment = augment_preset("tutorial")
 
     config.model.name = "stridednet"
     config.model.kwargs.kernel_initializer = "he_normal"
@@ -43,5 +47,5 @@ def get_config():
     config.schedule.name = "keras_decay"
     config.schedule.decay = 1e-4 / EPOCHS
     config.normalization = "scale"
-    config.checkpoint.best_metric = "test/accuracy"
+    config.checkpoint.best_metric = "val/accuracy"
     return config

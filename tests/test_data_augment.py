@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 
 import jax
@@ -66,8 +68,10 @@ def test_zero_config_is_exact_identity(dtype):
     out = D.augment(KEY, x)
     assert out.dtype == x.dtype
     np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
-    fn = D.make_augment_fn(D.default_augment_config())
-    np.testing.assert_array_equal(np.asarray(fn(KEY, x)), np.asarray(x))
+    for augment in (None, D.augment_preset("none"), {"ops": ("keras_affine",)}):
+        out, labels = D.augment_pipeline(augment, 3)(KEY, x, jnp.arange(4) % 3)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+        np.testing.assert_array_equal(np.asarray(labels), np.eye(3)[np.arange(4) % 3])
     # The warp itself is exact for identity parameters, too.
     np.testing.assert_array_equal(np.asarray(D.apply_transform(x, _params(4))), np.asarray(x))
 
@@ -160,8 +164,9 @@ def test_matches_keras_image_data_generator():
 
 def test_random_parameters_follow_keras_distributions():
     n, h, w = 4096, 40, 50
+    tutorial = D.augment_preset("tutorial").keras_affine.to_dict()
     p = D.sample_transform_params(
-        KEY, n, h, w, **{k: v for k, v in D.TUTORIAL_AUGMENT.items() if k != "fill_mode"}
+        KEY, n, h, w, **{k: v for k, v in tutorial.items() if k not in ("fill_mode", "cval")}
     )
     p = {k: np.asarray(v) for k, v in p.items()}
     assert np.abs(p["theta"]).max() <= 20 and p["theta"].std() > 10  # U(-20, 20): std 11.5
@@ -181,14 +186,21 @@ def test_random_parameters_follow_keras_distributions():
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 def test_shapes_dtypes_and_determinism(dtype):
     x = jnp.asarray(_img(8, 16, 12, dtype=dtype))
-    fn = D.make_augment_fn(D.augment_preset("tutorial"))
-    a = fn(jax.random.PRNGKey(1), x)
+    pipeline = D.augment_pipeline(D.augment_preset("tutorial"), 3)
+    labels = jnp.arange(8) % 3
+
+    def fn(key):
+        return pipeline(key, x, labels)[0]
+
+    a = fn(jax.random.PRNGKey(1))
     assert a.shape == x.shape and a.dtype == x.dtype
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(fn(jax.random.PRNGKey(1), x)))
-    assert not np.array_equal(np.asarray(a), np.asarray(fn(jax.random.PRNGKey(2), x)))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(fn(jax.random.PRNGKey(1))))
+    assert not np.array_equal(np.asarray(a), np.asarray(fn(jax.random.PRNGKey(2))))
     assert float(jnp.min(a)) >= 0 and float(jnp.max(a)) <= 255
-    direct = D.augment(jax.random.PRNGKey(1), x, **D.TUTORIAL_AUGMENT)
-    assert direct.shape == x.shape and direct.dtype == x.dtype
+    # The op is random_affine with the preset's values, on the op's own key.
+    tutorial = D.augment_preset("tutorial").keras_affine.to_dict()
+    direct = D.augment(jax.random.split(jax.random.PRNGKey(1), 1)[0], x, **tutorial)
+    np.testing.assert_array_equal(np.asarray(direct), np.asarray(a))
 
 
 # --------------------------------------------------------------------------- crop and mixing
@@ -219,52 +231,136 @@ def test_mixup_and_cutmix():
     changed = np.any(np.asarray(cx) != np.asarray(x), axis=-1)
     area = changed.mean(axis=(1, 2))
     assert np.all(area <= 1.0)
-    fn = D.make_batch_augment_fn(
-        {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "horizontal_flip": True}, 3
-    )
-    bx, by = fn(KEY, x, jnp.arange(8) % 3)
-    assert bx.shape == x.shape and by.shape == (8, 3)
-    plain = D.make_batch_augment_fn(None, 3)
+    config = {"ops": ("keras_affine", "mixup_or_cutmix"), "keras_affine": {"horizontal_flip": True}}
+    fn = D.augment_pipeline(config, 3)
+    seen = set()
+    for seed in range(8):  # each batch is either mixup (float, blended) or cutmix (pasted pixels)
+        bx, by = fn(jax.random.PRNGKey(seed), x, jnp.arange(8) % 3)
+        assert bx.shape == x.shape and bx.dtype == jnp.float32 and by.shape == (8, 3)
+        np.testing.assert_allclose(np.asarray(by).sum(1), 1.0, rtol=1e-6)
+        seen.add(bool(np.all(np.asarray(bx) == np.round(np.asarray(bx)))))
+    assert seen == {True, False}
+    plain = D.augment_pipeline(None, 3)
     px, py = plain(KEY, x, jnp.arange(8) % 3)
     np.testing.assert_array_equal(np.asarray(px), np.asarray(x))
     np.testing.assert_array_equal(np.asarray(py), np.asarray(y))
 
 
+_AFFINE = ("rotation_range", "zoom_range", "width_shift_range", "height_shift_range", "shear_range")
+
+
 @pytest.mark.parametrize(
     "values",
     [
-        {"rotation_range": 20.0, "zoom_range": 0.15, "width_shift_range": 0.2, "height_shift_range": 3.0,
-         "shear_range": 0.15, "mixup_alpha": 0.3, "cutmix_alpha": 1.0},
-        {"rotation_range": 0.0, "zoom_range": 0.0, "width_shift_range": 0.0, "height_shift_range": 0.0,
-         "shear_range": 0.0, "mixup_alpha": 0.2, "cutmix_alpha": 0.5},
+        {"keras_affine.rotation_range": 20.0, "keras_affine.zoom_range": 0.15,
+         "keras_affine.width_shift_range": 0.2, "keras_affine.height_shift_range": 3.0,
+         "keras_affine.shear_range": 0.15, "mixup_or_cutmix.mixup_alpha": 0.3,
+         "mixup_or_cutmix.cutmix_alpha": 1.0},
+        {**{f"keras_affine.{k}": 0.0 for k in _AFFINE}, "mixup_or_cutmix.mixup_alpha": 0.2,
+         "mixup_or_cutmix.cutmix_alpha": 0.5},
     ],
 )
-def test_traced_strengths_give_what_the_same_python_values_give(values):
-    # Packed sweep trials pass their augmentation strengths as traced scalars into a function
-    # built from another trial's config (same structure: flips, mixing on, float forms).
+def test_traced_values_give_what_the_same_python_values_give(values):
+    # Packed sweep trials pass their augmentation strengths as traced scalars into a pipeline
+    # built from another trial's config (same structure: ops, flips, fill mode, float forms).
     x = jnp.asarray(_img(8, 12, 12, dtype=np.uint8))
     labels = jnp.arange(8) % 3
-    structure = {"horizontal_flip": True, "fill_mode": "reflect", "rotation_range": 5.0,
-                 "zoom_range": 0.05, "width_shift_range": 0.1, "height_shift_range": 0.1,
-                 "shear_range": 1.0, "mixup_alpha": 0.1, "cutmix_alpha": 0.1}
-    want = D.make_batch_augment_fn({**structure, **values}, 3)(KEY, x, labels)
-    fn = D.make_batch_augment_fn(structure, 3)
-    strengths = {k: jnp.float32(v) for k, v in values.items()}
-    got = jax.jit(fn)(KEY, x, labels, strengths)
-    for g, w in zip(got, want):
+    structure = {"ops": ("keras_affine", "mixup_or_cutmix"),
+                 "keras_affine": {"horizontal_flip": True, "fill_mode": "reflect", "rotation_range": 5.0,
+                                  "zoom_range": 0.05, "width_shift_range": 0.1,
+                                  "height_shift_range": 0.1, "shear_range": 1.0},
+                 "mixup_or_cutmix": {"mixup_alpha": 0.1, "cutmix_alpha": 0.1}}
+    same = {**structure, "keras_affine": dict(structure["keras_affine"]),
+            "mixup_or_cutmix": dict(structure["mixup_or_cutmix"])}
+    for key, v in values.items():
+        op, param = key.split(".")
+        same[op][param] = v
+    want = D.augment_pipeline(same, 3)(KEY, x, labels)
+    fn = D.augment_pipeline(structure, 3)
+    assert set(fn.traceable()) == set(values)
+    assert fn.structure() == D.augment_pipeline(same, 3).structure()
+    traced = {k: jnp.float32(v) for k, v in values.items()}
+    got = jax.jit(lambda t: fn(KEY, x, labels, t))(traced)
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=1e-4, rtol=0)
-    if not values["rotation_range"]:  # traced zeros still draw, and draw the identity warp
-        identity = D.make_augment_fn({"horizontal_flip": False})(KEY, x)
-        zeros = {k: jnp.float32(0.0) for k in ("rotation_range", "zoom_range", "width_shift_range",
-                                             "height_shift_range", "shear_range")}
-        traced = jax.jit(D.make_augment_fn({"rotation_range": 5.0, "zoom_range": 0.1}))(KEY, x, zeros)
-        np.testing.assert_array_equal(np.asarray(traced), np.asarray(identity))
+    if not values["keras_affine.rotation_range"]:  # traced zeros still draw, and draw the identity
+        affine = D.augment_pipeline({"ops": ("keras_affine",),
+                                     "keras_affine": {"rotation_range": 5.0, "zoom_range": 0.1}}, 3)
+        zeros = {f"keras_affine.{k}": jnp.float32(0.0) for k in _AFFINE}
+        out, _ = jax.jit(lambda t: affine(KEY, x, labels, t))(zeros)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
 
 
-def test_strengths_that_cannot_be_traced_are_named():
-    fn = D.make_batch_augment_fn({"width_shift_range": [-2, 2]}, 3)
+def test_parameters_that_cannot_be_traced_are_named():
+    fn = D.augment_pipeline({"ops": ("keras_affine",),
+                             "keras_affine": {"width_shift_range": [-2, 2], "rotation_range": 3.0}}, 3)
+    assert fn.traceable() == {"keras_affine.rotation_range": 3.0, "keras_affine.height_shift_range": 0.0,
+                              "keras_affine.shear_range": 0.0, "keras_affine.zoom_range": 0.0}
+    assert fn.structure()["keras_affine"]["width_shift_range"] == [-2, 2]
+    assert fn.structure()["keras_affine"]["rotation_range"] == "traced"
     x = jnp.zeros((2, 8, 8, 3), jnp.uint8)
-    with pytest.raises(ValueError, match="width_shift_range"):
-        fn(KEY, x, jnp.zeros((2,), jnp.int32), {"width_shift_range": jnp.float32(0.1)})
-    with pytest.raises(ValueError, match="fill_mode"):
-        fn(KEY, x, jnp.zeros((2,), jnp.int32), {"fill_mode": jnp.float32(0.1)})
+    labels = jnp.zeros((2,), jnp.int32)
+    for name in ("keras_affine.width_shift_range", "keras_affine.fill_mode", "mixup.alpha"):
+        with pytest.raises(ValueError, match=name):
+            fn(KEY, x, labels, {name: jnp.float32(0.1)})
+
+
+def test_structure_separates_what_a_program_depends_on():
+    base = {"ops": ("keras_affine", "mixup"), "keras_affine": {"rotation_range": 10.0}}
+    s = D.augment_pipeline(base, 3).structure()
+    assert s == D.augment_pipeline({**base, "keras_affine": {"rotation_range": 2.0},
+                                    "mixup": {"alpha": 0.7}}, 3).structure()
+    json.dumps(s)
+    for other in ({**base, "ops": ("mixup", "keras_affine")}, {"ops": ("keras_affine",)},
+                  {**base, "keras_affine": {"rotation_range": 10.0, "horizontal_flip": True}}):
+        assert D.augment_pipeline(other, 3).structure() != s
+
+
+def test_tutorial_preset_is_the_keras_tutorial():
+    tut = D.augment_preset("tutorial")
+    assert tut.ops == ("keras_affine",)
+    a = tut.keras_affine
+    assert (a.rotation_range, a.zoom_range, a.width_shift_range, a.height_shift_range,
+            a.shear_range, a.horizontal_flip, a.vertical_flip, a.fill_mode) == (
+        20.0, 0.15, 0.2, 0.2, 0.15, True, False, "nearest")
+    assert D.augment_preset("none").ops == ()
+    with pytest.raises(ValueError, match="tutorial"):
+        D.augment_preset("tutorail")
+
+
+_USER_OP = """
+import jax.numpy as jnp
+from cnnlab.data import register_augment
+from cnnlab.schema import Field, in_range
+
+@register_augment("brighten_test_op", amount=Field(10.0, float, in_range(0, 255), "added", traceable=True),
+                  clip=Field(True, bool, doc="clip to 255"))
+def brighten(key, images, labels, *, amount, clip):
+    out = images.astype(jnp.float32) + amount
+    return (jnp.minimum(out, 255.0) if clip else out), labels
+"""
+
+
+def test_a_user_op_registered_from_a_module_of_their_own(tmp_path, monkeypatch):
+    from cnnlab.train import default_config, validate_config
+
+    (tmp_path / "my_augment.py").write_text(_USER_OP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("my_augment")
+    config = default_config()  # a config file that imported my_augment first
+    config.data.augment.ops = ("keras_affine", "brighten_test_op")
+    config.data.augment.brighten_test_op.amount = 250.0
+    resolved = validate_config(config)
+    assert resolved.data.augment.brighten_test_op.to_dict() == {"amount": 250.0, "clip": True}
+    config.data.augment.brighten_test_op.amount = 300.0
+    with pytest.raises(ValueError, match=r"'data.augment.brighten_test_op.amount': invalid value 300.0"):
+        validate_config(config)
+    pipeline = D.augment_pipeline(resolved.data.augment, 3)
+    assert pipeline.traceable()["brighten_test_op.amount"] == 250.0
+    x = jnp.asarray(_img(4, 6, 6, dtype=np.uint8))
+    out, labels = pipeline(KEY, x, jnp.arange(4) % 3)
+    np.testing.assert_array_equal(np.asarray(out), np.minimum(np.asarray(x, np.float32) + 250.0, 255.0))
+    traced, _ = jax.jit(lambda t: pipeline(KEY, x, jnp.arange(4) % 3, t))({"brighten_test_op.amount": 1.0})
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(x, np.float32) + 1.0)
+    with pytest.raises(ValueError, match=r"did you mean 'brighten_test_op'"):
+        validate_config({**config.to_dict(), "data": {"augment": {"ops": ("brighten_test_opp",)}}})

@@ -30,14 +30,13 @@ unchanged (the exact identity).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnlab.data.config import resolve_augment_config
+from cnnlab.data.augmentations import AUGMENT_OPS, resolve_augment
 
 # --------------------------------------------------------------------------- normalization
 
@@ -139,7 +138,7 @@ def sample_transform_params(
 ) -> dict[str, jax.Array]:
     """Per-example random parameters, drawn as ``ImageDataGenerator.get_random_transform``.
 
-    The ranges of the float forms may be traced scalars (see :func:`make_batch_augment_fn`).
+    The ranges of the float forms may be traced scalars (see :func:`random_affine`).
     Returns ``theta, tx, ty, shear, zx, zy`` (float32 [B]) and ``flip_horizontal,
     flip_vertical`` (bool [B]) with Keras' meanings (``tx`` from ``height_shift_range`` scaled
     by ``height``, ``ty`` from ``width_shift_range`` scaled by ``width``).
@@ -309,40 +308,12 @@ def apply_transform(
     return warp_affine(images, transform_matrices(params, h, w), fill_mode, cval)
 
 
-def _is_identity(
-    rotation_range,
-    width_shift_range,
-    height_shift_range,
-    shear_range,
-    zoom_range,
-    horizontal_flip,
-    vertical_flip,
-) -> bool:
-    return (
-        _static_zero(rotation_range)
-        and _static_zero(width_shift_range)
-        and _static_zero(height_shift_range)
-        and _static_zero(shear_range)
-        and _static_no_zoom(zoom_range)
-        and not horizontal_flip
-        and not vertical_flip
-    )
+#: The affine/flip arguments of :func:`augment` (static under jit).
+_AFFINE_KEYS = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range",
+                "zoom_range", "horizontal_flip", "vertical_flip", "fill_mode")
 
 
-#: The affine/flip arguments of :func:`augment` (static under jit), also config keys.
-_AFFINE_KEYS = (
-    "rotation_range",
-    "width_shift_range",
-    "height_shift_range",
-    "shear_range",
-    "zoom_range",
-    "horizontal_flip",
-    "vertical_flip",
-    "fill_mode",
-)
-
-
-def _augment(
+def random_affine(
     key: jax.Array,
     images: jax.Array,
     *,
@@ -359,64 +330,22 @@ def _augment(
     """Keras ``ImageDataGenerator``-style random affine augmentation of a batch [B, H, W, C].
 
     See the module docstring for the exact semantics; all ranges zero and no flips is the exact
-    identity. :func:`augment` is this function jitted with the ranges static; called unjitted
-    (inside a traced function), the float ranges may also be traced scalars.
+    identity. The float ranges may be traced scalars (one per packed sweep trial); a traced zero
+    draws, and gives exactly what skipping the draw gives. :func:`augment` is this function
+    jitted with the ranges static.
     """
-    if _is_identity(
-        rotation_range,
-        width_shift_range,
-        height_shift_range,
-        shear_range,
-        zoom_range,
-        horizontal_flip,
-        vertical_flip,
-    ):
+    ranges = dict(rotation_range=rotation_range, width_shift_range=width_shift_range,
+                  height_shift_range=height_shift_range, shear_range=shear_range)
+    flips = dict(horizontal_flip=horizontal_flip, vertical_flip=vertical_flip)
+    if all(map(_static_zero, ranges.values())) and _static_no_zoom(zoom_range) and not any(flips.values()):
         return images
     b, h, w, _ = images.shape
-    params = sample_transform_params(
-        key,
-        b,
-        h,
-        w,
-        rotation_range=rotation_range,
-        width_shift_range=width_shift_range,
-        height_shift_range=height_shift_range,
-        shear_range=shear_range,
-        zoom_range=zoom_range,
-        horizontal_flip=horizontal_flip,
-        vertical_flip=vertical_flip,
-    )
+    params = sample_transform_params(key, b, h, w, zoom_range=zoom_range, **ranges, **flips)
     return warp_affine(images, transform_matrices(params, h, w), fill_mode, cval)
 
 
-#: Fields of the augmentation config that may be traced scalars in
-#: ``make_batch_augment_fn(...)(key, images, labels, strengths)`` (in their float forms: a shift
-#: range or zoom range given as a list, or a shift range given as an int, stays static).
-TRACEABLE_STRENGTHS = (
-    "rotation_range",
-    "width_shift_range",
-    "height_shift_range",
-    "shear_range",
-    "zoom_range",
-    "mixup_alpha",
-    "cutmix_alpha",
-)
-
-
 #: The jitted entry point: ranges static (hashable: numbers or tuples).
-augment = jax.jit(_augment, static_argnames=_AFFINE_KEYS)
-
-
-#: The Keras Conv2D tutorial's ImageDataGenerator settings, as keyword arguments of augment().
-TUTORIAL_AUGMENT: dict[str, Any] = {
-    "rotation_range": 20.0,
-    "zoom_range": 0.15,
-    "width_shift_range": 0.2,
-    "height_shift_range": 0.2,
-    "shear_range": 0.15,
-    "horizontal_flip": True,
-    "fill_mode": "nearest",
-}
+augment = jax.jit(random_affine, static_argnames=_AFFINE_KEYS)
 
 
 # --------------------------------------------------------------------------- crop / mix
@@ -532,102 +461,82 @@ def cutmix(
     return out, lam_adj * y + (1 - lam_adj) * y[perm]
 
 
-# --------------------------------------------------------------------------- from config
+# --------------------------------------------------------------------------- pipeline
 
 
-def _with_strengths(cfg: dict[str, Any], strengths: Any) -> dict[str, Any]:
-    if not strengths:
-        return cfg
-    unknown = sorted(set(strengths) - set(TRACEABLE_STRENGTHS))
-    if unknown:
-        raise ValueError(f"augment strengths {unknown} cannot be traced; traceable: {TRACEABLE_STRENGTHS}")
-    static = [k for k in strengths
-              if isinstance(cfg[k], (tuple, list)) or (type(cfg[k]) is int and cfg[k] != 0)]
-    if static:
-        raise ValueError(f"augment fields {static} are lists or int pixel ranges here, which stay "
-                         "static; only their float forms can be traced.")
-    return {**cfg, **strengths}
+class AugmentPipeline:
+    """The ops of a ``data.augment`` config, composed; built by :func:`augment_pipeline`."""
+
+    def __init__(self, config: Any, num_classes: int) -> None:
+        cfg = resolve_augment(config)
+        self.num_classes = num_classes
+        self.ops = tuple(cfg["ops"])
+        self._params = {name: cfg[name] for name in self.ops}
+        self._traceable = {
+            f"{name}.{p}": float(v)
+            for name in dict.fromkeys(self.ops)
+            for p, v in self._params[name].items()
+            if AUGMENT_OPS.lookup(name).fields[p].traceable and isinstance(v, float)
+        }
+        self._apply = jax.jit(self._run)
+
+    def traceable(self) -> dict[str, float]:
+        """``{"<op>.<param>": value}`` for every parameter that may be passed traced."""
+        return dict(self._traceable)
+
+    def structure(self) -> dict[str, Any]:
+        """What the compiled program depends on besides :meth:`traceable`'s values (JSON-able):
+        equal structures can share one program with different traced values."""
+        out: dict[str, Any] = {"ops": list(self.ops), "num_classes": self.num_classes}
+        for name in self.ops:
+            out[name] = {p: "traced" if f"{name}.{p}" in self._traceable else
+                         (list(v) if isinstance(v, tuple) else v) for p, v in self._params[name].items()}
+        return out
+
+    def __call__(
+        self, key: jax.Array, images: jax.Array, labels: jax.Array,
+        traced: dict[str, jax.Array] | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """``(images [B, H, W, C], soft labels float32 [B, num_classes])`` from uint8 (or float)
+        images and int labels [B]. ``traced`` replaces values of :meth:`traceable` (a Python
+        value there gives what the same value in the config gives)."""
+        bad = sorted(set(traced or {}) - set(self._traceable))
+        if bad:
+            raise ValueError(f"augment parameters {bad} cannot be traced here (not a listed op's "
+                             f"traceable float parameter); traceable: {sorted(self._traceable)}")
+        return self._apply(key, images, labels, dict(traced or {}))
+
+    def _run(self, key, images, labels, traced):
+        y = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)
+        if not self.ops:
+            return images, y
+        for k, name in zip(jax.random.split(key, len(self.ops)), self.ops, strict=True):
+            params = {p: traced.get(f"{name}.{p}", v) for p, v in self._params[name].items()}
+            images, y = AUGMENT_OPS.lookup(name).fn(k, images, y, **params)
+        return images, y
 
 
-def make_augment_fn(config: Any = None) -> Callable[..., jax.Array]:
-    """``fn(key, images, strengths=None) -> images``: the config's affine/flip augmentation, then
-    its random crop (jit-compiled; the identity for an all-zero config). ``strengths`` maps
-    fields of :data:`TRACEABLE_STRENGTHS` to (traced) values that replace the config's."""
-    cfg = resolve_augment_config(config)
-    cval = cfg["cval"]
-    padding = cfg["random_crop_padding"]
-    crop_fill = cfg["random_crop_fill"]
+def augment_pipeline(config: Any, num_classes: int) -> AugmentPipeline:
+    """``pipeline(key, images, int_labels, traced=None) -> (images, soft_labels)`` for a
+    ``data.augment`` config (a ConfigDict or dict; validated here).
 
-    @jax.jit
-    def fn(key: jax.Array, images: jax.Array, strengths: Any = None) -> jax.Array:
-        affine = {k: v for k, v in _with_strengths(cfg, strengths).items() if k in _AFFINE_KEYS}
-        k1, k2 = jax.random.split(key)
-        x = _augment(k1, images, cval=cval, **affine)
-        return random_crop(k2, x, padding, crop_fill, cval) if padding else x
-
-    return fn
-
-
-def make_batch_augment_fn(
-    config: Any, num_classes: int
-) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """``fn(key, images, int_labels, strengths=None) -> (images, soft_labels float32 [B, K])``:
-    the image augmentation of :func:`make_augment_fn`, then mixup and/or cutmix when their alpha
-    is > 0 (with both, each batch uses one of them with probability 1/2). Without mixing the
-    labels are plain one-hot and the images keep their dtype; with mixup they become float32.
-
-    ``strengths`` (e.g. one value per packed sweep trial, traced) replaces the config's values of
-    those :data:`TRACEABLE_STRENGTHS`; the same values given as Python numbers in the config give
-    the same result. Which of mixup and cutmix is on stays the config's (alpha > 0).
+    Op ``i`` of ``config.ops`` gets ``jax.random.split(key, len(ops))[i]``. No ops: the images
+    unchanged and one-hot labels. The images keep their dtype unless a mixing op makes them
+    float32. Pure and traceable, so it can run inside a jitted train step.
     """
-    cfg = resolve_augment_config(config)
-    image_fn = make_augment_fn(cfg)
-    ma, ca = cfg["mixup_alpha"], cfg["cutmix_alpha"]
-
-    @jax.jit
-    def fn(key, images, labels, strengths=None):
-        strengths = dict(strengths or {})
-        mix_alpha = strengths.pop("mixup_alpha", ma)
-        cut_alpha = strengths.pop("cutmix_alpha", ca)
-        k1, k2, k3 = jax.random.split(key, 3)
-        x = image_fn(k1, images, strengths or None)
-        y = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-        if ma > 0 and ca > 0:
-            xf = _to_float(x)
-            xm, ym = mixup(k2, xf, y, mix_alpha)
-            xc, yc = cutmix(k2, xf, y, cut_alpha)
-            use_mix = jax.random.bernoulli(k3, 0.5)
-            return jnp.where(use_mix, xm, xc), jnp.where(use_mix, ym, yc)
-        if ma > 0:
-            return mixup(k2, x, y, mix_alpha)
-        if ca > 0:
-            return cutmix(k2, x, y, cut_alpha)
-        return x, y
-
-    return fn
-
-
-def describe(config: Any) -> str:  # pragma: no cover - cosmetic
-    cfg = resolve_augment_config(config)
-    active = {
-        k: v
-        for k, v in cfg.items()
-        if k != "preset" and v not in (0, 0.0, False, "nearest", "constant")
-    }
-    return f"augment(preset={cfg['preset']}, {active})" if active else "augment(identity)"
+    return AugmentPipeline(config, num_classes)
 
 
 __all__ = [
-    "TRACEABLE_STRENGTHS",
-    "TUTORIAL_AUGMENT",
+    "AugmentPipeline",
     "apply_transform",
     "augment",
+    "augment_pipeline",
     "channel_mean_std",
     "cutmix",
-    "make_augment_fn",
-    "make_batch_augment_fn",
     "mixup",
     "normalize",
+    "random_affine",
     "random_crop",
     "sample_transform_params",
     "transform_matrices",

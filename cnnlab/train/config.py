@@ -1,205 +1,155 @@
-"""The training config schema: every field with its default, and validation before any compute.
+"""The training config: every field declared once in :func:`train_schema` (default, type, check,
+one-line doc), from which come :func:`default_config`, :func:`validate_config` and
+:func:`config_help` (what ``cnnlab train --help`` prints).
 
-A config file's ``get_config()`` starts from :func:`default_config` and overrides fields. Before
-a run, :func:`validate_config` checks it against this schema: unknown keys (with the closest
-valid key for typos), wrong types, unknown names (model, optimizer, schedule) and impossible
-combinations are rejected with the key named.
-
-Fields (``config.<field>``):
-
-* ``seed``: PRNG seed for initialization, dropout, augmentation and data order.
-* ``num_epochs``, ``batch_size`` (global, over all devices and processes),
-  ``per_device_batch_size`` (0 = unused; when set, the global ``batch_size`` becomes it times
-  the device count, and the resolved value is what ``config.json`` records), ``grad_accum_steps``
-  (``optax.MultiSteps``: one update per this many batches), ``steps_per_dispatch`` (batches run
-  per jitted call through ``lax.scan``, like Keras' ``steps_per_execution``; unrolled on CPU,
-  so keep it small there),
-  ``eval_batch_size``.
-* ``model.name`` (a :mod:`cnnlab.models` name) and ``model.kwargs`` (its arguments).
-* ``data``: see :mod:`cnnlab.data` (source, classes, split, image size, augmentation...).
-* ``optimizer``: ``name`` in adam/adamw/sgd/rmsprop, ``learning_rate``, ``b1``, ``b2``, ``eps``,
-  ``momentum``, ``nesterov``, ``rho``, ``weight_decay`` (decoupled, adamw/sgd), ``grad_clip_norm``.
-* ``schedule``: ``name`` in constant/keras_decay/cosine/step; ``decay`` (Keras' legacy
-  ``lr / (1 + decay * step)``), ``warmup_epochs``, ``min_lr_ratio``, ``step_epochs``,
-  ``step_factor``.
-* ``loss.label_smoothing``.
-* ``normalization``: ``scale`` (``x / 255``, the tutorial's) or ``mean_std`` (per-channel
-  statistics of the training images).
-* ``mixed_precision``: compute in bfloat16 with float32 parameters.
-* ``checkpoint``: ``every_epochs``, ``every_steps`` (0 = only at epoch ends), ``keep``,
-  ``best_metric`` (e.g. ``"test/accuracy"``), ``best_mode`` (max/min).
-* ``log_every_steps``, ``eval_every_epochs``, ``progress`` (show a progress bar).
+A config file's ``get_config()`` starts from :func:`default_config` and overrides fields.
+:func:`validate_config` rejects unknown keys (naming the closest valid one), wrong types, names
+not in their registry (model, optimizer, schedule, metric, augmentation op) and impossible
+combinations, before any compute, as a :class:`cnnlab.schema.ConfigError`.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Mapping
-from typing import Any
+import warnings
 
 import ml_collections
 
 from cnnlab import models
-from cnnlab.data import default_data_config, resolve_config
-
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-SCHEDULES = ("constant", "keras_decay", "cosine", "step")
-METRICS = (
-    "test/accuracy",
-    "test/loss",
-    "test/mean_per_class_accuracy",
-    "test/top5_accuracy",
-    "val/accuracy",
-    "val/loss",
-    "val/mean_per_class_accuracy",
-    "val/top5_accuracy",
+from cnnlab.data.config import data_schema
+from cnnlab.schema import (
+    ConfigError,
+    Field,
+    Schema,
+    at_least,
+    field_docs,
+    greater_than,
+    in_range,
+    invalid,
+    one_of,
+    resolve,
+    unknown,
 )
+from cnnlab.schema import default_config as schema_defaults
+from cnnlab.train import metrics as metrics_lib
+from cnnlab.train import optim
+
+#: The train-split metrics a checkpoint may also be selected on.
+TRAIN_METRICS = ("train/loss", "train/accuracy")
+
+
+def _positive_int(default: int, doc: str) -> Field:
+    return Field(default, int, at_least(1), doc)
+
+
+def train_schema() -> Schema:
+    """Every training field (``data`` included), built from the registries as they are now."""
+    return {
+        "seed": Field(0, int, at_least(0), "PRNG seed: initialization, dropout, augmentation, data order"),
+        "num_epochs": _positive_int(10, "training epochs"),
+        "batch_size": _positive_int(32, "global batch size, over all devices and processes"),
+        "per_device_batch_size": Field(0, int, at_least(0), "if > 0, batch_size = this x devices"),
+        "grad_accum_steps": _positive_int(1, "optax.MultiSteps: one update per this many batches"),
+        "steps_per_dispatch": _positive_int(1, "batches per jitted call (lax.scan; unrolled on CPU)"),
+        "eval_batch_size": _positive_int(128, "evaluation batch size"),
+        "metrics": Field(metrics_lib.DEFAULT_METRICS, tuple, choices=metrics_lib.metric_names,
+                         doc="evaluation metrics (cnnlab.train.metrics registry)"),
+        "model": {
+            "name": Field("stridednet", str, choices=lambda: models.MODELS, doc="registered model"),
+            "kwargs": Field({}, dict, doc="the model's constructor arguments (num_classes comes from the data)"),
+        },
+        "data": data_schema(),
+        "optimizer": {
+            "name": Field("adam", str, choices=lambda: optim.OPTIMIZERS,
+                          doc="registered optimizer"),
+            "learning_rate": Field(1e-3, float, greater_than(0), "peak learning rate"),
+            "b1": Field(0.9, float, in_range(0, 1), "adam/adamw first-moment decay"),
+            "b2": Field(0.999, float, in_range(0, 1), "adam/adamw second-moment decay"),
+            "eps": Field(1e-7, float, greater_than(0), "adam/adamw/rmsprop epsilon (Keras' default)"),
+            "momentum": Field(0.9, float, in_range(0, 1), "sgd/rmsprop momentum (0: none)"),
+            "nesterov": Field(False, bool, doc="sgd: Nesterov momentum"),
+            "rho": Field(0.9, float, in_range(0, 1), "rmsprop decay"),
+            "weight_decay": Field(0.0, float, at_least(0), "decoupled weight decay"),
+            "grad_clip_norm": Field(0.0, float, at_least(0), "clip gradients to this global norm (0: off)"),
+        },
+        "schedule": {
+            "name": Field("constant", str, choices=lambda: optim.SCHEDULES,
+                          doc="registered learning-rate schedule"),
+            "decay": Field(0.0, float, at_least(0), "keras_decay: lr / (1 + decay * step)"),
+            "warmup_epochs": Field(0.0, float, at_least(0), "linear warm-up from 0, in epochs"),
+            "min_lr_ratio": Field(0.0, float, in_range(0, 1, hi_open=False), "cosine: final lr / peak lr"),
+            "step_epochs": _positive_int(30, "step: epochs between decays"),
+            "step_factor": Field(0.1, float, greater_than(0), "step: lr factor per decay"),
+        },
+        "loss": {
+            "label_smoothing": Field(0.0, float, in_range(0, 1), "label smoothing of the cross-entropy"),
+        },
+        "normalization": Field("scale", str, choices=("scale", "mean_std"),
+                               doc="x / 255, or per-channel mean/std of the training images"),
+        "mixed_precision": Field(False, bool, doc="compute in bfloat16, parameters in float32"),
+        "checkpoint": {
+            "every_epochs": _positive_int(1, "latest checkpoint every this many epochs"),
+            "every_steps": Field(0, int, at_least(0), "also every this many steps (0: epoch ends only)"),
+            "keep": _positive_int(2, "latest checkpoints kept"),
+            "best_metric": Field("val/accuracy", str, doc="selects the best checkpoint: val/<m> or "
+                                 "test/<m> for m in metrics, train/loss, train/accuracy"),
+            "best_mode": Field("max", str, choices=("max", "min"), doc="whether larger best_metric is better"),
+            "select_on_test": Field(False, bool, doc="allow a test/ best_metric (model selection on test)"),
+        },
+        "log_every_steps": _positive_int(20, "train metrics every this many steps"),
+        "eval_every_epochs": _positive_int(1, "evaluate every this many epochs"),
+        "progress": Field(True, bool, doc="show a progress bar"),
+    }
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Every training field with its default value."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.num_epochs = 10
-    c.batch_size = 32
-    c.per_device_batch_size = 0
-    c.grad_accum_steps = 1
-    c.steps_per_dispatch = 1
-    c.eval_batch_size = 128
-
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "stridednet"
-    c.model.kwargs = ml_collections.ConfigDict()
-
-    c.data = default_data_config()
-
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "adam"
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-7  # Keras' default epsilon
-    c.optimizer.momentum = 0.9
-    c.optimizer.nesterov = False
-    c.optimizer.rho = 0.9
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.grad_clip_norm = 0.0
-
-    c.schedule = ml_collections.ConfigDict()
-    c.schedule.name = "constant"
-    c.schedule.decay = 0.0
-    c.schedule.warmup_epochs = 0.0
-    c.schedule.min_lr_ratio = 0.0
-    c.schedule.step_epochs = 30
-    c.schedule.step_factor = 0.1
-
-    c.loss = ml_collections.ConfigDict()
-    c.loss.label_smoothing = 0.0
-
-    c.normalization = "scale"
-    c.mixed_precision = False
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_epochs = 1
-    c.checkpoint.every_steps = 0
-    c.checkpoint.keep = 2
-    c.checkpoint.best_metric = "test/accuracy"
-    c.checkpoint.best_mode = "max"
-
-    c.log_every_steps = 20
-    c.eval_every_epochs = 1
-    c.progress = True
-    return c
+    return schema_defaults(train_schema())
 
 
-def _closest(key: str, choices) -> str:
-    match = difflib.get_close_matches(key, list(choices), n=1)
-    return f' Did you mean "{match[0]}"?' if match else ""
+def config_help() -> str:
+    """Every config field as ``key (type, default): doc`` lines."""
+    return "\n".join(field_docs(train_schema()))
 
 
-def _check_against_schema(config: Mapping[str, Any], schema: Mapping[str, Any], prefix: str) -> None:
-    for key, value in config.items():
-        path = f"{prefix}{key}"
-        if key not in schema:
-            raise ValueError(
-                f"Unknown config key {path!r}.{_closest(key, schema.keys())} Valid keys here: "
-                f"{sorted(schema.keys())}."
-            )
-        expected = schema[key]
-        if path in ("model.kwargs",):
-            continue  # checked against the chosen model's arguments
-        if isinstance(expected, Mapping):
-            if not isinstance(value, Mapping):
-                raise ValueError(f"Config key {path!r} must be a group of fields, got {value!r}.")
-            _check_against_schema(value, expected, path + ".")
-        elif expected is not None and value is not None:
-            if isinstance(expected, bool) != isinstance(value, bool):
-                raise ValueError(f"Config key {path!r} must be a bool, got {value!r}.")
-            if isinstance(expected, float) and isinstance(value, int) and not isinstance(value, bool):
-                continue
-            if isinstance(expected, (int, float, str)) and not isinstance(value, type(expected)):
-                raise ValueError(
-                    f"Config key {path!r} must be of type {type(expected).__name__}, got {value!r}."
-                )
-
-
-def _choice(path: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"Invalid {path}={value!r}.{_closest(str(value), choices)} Valid values: {sorted(choices)}."
-        )
+def selection_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The metric keys a run records that may select checkpoints or rank sweep trials."""
+    return (*(f"{split}/{m}" for split in ("val", "test") for m in config.metrics), *TRAIN_METRICS)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks ``config`` against the schema; returns it (unchanged) or raises ``ValueError``."""
-    plain = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    schema = default_config().to_dict()
-    _check_against_schema(plain, schema, "")
-    merged = default_config()
-    merged.update(config)
+    """``config`` checked against the schema, with every default filled in and values normalized.
 
-    for key in ("num_epochs", "batch_size", "eval_batch_size", "log_every_steps", "eval_every_epochs",
-                "grad_accum_steps", "steps_per_dispatch"):
-        if merged[key] <= 0:
-            raise ValueError(f"Config key {key!r} must be positive, got {merged[key]!r}.")
-    if merged.per_device_batch_size < 0:
-        raise ValueError(
-            f"Config key 'per_device_batch_size' must be >= 0, got {merged.per_device_batch_size!r}."
-        )
-    _choice("model.name", merged.model.name, models.MODELS)
-    fields = models.model_fields(merged.model.name)
-    for key in merged.model.kwargs.keys():
+    Raises:
+      ConfigError: the first problem, naming the key and the bad value.
+    """
+    c = ml_collections.ConfigDict(resolve(train_schema(), config))
+    fields = models.model_fields(c.model.name) - {"num_classes"}
+    for key in c.model.kwargs:
         if key == "num_classes":
-            raise ValueError("model.kwargs.num_classes is set from the data; remove it.")
+            raise invalid("model.kwargs.num_classes", c.model.kwargs[key], "set from the data; remove it")
         if key not in fields:
-            raise ValueError(
-                f"Unknown config key 'model.kwargs.{key}' for model {merged.model.name!r}."
-                f"{_closest(key, fields)} Its arguments: {sorted(fields - {'num_classes'})}."
-            )
-    _choice("optimizer.name", merged.optimizer.name, OPTIMIZERS)
-    _choice("normalization", merged.normalization, ("scale", "mean_std"))
-    _choice("schedule.name", merged.schedule.name, SCHEDULES)
-    if merged.optimizer.learning_rate <= 0:
-        raise ValueError(f"optimizer.learning_rate must be positive, got {merged.optimizer.learning_rate!r}.")
-    if not 0.0 <= merged.loss.label_smoothing < 1.0:
-        raise ValueError(f"loss.label_smoothing must be in [0, 1), got {merged.loss.label_smoothing!r}.")
-    if merged.schedule.name == "keras_decay" and merged.schedule.decay < 0:
-        raise ValueError(f"schedule.decay must be >= 0, got {merged.schedule.decay!r}.")
-    if merged.schedule.warmup_epochs < 0 or merged.schedule.warmup_epochs > merged.num_epochs:
-        raise ValueError(
-            f"schedule.warmup_epochs={merged.schedule.warmup_epochs!r} must be in [0, num_epochs="
-            f"{merged.num_epochs}]."
-        )
-    resolve_config(merged.data)  # raises ValueError naming a bad data.* field
-    _choice("checkpoint.best_metric", merged.checkpoint.best_metric, METRICS)
-    _choice("checkpoint.best_mode", merged.checkpoint.best_mode, ("max", "min"))
-    if merged.checkpoint.best_metric.startswith("val/") and merged.data.val_fraction <= 0:
-        raise ValueError(
-            f"checkpoint.best_metric={merged.checkpoint.best_metric!r} needs a validation split: "
-            "set data.val_fraction > 0."
-        )
-    if merged.checkpoint.keep < 1:
-        raise ValueError(f"checkpoint.keep must be >= 1, got {merged.checkpoint.keep!r}.")
-    if merged.checkpoint.every_epochs < 1 or merged.checkpoint.every_steps < 0:
-        raise ValueError("checkpoint.every_epochs must be >= 1 and checkpoint.every_steps >= 0.")
-    return merged
+            raise unknown(f"model.kwargs.{key}", [f"model.kwargs.{f}" for f in sorted(fields)])
+    if c.schedule.warmup_epochs > c.num_epochs:
+        raise invalid("schedule.warmup_epochs", c.schedule.warmup_epochs,
+                      f"must be <= num_epochs={c.num_epochs}")
+    _check_best_metric(c)
+    return c
+
+
+def _check_best_metric(c: ml_collections.ConfigDict) -> None:
+    best = c.checkpoint.best_metric
+    if best not in selection_metrics(c):
+        raise invalid("checkpoint.best_metric", best, one_of(best, list(selection_metrics(c))))
+    if best.startswith("val/") and c.data.val_fraction == 0:
+        raise ConfigError(f"config key 'checkpoint.best_metric': {best!r} needs a validation split, "
+                          "but data.val_fraction is 0 (set data.val_fraction > 0)")
+    if best.startswith("test/"):
+        if not c.checkpoint.select_on_test:
+            raise ConfigError(f"config key 'checkpoint.best_metric': {best!r} selects the model on "
+                              "the test set; use a val/ metric, or set checkpoint.select_on_test=True")
+        warnings.warn(f"checkpoint.best_metric={best!r}: the test set is used for model selection, "
+                      "so its metrics are no longer an unbiased estimate", UserWarning, stacklevel=2)
+
+
+#: Deprecated (use :func:`selection_metrics`): the default config's val/ and test/ metric keys.
+METRICS = tuple(f"{split}/{m}" for split in ("val", "test") for m in metrics_lib.DEFAULT_METRICS)

@@ -1,0 +1,193 @@
+"""Augmentation ops by name: the config's ``data.augment.ops`` lists them in application order,
+and ``data.augment.<op>.<param>`` holds each op's parameters.
+
+An op is registered once, with its parameters declared as :class:`cnnlab.schema.Field`\\ s
+(default, type, check, doc, and whether a packed sweep may trace it). A user adds one in their
+own module, imported by their config file::
+
+    from cnnlab.data import register_augment
+    from cnnlab.schema import Field, in_range
+
+    @register_augment("invert", p=Field(0.5, float, in_range(0, 1), "probability", traceable=True))
+    def invert(key, images, labels, *, p):
+        import jax, jax.numpy as jnp
+        flip = jax.random.bernoulli(key, p, (images.shape[0], 1, 1, 1))
+        return jnp.where(flip, 255 - images, images), labels
+
+    config.data.augment.ops = ("invert",)   # in get_config(), after the import
+
+``fn(key, images [B, H, W, C], soft_labels float32 [B, K], **params) -> (images, soft_labels)``
+must be traceable; a traceable parameter may arrive as a traced scalar. The built-in ops call
+:mod:`cnnlab.data.transforms` (imported when they run, so declaring them needs no JAX);
+:func:`cnnlab.data.augment_pipeline` composes the listed ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from cnnlab._registry import Registry
+from cnnlab.schema import Field, Schema, at_least, closest, default_config, greater_than, resolve
+
+FILL_MODES = ("nearest", "reflect", "wrap", "constant")
+CROP_FILL_MODES = ("constant", "reflect", "edge")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentOp:
+    """A registered op: its function and its parameters' fields."""
+
+    fn: Callable[..., tuple[Any, Any]]
+    fields: dict[str, Field]
+
+
+AUGMENT_OPS = Registry("augmentation op", {})
+
+
+def register_augment(name: str, **fields: Field) -> Callable[[Callable], Callable]:
+    """Decorator registering ``fn(key, images, labels, **params)`` as augmentation op ``name``
+    with parameters ``fields`` (settable as ``data.augment.<name>.<param>``)."""
+
+    def decorator(fn: Callable) -> Callable:
+        AUGMENT_OPS.register(name, AugmentOp(fn, dict(fields)))
+        return fn
+
+    return decorator
+
+
+def augment_schema() -> Schema:
+    """``data.augment``: the op list and every registered op's parameters (read at call time,
+    so ops registered by a user's module are included)."""
+    ops = Field((), tuple, doc="augmentation ops applied in this order (each gets its own key)",
+                choices=lambda: AUGMENT_OPS)
+    return {"ops": ops, **{name: op.fields for name, op in AUGMENT_OPS.items()}}
+
+
+def resolve_augment(config: Any) -> dict[str, Any]:
+    """A validated plain-dict ``data.augment`` config (every registered op's section filled)."""
+    return resolve(augment_schema(), config, prefix="data.augment.")
+
+
+#: Named augmentation configs (values over the defaults); ``augment_preset`` builds them.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    # The Keras Conv2D tutorial's ImageDataGenerator settings.
+    "tutorial": {
+        "ops": ("keras_affine",),
+        "keras_affine": {"rotation_range": 20.0, "zoom_range": 0.15, "width_shift_range": 0.2,
+                         "height_shift_range": 0.2, "shear_range": 0.15, "horizontal_flip": True,
+                         "fill_mode": "nearest"},
+    },
+}
+
+
+def augment_preset(name: str) -> ml_collections.ConfigDict:
+    """A full ``data.augment`` ConfigDict with the preset's values (``"none"`` or ``"tutorial"``)."""
+    if name not in _PRESETS:
+        match = closest(name, _PRESETS)
+        raise ValueError(f"unknown augment preset {name!r}" + (f" (did you mean {match!r}?)" if match else "")
+                         + f"; presets: {', '.join(_PRESETS)}")
+    cfg = default_config(augment_schema())
+    for key, value in _PRESETS[name].items():
+        if isinstance(value, dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+# --------------------------------------------------------------------------- built-in ops
+
+
+def _shift_check(v: Any) -> str | None:
+    if isinstance(v, tuple):
+        ok = v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        return None if ok else "must be a number >= 0 or a non-empty list of numbers"
+    return None if v >= 0 else "must be >= 0 (a fraction of the size if < 1, else pixels)"
+
+
+def _zoom_check(v: Any) -> str | None:
+    if isinstance(v, tuple):
+        ok = len(v) == 2 and all(isinstance(x, (int, float)) and x > 0 for x in v) and v[0] <= v[1]
+        return None if ok else "must be a float in [0, 1) or a pair (lo, hi) with 0 < lo <= hi"
+    return None if 0 <= v < 1 else "must be in [0, 1) or a pair (lo, hi)"
+
+
+def _shift(axis: str) -> Field:
+    return Field(0.0, (float, int, tuple), _shift_check, traceable=True,
+                 doc=f"{axis} shift: float s ~ U(-s, s), times the {axis} if s < 1; int s: an "
+                     "integer in (-s, s); list: one of its values with a random sign (Keras)")
+
+
+@register_augment(
+    "keras_affine",
+    rotation_range=Field(0.0, float, at_least(0), "rotation ~ U(-r, r) degrees", traceable=True),
+    width_shift_range=_shift("width"),
+    height_shift_range=_shift("height"),
+    shear_range=Field(0.0, float, at_least(0), "shear ~ U(-s, s) degrees", traceable=True),
+    zoom_range=Field(0.0, (float, tuple), _zoom_check, traceable=True,
+                     doc="zx, zy ~ U(1-z, 1+z) independently, or U(lo, hi) for a pair"),
+    horizontal_flip=Field(False, bool, doc="flip left-right with probability 1/2"),
+    vertical_flip=Field(False, bool, doc="flip upside-down with probability 1/2"),
+    fill_mode=Field("nearest", str, choices=FILL_MODES, doc="samples outside the image (scipy's modes)"),
+    cval=Field(0.0, float, doc="fill value of fill_mode='constant'"),
+)
+def _keras_affine(key, images, labels, **params):
+    """Keras ``ImageDataGenerator``'s random affine warp and flips (see :mod:`cnnlab.data.transforms`)."""
+    from cnnlab.data.transforms import random_affine
+
+    return random_affine(key, images, **params), labels
+
+
+@register_augment(
+    "random_crop",
+    padding=Field(4, int, at_least(0), "pixels padded on each side before a random H x W crop"),
+    fill=Field("constant", str, choices=CROP_FILL_MODES, doc="how the padding is filled"),
+    cval=Field(0.0, float, doc="padding value of fill='constant'"),
+)
+def _random_crop(key, images, labels, *, padding, fill, cval):
+    """Pad-and-crop."""
+    from cnnlab.data import transforms
+
+    return transforms.random_crop(key, images, padding, fill, cval), labels
+
+
+def _alpha(default: float, what: str) -> Field:
+    return Field(default, float, greater_than(0), f"{what}: lam ~ Beta(alpha, alpha) per batch",
+                 traceable=True)
+
+
+@register_augment("mixup", alpha=_alpha(0.2, "mixup"))
+def _mixup(key, images, labels, *, alpha):
+    """Mixup with a permutation of the batch (images become float32)."""
+    from cnnlab.data import transforms
+
+    return transforms.mixup(key, images, labels, alpha)
+
+
+@register_augment("cutmix", alpha=_alpha(1.0, "cutmix"))
+def _cutmix(key, images, labels, *, alpha):
+    """CutMix: a box pasted from a permutation of the batch, labels mixed by its area."""
+    from cnnlab.data import transforms
+
+    return transforms.cutmix(key, images, labels, alpha)
+
+
+@register_augment("mixup_or_cutmix", mixup_alpha=_alpha(0.2, "mixup"),
+                  cutmix_alpha=_alpha(1.0, "cutmix"))
+def _mixup_or_cutmix(key, images, labels, *, mixup_alpha, cutmix_alpha):
+    """Each batch either mixup or cutmix, with probability 1/2 (images become float32)."""
+    import jax
+
+    from cnnlab.data import transforms
+
+    k_mix, k_choice = jax.random.split(key)
+    x = images.astype("float32")
+    xm, ym = transforms.mixup(k_mix, x, labels, mixup_alpha)
+    xc, yc = transforms.cutmix(k_mix, x, labels, cutmix_alpha)
+    use_mix = jax.random.bernoulli(k_choice, 0.5)
+    return jax.numpy.where(use_mix, xm, xc), jax.numpy.where(use_mix, ym, yc)

@@ -1,0 +1,269 @@
+"""The one config schema (cnnlab.schema): defaults, validation and its error format, the field
+docs and ``cnnlab train --help``, command-line overrides of every field, and the data config."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+import cnnlab.data as D
+from cnnlab.schema import ConfigError, flatten
+from cnnlab.train import default_config, validate_config
+from cnnlab.train.config import config_help
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.py"
+
+
+def smoke_config() -> ml_collections.ConfigDict:
+    sys.path.insert(0, str(ROOT / "configs"))
+    import smoke
+
+    return smoke.get_config()
+
+
+def with_value(config, key, value) -> ml_collections.ConfigDict:
+    plain = config.to_dict()
+    target = plain
+    *parents, leaf = key.split(".")
+    for p in parents:
+        target = target[p]
+    target[leaf] = value
+    return ml_collections.ConfigDict(plain)
+
+
+# --------------------------------------------------------------------------- error format
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("optimizer.learning_rate", -1.0,
+         "config key 'optimizer.learning_rate': invalid value -1.0 (must be > 0)"),
+        ("optimzer", {"name": "adam"}, "unknown config key 'optimzer' (did you mean 'optimizer'?)"),
+        ("optimizer.lerning_rate", 0.1,
+         "unknown config key 'optimizer.lerning_rate' (did you mean 'optimizer.learning_rate'?)"),
+        ("num_epoch", 3, "unknown config key 'num_epoch' (did you mean 'num_epochs'?)"),
+        ("optimizer.name", "adamm", "config key 'optimizer.name': invalid value 'adamm' (must be one of"),
+        ("model.name", "stridenet", "did you mean 'stridednet'?"),
+        ("model.kwargs.widthz", (8,), "unknown config key 'model.kwargs.widthz' (did you mean 'model.kwargs.widths'?)"),
+        ("model.kwargs.num_classes", 3, "config key 'model.kwargs.num_classes': invalid value 3 (set from the data"),
+        ("schedule.name", "cosin", "did you mean 'cosine'?"),
+        ("batch_size", 0, "config key 'batch_size': invalid value 0 (must be >= 1)"),
+        ("batch_size", 3.5, "config key 'batch_size': invalid value 3.5 (must be a int)"),
+        ("progress", 1, "config key 'progress': invalid value 1 (must be a bool)"),
+        ("metrics", ("loss", "acuracy"), "config key 'metrics': invalid value 'acuracy' (must be one of"),
+        ("data.split", "random", "config key 'data.split': invalid value 'random'"),
+        ("data.augment.ops", ("keras_afine",), "did you mean 'keras_affine'?"),
+        ("data.augment.keras_affine.fill_mode", "mirror", "'data.augment.keras_affine.fill_mode': invalid value 'mirror'"),
+        ("data.augment.keras_affine.rotaton_range", 3.0, "did you mean 'data.augment.keras_affine.rotation_range'?"),
+        ("data.augment.mixup.alpha", 0.0, "'data.augment.mixup.alpha': invalid value 0.0 (must be > 0)"),
+        ("schedule.warmup_epochs", 9.0, "invalid value 9.0 (must be <= num_epochs=4)"),
+        ("checkpoint.best_metric", "val/acc", "did you mean 'val/accuracy'?"),
+    ],
+)
+def test_one_error_format_names_the_key_the_value_and_the_closest_valid_one(key, value, message):
+    with pytest.raises(ConfigError) as info:
+        validate_config(with_value(smoke_config(), key, value))
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_best_metric_is_a_validation_metric_unless_test_selection_is_asked_for():
+    config = smoke_config()
+    assert validate_config(config).checkpoint.best_metric == "val/accuracy"
+    no_val = with_value(config, "data.val_fraction", 0.0)
+    with pytest.raises(ConfigError, match=r"'checkpoint.best_metric'.*data.val_fraction is 0"):
+        validate_config(no_val)
+    on_test = with_value(no_val, "checkpoint.best_metric", "test/accuracy")
+    with pytest.raises(ConfigError, match="checkpoint.select_on_test=True"):
+        validate_config(on_test)
+    with pytest.warns(UserWarning, match="test set is used for model selection"):
+        validate_config(with_value(on_test, "checkpoint.select_on_test", True))
+    for metric in ("train/loss", "val/top5_accuracy", "val/mean_per_class_accuracy"):
+        validate_config(with_value(config, "checkpoint.best_metric", metric))
+    # Only metrics the run computes.
+    fewer = with_value(config, "metrics", ("loss", "accuracy"))
+    with pytest.raises(ConfigError, match="'val/top5_accuracy'"):
+        validate_config(with_value(fewer, "checkpoint.best_metric", "val/top5_accuracy"))
+
+
+def test_registered_names_are_looked_up_at_validation_time():
+    import jax.numpy as jnp
+
+    from cnnlab.train import metrics
+
+    config = with_value(smoke_config(), "metrics", ("accuracy", "schema_test_metric"))
+    with pytest.raises(ConfigError, match="schema_test_metric"):
+        validate_config(config)
+
+    @metrics.register("schema_test_metric")
+    def _always(logits, labels, mask):
+        return {"schema_test": jnp.sum(mask)}
+
+    config = with_value(config, "checkpoint.best_metric", "val/schema_test_metric")
+    assert validate_config(config).metrics == ("accuracy", "schema_test_metric")
+
+
+def test_default_config_validates_and_validation_is_idempotent():
+    for config in (default_config(), smoke_config()):
+        once = validate_config(config)
+        assert validate_config(once).to_dict() == once.to_dict()
+        assert set(flatten(default_config())) - {"model.kwargs"} <= set(flatten(once))
+    defaults = validate_config(default_config())
+    assert defaults.data.val_fraction == 0.1 and defaults.checkpoint.best_metric == "val/accuracy"
+    assert defaults.checkpoint.select_on_test is False and defaults.data.augment.ops == ()
+
+
+def test_cli_rejects_a_typo_override_before_compute(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnnlab", "train", f"--config={SMOKE}",
+         f"--workdir={tmp_path}", "--config.optimizer.lerning_rate=0.1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "learning_rate" in proc.stderr + proc.stdout
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- docs and --help
+
+
+def test_every_field_is_documented_once():
+    lines = config_help().splitlines()
+    documented = [line.split(" (", 1)[0] for line in lines]
+    assert sorted(documented) == sorted(flatten(default_config()))
+    assert "data.data_dir (str|None, None): " in config_help()
+    assert all(line.split("): ", 1)[1] for line in lines)  # a doc on every line
+
+
+def test_train_help_prints_the_flags_and_every_field(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnnlab", "train", f"--config={SMOKE}",
+         "--config.data.data_dir=/tmp/x", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("--allow_config_change", "--workdir", "--num_processes",
+                   "data.augment.keras_affine.rotation_range (float, 0.0): rotation",
+                   "checkpoint.best_metric (str, 'val/accuracy')", "optimizer.learning_rate"):
+        assert needle in proc.stdout
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parse(*args: str) -> ml_collections.ConfigDict:
+    argv = ["prog", f"--config={SMOKE}", *args]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                    sys_argv=argv)  # as cnnlab train defines it
+    values(argv)
+    return values.config
+
+
+def _another(value):
+    if value is None:
+        return "/tmp/x", "/tmp/x"
+    if isinstance(value, bool):
+        return str(not value).lower(), not value
+    if isinstance(value, (int, float)):
+        return str(value + 1), value + 1
+    if isinstance(value, tuple):
+        return "('a', 'b')", ("a", "b")
+    return "other", "other"
+
+
+def test_every_field_can_be_set_from_the_command_line():
+    defaults = {k: v for k, v in flatten(smoke_config()).items() if not k.startswith("model.kwargs")}
+    wanted = {k: _another(v) for k, v in defaults.items()}
+    parsed = flatten(_parse(*(f"--config.{k}={text}" for k, (text, _) in wanted.items())))
+    assert {k: parsed[k] for k in wanted} == {k: v for k, (_, v) in wanted.items()}
+
+
+def test_command_line_overrides_validate():
+    config = _parse("--config.data.data_dir=/tmp/x", "--config.data.cache_dir=/tmp/c",
+                    "--config.data.augment.keras_affine.rotation_range=10",
+                    "--config.data.augment.ops=('keras_affine','random_crop')",
+                    "--config.metrics=('loss','accuracy')")
+    resolved = validate_config(config)
+    assert resolved.data.data_dir == "/tmp/x" and resolved.data.cache_dir == "/tmp/c"
+    assert resolved.data.augment.keras_affine.rotation_range == 10.0
+    assert resolved.data.augment.ops == ("keras_affine", "random_crop")
+    assert resolved.metrics == ("loss", "accuracy")
+
+
+# --------------------------------------------------------------------------- data config
+
+
+def test_data_config_has_every_field_and_validates():
+    cfg = D.default_data_config()
+    resolved = D.resolve_config(cfg)
+    assert set(cfg.to_dict()) == set(resolved)
+    assert resolved["classes"] == "tutorial4"
+    assert resolved["split"] == "stratified" and resolved["test_fraction"] == 0.25
+    assert resolved["val_fraction"] == 0.1
+    assert resolved["image_size"] == 96 and resolved["resize"] == "stretch"
+    assert resolved["data_dir"] is None and D.resolve_config({"data_dir": ""})["data_dir"] is None
+    assert D.resolve_config({"classes": "Faces, Leopards"})["classes"] == ("Faces", "Leopards")
+    assert D.resolve_config({"classes": ["a", "b"]})["classes"] == ("a", "b")
+    assert D.resolve_config({"image_size": [32, 48]})["image_size"] == (32, 48)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("source", "imagenet"),
+        ("split", "random"),
+        ("resize", "squash"),
+        ("test_fraction", 1.5),
+        ("test_fraction", 0.0),
+        ("val_fraction", -0.1),
+        ("image_size", 0),
+        ("image_size", (32,)),
+        ("max_per_class", -1),
+        ("num_workers", -2),
+        ("classes", ""),
+        ("classes", 3),
+        ("drop_background", "yes"),
+        ("cache_verify", "none"),
+        ("synthetic_num_classes", 65),
+        ("pad_value", 256),
+    ],
+)
+def test_bad_data_values_raise_naming_the_key(field, value):
+    with pytest.raises(ConfigError, match=rf"config key 'data.{field}': invalid value"):
+        D.resolve_config({field: value})
+
+
+def test_unknown_data_fields_raise():
+    with pytest.raises(ConfigError, match="unknown config key 'data.colour_jitter'"):
+        D.resolve_config({"colour_jitter": 0.3})
+    with pytest.raises(ConfigError, match="unknown config key 'data.augment.brightness'"):
+        D.resolve_config({"augment": {"brightness": 0.3}})
+    with pytest.raises(ConfigError, match="data.augment.keras_affine.fill_mode"):
+        D.resolve_config({"augment": {"keras_affine": {"fill_mode": "mirror"}}})
+
+
+def test_augment_forms_that_keras_accepts():
+    ok = {"width_shift_range": [-2, 2], "height_shift_range": 3, "zoom_range": [0.8, 1.2]}
+    got = D.resolve_config({"augment": {"keras_affine": ok}})["augment"]["keras_affine"]
+    assert got["width_shift_range"] == (-2, 2) and got["height_shift_range"] == 3
+    assert got["zoom_range"] == (0.8, 1.2)
+    for bad in ({"zoom_range": [1.2, 0.8]}, {"zoom_range": 1.5}, {"width_shift_range": -0.1},
+                {"width_shift_range": []}):
+        with pytest.raises(ConfigError, match=f"data.augment.keras_affine.{next(iter(bad))}"):
+            D.resolve_config({"augment": {"keras_affine": bad}})
+
+
+def test_warnings_are_not_issued_for_default_selection():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_config(default_config())
