@@ -13,13 +13,12 @@ augmentation strengths, which are traced per trial, so they train as ONE compile
 """
 
 from cnnlab import sweep
+from cnnlab.data import augment_preset
 
+_TUTORIAL = augment_preset("tutorial").keras_affine
 TUTORIAL_STRENGTHS = {
-    "data.augment.rotation_range": 20.0,
-    "data.augment.zoom_range": 0.15,
-    "data.augment.width_shift_range": 0.2,
-    "data.augment.height_shift_range": 0.2,
-    "data.augment.shear_range": 0.15,
+    f"data.augment.keras_affine.{k}": _TUTORIAL[k]
+    for k in ("rotation_range", "zoom_range", "width_shift_range", "height_shift_range", "shear_range")
 }
 SCALES = [0.0, 0.5, 1.0, 2.0]
 
@@ -27,9 +26,7 @@ SCALES = [0.0, 0.5, 1.0, 2.0]
 def get_config():
     config = sweep.config_from_file("../stridednet.py", relative_to=__file__)
     config.steps_per_dispatch = 1  # packed trials already fill one program
-    config.data.augment.preset = "none"  # the strengths below replace the preset's
-    config.data.augment.horizontal_flip = True
-    config.data.augment.fill_mode = "nearest"
+    # The base is the tutorial's preset (flips, fill mode); the swept ranges replace its ranges.
     return config
 
 
