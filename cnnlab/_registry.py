@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 # ``class_name`` Keras 3 writes when it serializes a plain function (the name is in "config").
@@ -20,8 +20,15 @@ _FUNCTION_CLASS_NAME = "function"
 _MISSING = object()
 
 
+class UnknownNameError(ValueError, KeyError):
+    """A name no registry entry has: a ``ValueError`` for users, a ``KeyError`` for mapping code."""
+
+    __str__ = ValueError.__str__
+
+
 class Registry:
-    """A name -> object table (functions or classes) with Keras' ``get`` semantics.
+    """A name -> object table (functions or classes) with Keras' ``get`` semantics; read as a
+    mapping too (``name in r``, ``r[name]``, ``sorted(r)``, ``len(r)``).
 
     Args:
         kind: what the table holds, used in error messages ("activation", "initializer", ...).
@@ -62,14 +69,22 @@ class Registry:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._entries
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def lookup(self, name: str) -> Any:
         """Returns the object registered under ``name`` (case-sensitive, as in Keras)."""
         try:
             return self._entries[name]
         except (KeyError, TypeError):
-            raise ValueError(
+            raise UnknownNameError(
                 f"Unknown {self.kind} {name!r}. Valid names are: {', '.join(self.names())}."
             ) from None
+
+    __getitem__ = lookup
 
     def name_of(self, obj: Any, *, preferred: Iterable[str] = ()) -> str | None:
         """The canonical name of a registered object (first of ``preferred`` that maps to it,

@@ -96,10 +96,11 @@ class L1(Regularizer):
 
 
 class L2(Regularizer):
-    """``l2 * sum(x**2)`` (no 1/2 factor)."""
+    """``l2 * sum(x**2)`` (no 1/2 factor). ``l2`` may be a ``jax.Array`` (e.g. traced, one per
+    packed sweep trial), kept unvalidated; the penalty is the same formula."""
 
-    def __init__(self, l2: float | None = 0.01) -> None:
-        self.l2 = _validate_float_arg(0.01 if l2 is None else l2, name="l2")
+    def __init__(self, l2: float | Array | None = 0.01) -> None:
+        self.l2 = l2 if isinstance(l2, jax.Array) else _validate_float_arg(0.01 if l2 is None else l2, name="l2")
 
     def __call__(self, x: ArrayLike) -> Array:
         x = jnp.asarray(x)

@@ -1,5 +1,5 @@
 """Training: smoke run, exact kill-and-resume, NaN handling, config validation, penalties,
-constraints, checkpoint restore, reports, and StridedNet's parameter count against Keras."""
+constraints, checkpoint restore and reports (the models themselves: tests/test_models.py)."""
 
 import os
 
@@ -182,60 +182,6 @@ def test_constraints_hold_after_every_train_step():
                  "label": jnp.asarray(rng.integers(0, 2, 8)), "mask": jnp.ones(8, bool)}
         state, _ = step(state, batch)
         assert float(jnp.min(state.params["Conv2D_0"]["kernel"])) >= 0.0
-
-
-def _keras_stridednet(classes):
-    keras = pytest.importorskip("keras")
-    from keras import layers
-
-    reg = keras.regularizers.l2(5e-4)
-    m = keras.Sequential([keras.Input((96, 96, 3))])
-    m.add(layers.Conv2D(16, (7, 7), strides=(2, 2), padding="valid", kernel_initializer="he_normal", kernel_regularizer=reg))
-    for w in (32, 64, 128):
-        m.add(layers.Conv2D(w, (3, 3), padding="same", kernel_initializer="he_normal", kernel_regularizer=reg))
-        m.add(layers.Activation("relu"))
-        m.add(layers.BatchNormalization(axis=-1))
-        m.add(layers.Conv2D(w, (3, 3), strides=(2, 2), padding="same", kernel_initializer="he_normal", kernel_regularizer=reg))
-        m.add(layers.Activation("relu"))
-        m.add(layers.BatchNormalization(axis=-1))
-        m.add(layers.Dropout(0.25))
-    m.add(layers.Flatten())
-    m.add(layers.Dense(512, kernel_initializer="he_normal"))
-    m.add(layers.Activation("relu"))
-    m.add(layers.BatchNormalization())
-    m.add(layers.Dropout(0.5))
-    m.add(layers.Dense(classes))
-    m.add(layers.Activation("softmax"))
-    return m
-
-
-@pytest.mark.parametrize("classes", [4, 102])
-def test_stridednet_parameter_count_equals_keras(classes):
-    keras_model = _keras_stridednet(classes)
-    model = models.get_model("stridednet", num_classes=classes)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3))))
-    count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
-        {"params": variables["params"], "batch_stats": variables["batch_stats"]}))
-    assert count == keras_model.count_params()
-    trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
-    assert trainable == sum(int(np.prod(w.shape)) for w in keras_model.trainable_weights)
-
-
-@pytest.mark.parametrize("name", sorted(models.MODELS))
-def test_every_model_builds_and_runs(name):
-    model = models.get_model(name, num_classes=5)
-    x = jnp.zeros((2, 64, 64, 3))
-    variables = model.init(jax.random.key(0), x)
-    y, _ = model.apply(variables, x, training=True, rngs={"dropout": jax.random.key(1)},
-                       mutable=["batch_stats", nn.LOSSES])
-    assert y.shape == (2, 5)
-
-
-def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match="stridednet"):
-        models.get_model("vgg", num_classes=3)
-    with pytest.raises(ValueError, match="widths"):
-        models.get_model("stridednet", num_classes=3, widthz=(3,))
 
 
 @pytest.mark.parametrize("mode,values,kept", [("max", [0.5, 0.7, 0.6, 0.7], 2), ("min", [0.5, 0.3, 0.4, 0.3], 2)])

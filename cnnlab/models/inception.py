@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab import nn
+from cnnlab.models import register
 
 
 class ConvBN(flax_nn.Module):
@@ -49,6 +50,7 @@ class InceptionModule(flax_nn.Module):
         return jnp.concatenate([b1, b3, b5, bp], axis=-1)
 
 
+@register("inception", traceable=("weight_decay", "head_dropout"))
 class InceptionNet(flax_nn.Module):
     """Stem conv, then stages of Inception modules separated by strided 3x3 downsampling;
     global average pooling and Dense logits. ``stage_widths[i]`` is a stage's branch width
@@ -65,7 +67,7 @@ class InceptionNet(flax_nn.Module):
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
-        reg = {"class_name": "L2", "config": {"l2": self.weight_decay}} if self.weight_decay else None
+        reg = nn.l2_or_none(self.weight_decay)
         kw = dict(kernel_initializer=self.kernel_initializer, kernel_regularizer=reg, dtype=self.dtype)
         x = ConvBN(self.stem_filters, 5, strides=2, conv_kwargs=kw)(x, training)
         for stage, width in enumerate(self.stage_widths):

@@ -9,6 +9,7 @@ import flax.linen as flax_nn
 import jax
 
 from cnnlab import nn
+from cnnlab.models import register
 
 
 class ResidualModule(flax_nn.Module):
@@ -40,6 +41,7 @@ class ResidualModule(flax_nn.Module):
         return y + shortcut
 
 
+@register("resnet", traceable=("weight_decay", "head_dropout"))
 class ResNet(flax_nn.Module):
     """Stem conv (stride 2, optionally BN-ReLU-maxpool 3x3/2) then stages of residual modules; the first module of every stage
     after the first downsamples with stride 2; global average pooling; Dense logits."""
@@ -63,7 +65,7 @@ class ResNet(flax_nn.Module):
                 f"stage_filters={tuple(self.stage_filters)} and stage_depths="
                 f"{tuple(self.stage_depths)} must have the same length."
             )
-        reg = {"class_name": "L2", "config": {"l2": self.weight_decay}} if self.weight_decay else None
+        reg = nn.l2_or_none(self.weight_decay)
         kw = dict(kernel_initializer=self.kernel_initializer, kernel_regularizer=reg, dtype=self.dtype)
         x = nn.Conv2D(self.stem_filters, self.stem_kernel, strides=2, padding="same", use_bias=False, **kw)(x)
         if self.stem_pool:

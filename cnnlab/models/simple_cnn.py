@@ -9,8 +9,10 @@ import flax.linen as flax_nn
 import jax
 
 from cnnlab import nn
+from cnnlab.models import register
 
 
+@register("simple_cnn", traceable=("weight_decay", "head_dropout"))
 class SimpleCNN(flax_nn.Module):
     """For each width: Conv 3x3 same + ReLU -> MaxPool 2x2; then Flatten -> Dense -> ReLU ->
     Dropout -> Dense ``num_classes`` (logits)."""
@@ -28,7 +30,7 @@ class SimpleCNN(flax_nn.Module):
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
-        reg = {"class_name": "L2", "config": {"l2": self.weight_decay}} if self.weight_decay else None
+        reg = nn.l2_or_none(self.weight_decay)
         for width in self.widths:
             x = nn.Conv2D(
                 width,

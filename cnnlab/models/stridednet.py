@@ -9,8 +9,10 @@ import flax.linen as flax_nn
 import jax
 
 from cnnlab import nn
+from cnnlab.models import register
 
 
+@register("stridednet", traceable=("weight_decay", "dropout", "head_dropout"))
 class StridedNet(flax_nn.Module):
     """Conv16 7x7/2 valid (no activation); then for each width: Conv 3x3 same -> ReLU -> BN,
     Conv 3x3/2 same -> ReLU -> BN, Dropout 0.25; Flatten -> Dense 512 -> ReLU -> BN ->
@@ -33,7 +35,7 @@ class StridedNet(flax_nn.Module):
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
-        reg = {"class_name": "L2", "config": {"l2": self.weight_decay}} if self.weight_decay else None
+        reg = nn.l2_or_none(self.weight_decay)
         conv = dict(kernel_initializer=self.kernel_initializer, kernel_regularizer=reg, dtype=self.dtype)
         x = nn.Conv2D(self.stem_filters, (7, 7), strides=(2, 2), padding="valid", **conv)(x)
         for width in self.widths:

@@ -25,6 +25,7 @@ from cnnlab.nn.penalties import (
     PenaltiesMixin,
     apply_constraints,
     collect_constraints,
+    l2_or_none,
     regularization_loss,
 )
 
@@ -48,5 +49,6 @@ __all__ = [
     "SeparableConv2D",
     "apply_constraints",
     "collect_constraints",
+    "l2_or_none",
     "regularization_loss",
 ]

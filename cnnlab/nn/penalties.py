@@ -76,6 +76,15 @@ class PenaltiesMixin:
         self.sow(LOSSES, "activity_regularizer", value, init_fn=_zero, reduce_fn=_add)
 
 
+def l2_or_none(weight_decay: float | Array | None) -> dict[str, Any] | None:
+    """The kernel regularizer of a model's ``weight_decay`` field: Keras' ``L2(weight_decay)``
+    (``weight_decay * sum(w**2)``), or ``None`` (no penalty sown) for a Python zero. A traced
+    ``weight_decay`` gives the same penalty as the same Python value."""
+    if not isinstance(weight_decay, jax.Array) and not weight_decay:
+        return None
+    return {"class_name": "L2", "config": {"l2": weight_decay}}
+
+
 def regularization_loss(losses: Mapping[str, Any] | None) -> Array:
     """Sums every penalty in a ``"losses"`` collection (what Keras adds from ``model.losses``)."""
     leaves = jax.tree_util.tree_leaves(losses or {})
