@@ -46,9 +46,16 @@ _TRAIN_FLAGS = ("config", "workdir", "allow_config_change", "coordinator_address
                 "process_id")
 
 
-def _train_help() -> str:
-    """``cnnlab train``'s flags and every config field (type, default, doc) from the schema."""
+def _train_help(argv: list[str]) -> str:
+    """``cnnlab train``'s flags and every config field (type, default, doc) from the schema,
+    including what the ``--config`` file registers (its module is run first)."""
+    import importlib.util
+
     from cnnlab.train.config import config_help
+
+    for path in [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]:
+        spec = importlib.util.spec_from_file_location("cnnlab_help_config", path)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
     lines = ["usage: cnnlab train --config=<file.py> --workdir=<dir> [--config.<key>=<value> ...]", ""]
     lines += [f"  --{n}: {FLAGS[n].help} (default: {FLAGS[n].default!r})" for n in _TRAIN_FLAGS]
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     if command == "train":
         _define_train_flags()
         if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
-            print(_train_help())
+            print(_train_help(argv))
             sys.exit(0)
         app.run(_train, argv=argv)
     elif command == "eval":

@@ -145,15 +145,23 @@ def test_every_field_is_documented_once():
 
 
 def test_train_help_prints_the_flags_and_every_field(tmp_path):
+    # The config file's own registrations (here an augmentation op) are listed too.
+    (tmp_path / "help_op.py").write_text(
+        "from cnnlab.data import register_augment\nfrom cnnlab.schema import Field\n"
+        "register_augment('help_op', amount=Field(0.5, float, doc='how much'))(lambda *a, **k: a[1:])\n")
+    (tmp_path / "config.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport help_op  # noqa\n"
+        f"exec(open({str(SMOKE)!r}).read())\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "cnnlab", "train", f"--config={SMOKE}",
+        [sys.executable, "-m", "cnnlab", "train", f"--config={tmp_path / 'config.py'}",
          "--config.data.data_dir=/tmp/x", "--help"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     for needle in ("--allow_config_change", "--workdir", "--num_processes",
                    "data.augment.keras_affine.rotation_range (float, 0.0): rotation",
-                   "checkpoint.best_metric (str, 'val/accuracy')", "optimizer.learning_rate"):
+                   "checkpoint.best_metric (str, 'val/accuracy')", "optimizer.learning_rate",
+                   "data.augment.help_op.amount (float, 0.5): how much"):
         assert needle in proc.stdout
 
 

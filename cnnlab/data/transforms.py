@@ -314,33 +314,22 @@ _AFFINE_KEYS = ("rotation_range", "width_shift_range", "height_shift_range", "sh
 
 
 def random_affine(
-    key: jax.Array,
-    images: jax.Array,
-    *,
-    rotation_range: float = 0.0,
-    width_shift_range: Any = 0.0,
-    height_shift_range: Any = 0.0,
-    shear_range: float = 0.0,
-    zoom_range: Any = 0.0,
-    horizontal_flip: bool = False,
-    vertical_flip: bool = False,
-    fill_mode: str = "nearest",
-    cval: float = 0.0,
+    key: jax.Array, images: jax.Array, *, fill_mode: str = "nearest", cval: float = 0.0, **ranges: Any
 ) -> jax.Array:
     """Keras ``ImageDataGenerator``-style random affine augmentation of a batch [B, H, W, C].
 
-    See the module docstring for the exact semantics; all ranges zero and no flips is the exact
-    identity. The float ranges may be traced scalars (one per packed sweep trial); a traced zero
-    draws, and gives exactly what skipping the draw gives. :func:`augment` is this function
-    jitted with the ranges static.
+    ``ranges``: the ranges and flips of :func:`sample_transform_params`. See the module docstring
+    for the exact semantics; all ranges zero and no flips is the exact identity. The float ranges
+    may be traced scalars (one per packed sweep trial); a traced zero draws, and gives exactly
+    what skipping the draw gives. :func:`augment` is this function jitted with the ranges static.
     """
-    ranges = dict(rotation_range=rotation_range, width_shift_range=width_shift_range,
-                  height_shift_range=height_shift_range, shear_range=shear_range)
-    flips = dict(horizontal_flip=horizontal_flip, vertical_flip=vertical_flip)
-    if all(map(_static_zero, ranges.values())) and _static_no_zoom(zoom_range) and not any(flips.values()):
+    shifts = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range")
+    if (all(_static_zero(ranges.get(k, 0.0)) for k in shifts)
+            and _static_no_zoom(ranges.get("zoom_range", 0.0))
+            and not (ranges.get("horizontal_flip") or ranges.get("vertical_flip"))):
         return images
     b, h, w, _ = images.shape
-    params = sample_transform_params(key, b, h, w, zoom_range=zoom_range, **ranges, **flips)
+    params = sample_transform_params(key, b, h, w, **ranges)
     return warp_affine(images, transform_matrices(params, h, w), fill_mode, cval)
 
 

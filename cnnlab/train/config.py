@@ -149,7 +149,3 @@ def _check_best_metric(c: ml_collections.ConfigDict) -> None:
                               "the test set; use a val/ metric, or set checkpoint.select_on_test=True")
         warnings.warn(f"checkpoint.best_metric={best!r}: the test set is used for model selection, "
                       "so its metrics are no longer an unbiased estimate", UserWarning, stacklevel=2)
-
-
-#: Deprecated (use :func:`selection_metrics`): the default config's val/ and test/ metric keys.
-METRICS = tuple(f"{split}/{m}" for split in ("val", "test") for m in metrics_lib.DEFAULT_METRICS)
