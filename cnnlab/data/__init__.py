@@ -23,7 +23,13 @@ applied on device by the trainer through :func:`augment_pipeline`.
 from __future__ import annotations
 
 from cnnlab._lazy import lazy_attributes
-from cnnlab.data.augmentations import AUGMENT_OPS, augment_preset, register_augment
+from cnnlab.data.augmentations import (
+    AUGMENT_OPS,
+    AugmentPipeline,
+    augment_pipeline,
+    augment_preset,
+    register_augment,
+)
 from cnnlab.data.cache import ENV_CACHE_DIR, cache_root
 from cnnlab.data.config import CLASS_PRESETS, default_data_config, resolve_config
 from cnnlab.data.dataset import Dataset, Split, decode_images, load_dataset
@@ -44,8 +50,6 @@ _LAZY = {
     "cutmix": "cnnlab.data.transforms",
     "channel_mean_std": "cnnlab.data.transforms",
     "random_affine": "cnnlab.data.transforms",
-    "augment_pipeline": "cnnlab.data.transforms",
-    "AugmentPipeline": "cnnlab.data.transforms",
     "shard_batch": "cnnlab.data.device",
     "prefetch_to_device": "cnnlab.data.device",
     "batch_sharding": "cnnlab.data.device",
@@ -58,12 +62,14 @@ __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "AUGMENT_OPS",
+    "AugmentPipeline",
     "CLASS_PRESETS",
     "ENV_CACHE_DIR",
     "ENV_DATA_DIR",
     "TFDS_INSTALL_HINT",
     "Dataset",
     "Split",
+    "augment_pipeline",
     "augment_preset",
     "cache_root",
     "carve_validation",

@@ -36,8 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnlab.data.augmentations import AUGMENT_OPS, resolve_augment
-
 # --------------------------------------------------------------------------- normalization
 
 
@@ -450,77 +448,9 @@ def cutmix(
     return out, lam_adj * y + (1 - lam_adj) * y[perm]
 
 
-# --------------------------------------------------------------------------- pipeline
-
-
-class AugmentPipeline:
-    """The ops of a ``data.augment`` config, composed; built by :func:`augment_pipeline`."""
-
-    def __init__(self, config: Any, num_classes: int) -> None:
-        cfg = resolve_augment(config)
-        self.num_classes = num_classes
-        self.ops = tuple(cfg["ops"])
-        self._params = {name: cfg[name] for name in self.ops}
-        self._traceable = {
-            f"{name}.{p}": float(v)
-            for name in dict.fromkeys(self.ops)
-            for p, v in self._params[name].items()
-            if AUGMENT_OPS.lookup(name).fields[p].traceable and isinstance(v, float)
-        }
-        self._apply = jax.jit(self._run)
-
-    def traceable(self) -> dict[str, float]:
-        """``{"<op>.<param>": value}`` for every parameter that may be passed traced."""
-        return dict(self._traceable)
-
-    def structure(self) -> dict[str, Any]:
-        """What the compiled program depends on besides :meth:`traceable`'s values (JSON-able):
-        equal structures can share one program with different traced values."""
-        out: dict[str, Any] = {"ops": list(self.ops), "num_classes": self.num_classes}
-        for name in self.ops:
-            out[name] = {p: "traced" if f"{name}.{p}" in self._traceable else
-                         (list(v) if isinstance(v, tuple) else v) for p, v in self._params[name].items()}
-        return out
-
-    def __call__(
-        self, key: jax.Array, images: jax.Array, labels: jax.Array,
-        traced: dict[str, jax.Array] | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
-        """``(images [B, H, W, C], soft labels float32 [B, num_classes])`` from uint8 (or float)
-        images and int labels [B]. ``traced`` replaces values of :meth:`traceable` (a Python
-        value there gives what the same value in the config gives)."""
-        bad = sorted(set(traced or {}) - set(self._traceable))
-        if bad:
-            raise ValueError(f"augment parameters {bad} cannot be traced here (not a listed op's "
-                             f"traceable float parameter); traceable: {sorted(self._traceable)}")
-        return self._apply(key, images, labels, dict(traced or {}))
-
-    def _run(self, key, images, labels, traced):
-        y = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)
-        if not self.ops:
-            return images, y
-        for k, name in zip(jax.random.split(key, len(self.ops)), self.ops, strict=True):
-            params = {p: traced.get(f"{name}.{p}", v) for p, v in self._params[name].items()}
-            images, y = AUGMENT_OPS.lookup(name).fn(k, images, y, **params)
-        return images, y
-
-
-def augment_pipeline(config: Any, num_classes: int) -> AugmentPipeline:
-    """``pipeline(key, images, int_labels, traced=None) -> (images, soft_labels)`` for a
-    ``data.augment`` config (a ConfigDict or dict; validated here).
-
-    Op ``i`` of ``config.ops`` gets ``jax.random.split(key, len(ops))[i]``. No ops: the images
-    unchanged and one-hot labels. The images keep their dtype unless a mixing op makes them
-    float32. Pure and traceable, so it can run inside a jitted train step.
-    """
-    return AugmentPipeline(config, num_classes)
-
-
 __all__ = [
-    "AugmentPipeline",
     "apply_transform",
     "augment",
-    "augment_pipeline",
     "channel_mean_std",
     "cutmix",
     "mixup",
