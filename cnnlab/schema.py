@@ -90,9 +90,10 @@ def invalid(path: str, value: Any, reason: str) -> ConfigError:
 
 
 def unknown(path: str, valid_paths: Iterable[str]) -> ConfigError:
-    valid_paths = list(valid_paths)
-    match = closest(path, valid_paths)
-    hint = f"did you mean {match!r}?" if match else f"valid keys here: {', '.join(valid_paths)}"
+    """Matched on the last part of the key, so a shared prefix does not make everything close."""
+    by_name = {p.rsplit(".", 1)[-1]: p for p in valid_paths}
+    match = closest(path.rsplit(".", 1)[-1], by_name)
+    hint = f"did you mean {by_name[match]!r}?" if match else f"valid keys here: {', '.join(by_name.values())}"
     return ConfigError(f"unknown config key {path!r} ({hint})")
 
 
@@ -134,7 +135,7 @@ def _coerce(path: str, value: Any, field: Field) -> Any:
     if value is None:
         if field.default is None:
             return None
-        raise invalid(path, value, f"must be a {field.type_name()}")
+        raise invalid(path, value, f"must be {field.type_name()}")
     if isinstance(value, ml_collections.ConfigDict):
         value = value.to_dict()
     if isinstance(value, list) and tuple in types:
@@ -142,7 +143,7 @@ def _coerce(path: str, value: Any, field: Field) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and float in types and int not in types:
         value = float(value)
     if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-        raise invalid(path, value, f"must be a {field.type_name()}")
+        raise invalid(path, value, f"must be {field.type_name()}")
     return dict(value) if isinstance(value, Mapping) else value
 
 

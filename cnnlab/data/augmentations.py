@@ -31,7 +31,7 @@ from typing import Any
 import ml_collections
 
 from cnnlab._registry import Registry
-from cnnlab.schema import Field, Schema, at_least, closest, default_config, greater_than, resolve
+from cnnlab.schema import Field, Schema, at_least, default_config, greater_than, one_of, resolve
 
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")
 CROP_FILL_MODES = ("constant", "reflect", "edge")
@@ -51,6 +51,9 @@ AUGMENT_OPS = Registry("augmentation op", {})
 def register_augment(name: str, **fields: Field) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn(key, images, labels, **params)`` as augmentation op ``name``
     with parameters ``fields`` (settable as ``data.augment.<name>.<param>``)."""
+
+    if name == "ops":
+        raise ValueError("'ops' is the op list's key, not an op name")
 
     def decorator(fn: Callable) -> Callable:
         AUGMENT_OPS.register(name, AugmentOp(fn, dict(fields)))
@@ -88,9 +91,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
 def augment_preset(name: str) -> ml_collections.ConfigDict:
     """A full ``data.augment`` ConfigDict with the preset's values (``"none"`` or ``"tutorial"``)."""
     if name not in _PRESETS:
-        match = closest(name, _PRESETS)
-        raise ValueError(f"unknown augment preset {name!r}" + (f" (did you mean {match!r}?)" if match else "")
-                         + f"; presets: {', '.join(_PRESETS)}")
+        raise ValueError(f"unknown augment preset {name!r} ({one_of(name, list(_PRESETS))})")
     cfg = default_config(augment_schema())
     for key, value in _PRESETS[name].items():
         if isinstance(value, dict):
