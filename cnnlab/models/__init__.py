@@ -59,8 +59,8 @@ def model_fields(name: str) -> set[str]:
 
 def traceable_fields(name: str) -> tuple[str, ...]:
     """The fields of model ``name`` that accept traced values (see :func:`register`)."""
-    MODELS.lookup(name)
-    return _TRACEABLE[name]
+    MODELS.lookup(name)  # an unknown name lists the known ones
+    return _TRACEABLE.get(name, ())
 
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:
