@@ -89,12 +89,17 @@ def invalid(path: str, value: Any, reason: str) -> ConfigError:
     return ConfigError(f"config key {path!r}: invalid value {value!r} ({reason})")
 
 
-def unknown(path: str, valid_paths: Iterable[str]) -> ConfigError:
-    """Matched on the last part of the key, so a shared prefix does not make everything close."""
-    by_name = {p.rsplit(".", 1)[-1]: p for p in valid_paths}
-    match = closest(path.rsplit(".", 1)[-1], by_name)
-    hint = f"did you mean {by_name[match]!r}?" if match else f"valid keys here: {', '.join(by_name.values())}"
-    return ConfigError(f"unknown config key {path!r} ({hint})")
+def unknown(path: str, valid_paths: Iterable[str], deeper: Iterable[str] = ()) -> ConfigError:
+    """Matched on the last part of the key (a shared prefix does not make everything close),
+    among ``valid_paths`` first, then among ``deeper`` ones (a field that moved into a group)."""
+    valid_paths = list(valid_paths)
+    name = path.rsplit(".", 1)[-1]
+    for candidates in (valid_paths, deeper):
+        by_name = {p.rsplit(".", 1)[-1]: p for p in candidates}
+        match = closest(name, by_name)
+        if match:
+            return ConfigError(f"unknown config key {path!r} (did you mean {by_name[match]!r}?)")
+    return ConfigError(f"unknown config key {path!r} (valid keys here: {', '.join(valid_paths)})")
 
 
 def one_of(value: Any, choices: list[Any]) -> str:
@@ -184,7 +189,8 @@ def resolve(schema: Schema, config: Any, *, prefix: str = "") -> dict[str, Any]:
     plain = to_plain(config)
     for key in plain:
         if key not in schema:
-            raise unknown(prefix + key, [prefix + k for k in schema])
+            deeper = [p for p in _leaves(schema, prefix) if p.count(".") > prefix.count(".")]
+            raise unknown(prefix + key, [prefix + k for k in schema], deeper)
     out: dict[str, Any] = {}
     for key, node in schema.items():
         path = prefix + key
@@ -195,6 +201,13 @@ def resolve(schema: Schema, config: Any, *, prefix: str = "") -> dict[str, Any]:
             if not isinstance(sub, Mapping):
                 raise invalid(path, sub, "must be a group of fields")
             out[key] = resolve(node, sub, prefix=path + ".")
+    return out
+
+
+def _leaves(schema: Schema, prefix: str) -> list[str]:
+    out: list[str] = []
+    for key, node in schema.items():
+        out += [prefix + key] if isinstance(node, Field) else _leaves(node, f"{prefix}{key}.")
     return out
 
 

@@ -65,6 +65,8 @@ def with_value(config, key, value) -> ml_collections.ConfigDict:
         ("data.augment.keras_affine.fill_mode", "mirror", "'data.augment.keras_affine.fill_mode': invalid value 'mirror'"),
         ("data.augment.keras_affine.rotaton_range", 3.0, "did you mean 'data.augment.keras_affine.rotation_range'?"),
         ("data.augment.keras_affine.xyz", 1.0, "unknown config key 'data.augment.keras_affine.xyz' (valid keys here:"),
+        # A field that moved into an op's group (the old flat augment keys) is found there.
+        ("data.augment.horizontal_flip", True, "did you mean 'data.augment.keras_affine.horizontal_flip'?"),
         ("data.augment.mixup.alpha", 0.0, "'data.augment.mixup.alpha': invalid value 0.0 (must be > 0)"),
         ("schedule.warmup_epochs", 9.0, "invalid value 9.0 (must be <= num_epochs=4)"),
         ("checkpoint.best_metric", "val/acc", "did you mean 'val/accuracy'?"),
