@@ -1,6 +1,7 @@
 """Sweeps end to end on synthetic data: a packed grid with failing trials, packed-vs-alone
-equality, resume after SIGKILL, and workers sharing one study (SQLite; PostgreSQL on loopback
-where its binaries are installed) without ever running a trial twice."""
+equality, the worker's one training entry point, resume after SIGKILL, and workers sharing one
+study (SQLite; PostgreSQL on loopback where its binaries are installed) without ever running a
+trial twice. (Packing itself is tested in test_group.py.)"""
 
 import json
 import os
@@ -15,11 +16,11 @@ import tempfile
 import jax
 import pytest
 
+import cnnlab.train
 from cnnlab import sweep
-from cnnlab.sweep import engine
+from cnnlab.sweep import study as studylib
 from cnnlab.sweep.files import load_module
-from cnnlab.train import group as packed
-from cnnlab.train import train_and_evaluate, validate_config
+from cnnlab.train import NotPackable, TrialOutcome, train_and_evaluate, validate_config
 from cnnlab.train.writers import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -40,6 +41,7 @@ c.model.kwargs.widths = (8,)
 c.model.kwargs.dense_units = 16
 c.progress = False
 c.checkpoint.every_steps = 2
+c.data.val_fraction = 0.1
 """
 
 SWEEP_FILE = '''"""A test sweep.
@@ -94,7 +96,8 @@ def run_cli(*args, env=None):
 
 
 def load_study(url):
-    optuna = engine._optuna()
+    import optuna
+
     return optuna.load_study(study_name="sweep", storage=url)
 
 
@@ -124,11 +127,11 @@ def assert_each_slot_ran_once(workdir, url, n):
     from optuna.trial import TrialState
 
     trials = load_study(url).get_trials()
-    real = [t for t in trials if engine.DUPLICATE not in t.user_attrs]
-    assert sorted(t.user_attrs[engine.SLOT] for t in real) == list(range(n))
+    real = [t for t in trials if studylib.DUPLICATE not in t.user_attrs]
+    assert sorted(t.user_attrs[studylib.SLOT] for t in real) == list(range(n))
     assert all(t.state == TrialState.COMPLETE for t in real), [(t.number, t.state) for t in real]
-    for dup in (t for t in trials if engine.DUPLICATE in t.user_attrs):
-        assert dup.state == TrialState.FAIL and engine.WORKDIR not in dup.user_attrs  # never trained
+    for dup in (t for t in trials if studylib.DUPLICATE in t.user_attrs):
+        assert dup.state == TrialState.FAIL and studylib.WORKDIR not in dup.user_attrs  # never trained
     for slot in range(n):
         runs = attempts(workdir, slot)
         assert len(runs) == 1, (slot, runs)
@@ -158,13 +161,13 @@ def grid_sweep(tmp_path_factory):
 
 def test_tiny_grid_sweep_end_to_end_records_failures_and_goes_on(grid_sweep):
     workdir, summary = grid_sweep
-    study = load_study(engine.default_storage(str(workdir)))
-    by_slot = {t.user_attrs[engine.SLOT]: t for t in study.get_trials()}
+    study = load_study(studylib.default_storage(str(workdir)))
+    by_slot = {t.user_attrs[studylib.SLOT]: t for t in study.get_trials()}
     assert sorted(by_slot) == [0, 1, 2, 3]
     assert [by_slot[i].state.name for i in range(4)] == ["COMPLETE", "FAIL", "COMPLETE", "FAIL"]
-    assert "NonFiniteLossError" in by_slot[1].user_attrs[engine.ERROR]
-    assert "batch_size=4096 exceeds" in by_slot[3].user_attrs[engine.ERROR]
-    assert [by_slot[i].user_attrs[engine.PACKED] for i in range(4)] == [3, 3, 3, 1]
+    assert "NonFiniteLossError" in by_slot[1].user_attrs[studylib.ERROR]
+    assert "batch_size=4096 exceeds" in by_slot[3].user_attrs[studylib.ERROR]
+    assert [by_slot[i].user_attrs[studylib.PACKED] for i in range(4)] == [3, 3, 3, 1]
     assert summary["counts"] == {"COMPLETE": 2, "FAIL": 2}
 
     for slot in GOOD:  # each trial is an ordinary run directory
@@ -174,7 +177,7 @@ def test_tiny_grid_sweep_end_to_end_records_failures_and_goes_on(grid_sweep):
             assert (d / name).exists(), (slot, name)
         assert [r["epoch"] for r in epoch_records(str(d))] == [1, 2]
         assert (d / "checkpoints" / "latest" / "6").is_dir()
-        assert by_slot[slot].value == pytest.approx(epoch_records(str(d))[-1]["test/accuracy"])
+        assert by_slot[slot].value == pytest.approx(epoch_records(str(d))[-1]["val/accuracy"])
         assert len(by_slot[slot].intermediate_values) == 2
         config = validate_config(load_module(str(d / "config.py")).get_config())
         assert config.optimizer.learning_rate == POINTS.points[slot]["optimizer.learning_rate"]
@@ -184,7 +187,8 @@ def test_tiny_grid_sweep_end_to_end_records_failures_and_goes_on(grid_sweep):
         assert (workdir / name).exists(), name
     lines = (workdir / "trials.csv").read_text().splitlines()
     header = lines[0].split(",")
-    assert len(lines) == 5 and header[:4] == ["trial", "slot", "state", "test/accuracy"]
+    assert len(lines) == 5 and header[:4] == ["trial", "slot", "state", "val/accuracy"]  # ranked on val
+    assert "test/accuracy" in header  # test metrics are still reported
     best = summary["best"]
     assert best["slot"] == int(lines[1].split(",")[1])
     assert float(lines[1].split(",")[3]) == pytest.approx(max(by_slot[i].value for i in GOOD), abs=1e-3)
@@ -209,29 +213,25 @@ def test_packed_trial_equals_the_same_config_trained_alone(grid_sweep, tmp_path)
         assert final["test/accuracy"] == pytest.approx(packed[-1]["test/accuracy"], abs=1e-9)
 
 
-def test_packed_trials_differing_in_dropout_and_augmentation_equal_each_alone(tmp_path):
-    # Dropout rates (0 in one trial) and augmentation strengths (a rotation of 0 against 15
-    # degrees, zoom, a fractional against a pixel shift, mixup alpha) are traced per trial.
-    base = tiny_config()
-    base.model.name = "stridednet"
-    base.model.kwargs = {"widths": (8,), "dense_units": 16, "stem_filters": 4, "weight_decay": 1e-4}
-    base.data.image_size = 24
-    base.data.augment.mixup_alpha = 0.2
-    points = [
-        {"model.kwargs.dropout": 0.0, "model.kwargs.head_dropout": 0.5, "data.augment.rotation_range": 0.0,
-         "data.augment.zoom_range": 0.1, "data.augment.width_shift_range": 0.1, "data.augment.mixup_alpha": 0.2},
-        {"model.kwargs.dropout": 0.3, "model.kwargs.head_dropout": 0.0, "data.augment.rotation_range": 15.0,
-         "data.augment.zoom_range": 0.0, "data.augment.width_shift_range": 2.0, "data.augment.mixup_alpha": 0.4},
-    ]
-    configs = [sweep.apply_point(base, p) for p in points]
-    assert sorted(packed._varying(configs)) == [
-        "augment/mixup_alpha", "augment/rotation_range", "augment/width_shift_range", "augment/zoom_range",
-        "model/dropout", "model/head_dropout"]
-    outcomes, _ = packed.train_packed(configs, [str(tmp_path / f"packed{k}") for k in range(2)])
-    assert all(o.error is None for o in outcomes)
-    for k, config in enumerate(configs):
-        train_and_evaluate(config, str(tmp_path / f"alone{k}"))
-        assert_same_epoch_records(str(tmp_path / f"packed{k}"), str(tmp_path / f"alone{k}"), k)
+def test_worker_trains_every_group_through_train_trials_and_unpacks_what_cannot_pack(tmp_path, monkeypatch):
+    calls = []
+
+    def train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=None):
+        calls.append(len(configs))
+        if len(configs) > 1:
+            raise NotPackable("a finished trial in the pack")
+        on_epoch_end(0, 1, {"val/accuracy": 0.25})
+        return [TrialOutcome(metrics={"val/accuracy": configs[0].optimizer.learning_rate})], {"total": 0.0}
+
+    monkeypatch.setattr(cnnlab.train, "train_trials", train_trials)
+    sw = sweep.Sweep(grid=sweep.product({"optimizer.learning_rate": [0.1, 0.2]}), pack=2)
+    options = studylib.StorageOptions(url=studylib.default_storage(str(tmp_path)))
+    assert sweep.Worker(tiny_config(), sw, str(tmp_path), options, pack=2, poll_interval=0.1).run() == 2
+    assert calls == [2, 1, 1]  # one pack, refused, then each trial alone through the same entry point
+    trials = sorted(load_study(options.url).get_trials(), key=lambda t: t.user_attrs[studylib.SLOT])
+    assert [(t.state.name, t.value, t.user_attrs[studylib.PACKED]) for t in trials] == [
+        ("COMPLETE", 0.1, 1), ("COMPLETE", 0.2, 1)]
+    assert [t.intermediate_values for t in trials] == [{1: 0.25}, {1: 0.25}]
 
 
 # --- resume --------------------------------------------------------------------------------------
@@ -255,10 +255,10 @@ def test_resume_after_kill_skips_finished_trials_and_resumes_interrupted_ones(tm
     assert "was interrupted" in out and "Resuming 2 packed trials from step 4" in out, out
     assert "packing trials [0, 1]" not in out  # finished trials are not run again
 
-    study = load_study(engine.default_storage(str(workdir)))
+    study = load_study(studylib.default_storage(str(workdir)))
     real = {}
     for t in study.get_trials():
-        real.setdefault(t.user_attrs[engine.SLOT], []).append(t)
+        real.setdefault(t.user_attrs[studylib.SLOT], []).append(t)
     assert [len(real[s]) for s in range(4)] == [1, 1, 2, 2]  # one retry for each interrupted trial
     for s in range(4):
         assert real[s][-1].state.name == "COMPLETE"
@@ -277,7 +277,7 @@ def test_two_local_workers_share_one_study_and_never_run_a_trial_twice(tmp_path)
     proc = run_cli(f"--config={path}", f"--workdir={workdir}", "--workers=2")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    real = assert_each_slot_ran_once(str(workdir), engine.default_storage(str(workdir)), 4)
+    real = assert_each_slot_ran_once(str(workdir), studylib.default_storage(str(workdir)), 4)
     assert len({t.number for t in real}) == 4
     logs = sorted((workdir / "logs").glob("worker-*.log"))
     assert len(logs) == 2 and "[sweep] started 2 workers" in out
@@ -340,10 +340,10 @@ def test_two_workers_on_postgresql_claim_each_trial_once(tmp_path, postgres_url)
 def test_dead_local_workers_are_detected_at_once():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    owner = {**engine.this_owner(), "pid": proc.pid, "start": "0"}
-    assert engine.owner_is_dead(owner)
-    assert not engine.owner_is_dead(engine.this_owner())
-    assert not engine.owner_is_dead({**engine.this_owner(), "host": "elsewhere"})
+    owner = {**studylib.this_owner(), "pid": proc.pid, "start": "0"}
+    assert studylib.owner_is_dead(owner)
+    assert not studylib.owner_is_dead(studylib.this_owner())
+    assert not studylib.owner_is_dead({**studylib.this_owner(), "host": "elsewhere"})
 
 
 @pytest.mark.slow
@@ -358,54 +358,9 @@ def test_tpe_sweep_with_median_pruning_runs_and_reports(tmp_path):
     summary = sweep.run_sweep(tiny_config(), sw, str(tmp_path), poll_interval=0.1)
     assert sum(summary["counts"].values()) == 4
     assert set(summary["counts"]) <= {"COMPLETE", "PRUNED"}
-    trials = load_study(engine.default_storage(str(tmp_path))).get_trials()
+    trials = load_study(studylib.default_storage(str(tmp_path))).get_trials()
     for t in trials:
         assert 1e-4 <= t.params["optimizer.learning_rate"] <= 1e-2
         assert t.params["model.kwargs.widths"] in ("[8]", "[4]")
-        assert tuple(t.user_attrs[engine.VALUES]["model.kwargs.widths"]) in ((8,), (4,))
+        assert tuple(t.user_attrs[studylib.VALUES]["model.kwargs.widths"]) in ((8,), (4,))
     assert (tmp_path / "params.png").exists() and (tmp_path / "best_config.py").exists()
-
-
-# --- trial axis over several devices ------------------------------------------------------------
-
-SHARDED_WORKER = r'''
-import json, sys
-import jax
-from cnnlab import sweep
-from cnnlab.train import group as packed
-from cnnlab.sweep.space import apply_point
-
-smoke, tiny, out = sys.argv[1], sys.argv[2], sys.argv[3]
-base = sweep.config_from_file(smoke)
-exec(tiny, {"c": base})
-configs = [apply_point(base, {"optimizer.learning_rate": lr}) for lr in (3e-3, 1e-3)]
-prog = packed.build_packed(configs)
-leaf = jax.tree_util.tree_leaves(prog.states.params)[0]
-rows = sorted({s.data.shape[0] for s in leaf.addressable_shards})  # trials held per device
-devices = sorted(d.id for d in leaf.sharding.device_set)
-outcomes, _ = packed.train_packed(configs, [f"{out}/t0", f"{out}/t1"])
-assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
-print(json.dumps({"devices": devices, "rows": rows}))
-'''
-
-
-def test_packed_trials_shard_over_devices_and_match_one_device(tmp_path):
-    """A pack of 2 trials on 2 (forced CPU) devices holds one trial per device, and each trial's
-    metrics equal the same pack on one device."""
-    runs = {}
-    for n in (1, 2):
-        env = {**os.environ, **CACHE_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-        out = tmp_path / f"d{n}"
-        proc = subprocess.run([sys.executable, "-c", SHARDED_WORKER, SMOKE, TINY, str(out)], env=env,
-                              capture_output=True, text=True, cwd=ROOT, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        info = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert info == {"devices": list(range(n)), "rows": [2 // n]}, info
-        runs[n] = out
-    for t in ("t0", "t1"):
-        one, two = epoch_records(str(runs[1] / t)), epoch_records(str(runs[2] / t))
-        assert [r["epoch"] for r in one] == [r["epoch"] for r in two] == [1, 2]
-        for a, b in zip(one, two):
-            for key, value in a.items():
-                expected = pytest.approx(value, rel=1e-4, abs=1e-6) if isinstance(value, float) else value
-                assert b[key] == expected, (t, a["epoch"], key)

@@ -11,16 +11,17 @@ A sweep file is a config file with a ``get_sweep()`` beside ``get_config()``::
     def get_sweep():
         return sweep.Sweep(
             grid=sweep.product({"optimizer.learning_rate": [1e-3, 3e-3]}, {"seed": [0, 1]}),
-            metric="test/accuracy", mode="max", pack=4,
+            metric="val/accuracy", mode="max", pack=4,
         )
 
 and runs with ``cnnlab sweep --config=<file> --workdir=<dir>`` (``--workers N`` local worker
 processes, ``--storage=postgresql://...`` to share the study between machines, ``--pack K``
 trials per compiled program); ``cnnlab sweep report --workdir=<dir>`` rewrites the report.
 
-Modules: :mod:`~cnnlab.sweep.space` (declaring and validating sweeps),
-:mod:`~cnnlab.train.group` (K trials in one program), :mod:`~cnnlab.sweep.engine` (the Optuna
-study, claiming, resume, workers), :mod:`~cnnlab.sweep.report` (tables, plots, best config).
+Modules: :mod:`~cnnlab.sweep.space` (declaring and validating sweeps), :mod:`~cnnlab.sweep.study`
+(the Optuna study: storage, slots, recovery), :mod:`~cnnlab.sweep.worker` (claiming and training
+trials), :mod:`~cnnlab.sweep.launch` (``run_sweep``, worker processes), :mod:`~cnnlab.sweep.report`
+(tables, plots, best config); :mod:`~cnnlab.train.group` trains K trials in one program.
 """
 
 from __future__ import annotations
@@ -44,13 +45,12 @@ from cnnlab.sweep.space import (
 
 # Modules that import Optuna or the trainer, loaded on first use (sweep files stay light).
 _LAZY = {
-    "run_sweep": "cnnlab.sweep.engine",
-    "Worker": "cnnlab.sweep.engine",
-    "default_storage": "cnnlab.sweep.engine",
-    "PACKABLE_FIELDS": "cnnlab.train.group",
-    "NotPackable": "cnnlab.train.group",
-    "pack_key": "cnnlab.train.group",
-    "train_packed": "cnnlab.train.group",
+    "run_sweep": "cnnlab.sweep.launch",
+    "Worker": "cnnlab.sweep.worker",
+    "default_storage": "cnnlab.sweep.study",
+    "NotPackable": "cnnlab.train",
+    "pack_key": "cnnlab.train",
+    "train_trials": "cnnlab.train",
     "write_report": "cnnlab.sweep.report",
 }
 

@@ -48,8 +48,8 @@ def _quiet() -> None:
 def _sweep(argv) -> None:
     del argv
     _quiet()
-    from cnnlab.sweep.engine import run_sweep
     from cnnlab.sweep.files import load_sweep_file
+    from cnnlab.sweep.launch import run_sweep
 
     sweep = load_sweep_file(config_flags.get_config_filename(FLAGS["config"]))
     run_sweep(FLAGS.config, sweep, FLAGS.workdir, storage=FLAGS.storage, study_name=FLAGS.study_name,

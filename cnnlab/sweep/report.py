@@ -3,8 +3,8 @@
 Written to the sweep's workdir:
 
 * ``trials.csv`` and ``trials.md``: one row per trial (slot), sorted by the target metric: its
-  state, the metric and the other test metrics, every swept field's value, pack size, duration,
-  retries, error, and its run directory.
+  state, the metric and the other val/test/train metrics, every swept field's value, pack size,
+  duration, retries, error, and its run directory.
 * ``params.png``: the metric against each swept field (log axes for log ranges; categories as
   labels), pruned trials hollow.
 * ``curves.png``: every trial's metric per epoch on one figure, the best in bold.
@@ -24,27 +24,26 @@ from typing import Any
 
 import ml_collections
 
-from cnnlab.sweep import engine
+from cnnlab.sweep import study as study_lib
+from cnnlab.sweep._optuna_adapter import load as load_optuna
 from cnnlab.sweep.files import write_config_file
 from cnnlab.sweep.space import apply_point
+from cnnlab.train.config import selection_metrics
+from cnnlab.train.metrics import DEFAULT_METRICS
 from cnnlab.train.writers import read_metrics, write_json_atomic
-
-_EXTRA_METRICS = ("test/accuracy", "test/mean_per_class_accuracy", "test/loss", "train/loss",
-                  "val/accuracy")
 
 
 def _load(workdir: str, storage: str | None, study_name: str | None):
-    path = os.path.join(workdir, engine.SWEEP_JSON)
+    path = os.path.join(workdir, study_lib.SWEEP_JSON)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"No {engine.SWEEP_JSON} in {workdir!r}: is it a `cnnlab sweep` workdir?")
+        raise FileNotFoundError(f"No {study_lib.SWEEP_JSON} in {workdir!r}: is it a `cnnlab sweep` workdir?")
     with open(path) as f:
         info = json.load(f)
-    url = storage or info.get("storage") or engine.default_storage(workdir)
+    url = storage or info.get("storage") or study_lib.default_storage(workdir)
     if "***" in url:
         raise ValueError(f"The sweep's storage URL has a password; pass it with --storage ({url}).")
-    optuna = engine._optuna()
-    study = optuna.load_study(study_name=study_name or info.get("study_name", engine.DEFAULT_STUDY),
-                              storage=url)
+    study = load_optuna().load_study(study_name=study_name or info.get("study_name", study_lib.DEFAULT_STUDY),
+                                     storage=url)
     return info, study
 
 
@@ -52,27 +51,29 @@ def _rows(info: dict[str, Any], study) -> list[dict[str, Any]]:
     """One row per slot: its latest real trial (duplicates dropped, interrupted tries counted)."""
     by_slot: dict[int, list] = {}
     for t in study.get_trials(deepcopy=False):
-        if engine.DUPLICATE in t.user_attrs or engine.SLOT not in t.user_attrs:
+        if study_lib.DUPLICATE in t.user_attrs or study_lib.SLOT not in t.user_attrs:
             continue
-        by_slot.setdefault(int(t.user_attrs[engine.SLOT]), []).append(t)
+        by_slot.setdefault(int(t.user_attrs[study_lib.SLOT]), []).append(t)
     metric = info["sweep"]["metric"]
+    recorded = selection_metrics(ml_collections.ConfigDict(
+        {"metrics": info["base_config"].get("metrics", DEFAULT_METRICS)}))
     rows = []
     for slot, trials in sorted(by_slot.items()):
         t = max(trials, key=lambda u: u.number)
         attrs = t.user_attrs
-        metrics = attrs.get(engine.METRICS, {})
+        metrics = attrs.get(study_lib.METRICS, {})
         value = t.value if t.value is not None else metrics.get(metric)
         if value is None and t.intermediate_values:
             value = t.intermediate_values[max(t.intermediate_values)]
-        values = attrs.get(engine.VALUES) or {}
+        values = attrs.get(study_lib.VALUES) or {}
         row = {
             "trial": t.number, "slot": slot, "state": t.state.name, metric: value,
-            **{m: metrics.get(m) for m in _EXTRA_METRICS if m != metric and m in metrics},
+            **{m: metrics[m] for m in recorded if m != metric and m in metrics},
             "epochs": len(t.intermediate_values),
             **{f: values.get(f, t.params.get(f)) for f in info["fields"]},
-            "pack": attrs.get(engine.PACKED), "duration_s": attrs.get(engine.DURATION),
-            "retries": len(trials) - 1, "error": attrs.get(engine.ERROR, ""),
-            "workdir": attrs.get(engine.WORKDIR, ""),
+            "pack": attrs.get(study_lib.PACKED), "duration_s": attrs.get(study_lib.DURATION),
+            "retries": len(trials) - 1, "error": attrs.get(study_lib.ERROR, ""),
+            "workdir": attrs.get(study_lib.WORKDIR, ""),
             "_curve": dict(sorted(t.intermediate_values.items())), "_values": values,
         }
         rows.append(row)
@@ -95,12 +96,7 @@ def _fmt(v: Any) -> str:
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    cols: list[str] = []
-    for r in rows:
-        for k in r:
-            if not k.startswith("_") and k not in cols:
-                cols.append(k)
-    return cols
+    return list(dict.fromkeys(k for r in rows for k in r if not k.startswith("_")))
 
 
 def _write_tables(workdir: str, rows, info, importances, note: str) -> str:
@@ -133,12 +129,17 @@ def _numeric(values: list[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def _plot_params(path: str, rows, info) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_params(path: str, rows, info) -> None:
+    plt = _pyplot()
     metric, fields = info["sweep"]["metric"], info["fields"]
     space = info["sweep"].get("space", {})
     points = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED") and isinstance(r[metric], (int, float))]
@@ -183,11 +184,7 @@ def _curve(row: dict[str, Any], metric: str) -> tuple[list[int], list[float]]:
 
 
 def _plot_curves(path: str, rows, info) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     metric = info["sweep"]["metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     best = rows[0] if rows and rows[0]["state"] == "COMPLETE" else None
@@ -210,14 +207,11 @@ def _plot_curves(path: str, rows, info) -> None:
 
 
 def _importances(study) -> tuple[dict[str, float], str]:
-    from optuna.trial import TrialState
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    optuna = load_optuna()
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(complete) < 2:
         return {}, "fewer than 2 completed trials."
     try:
-        import optuna
-
         return dict(optuna.importance.get_param_importances(study)), ""
     except Exception as e:  # noqa: BLE001 - importances are a bonus; say why they are missing
         return {}, f"{type(e).__name__}: {e}"

@@ -33,6 +33,7 @@ import hashlib
 import itertools
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,7 +41,7 @@ import ml_collections
 import numpy as np
 
 from cnnlab.schema import copy_config
-from cnnlab.train.config import METRICS, validate_config
+from cnnlab.train.config import selection_metrics, validate_config
 
 Point = dict[str, Any]
 
@@ -248,8 +249,9 @@ class Sweep:
         sampler: ``"grid"`` (default with ``grid``), ``"random"`` or ``"tpe"`` (default with
             ``space``).
         num_trials: trials to sample (random/tpe).
-        metric: the objective, a ``checkpoint.best_metric`` name (``"test/accuracy"``...),
-            taken at the last evaluation of each trial.
+        metric: the objective, a metric the runs record (``"val/accuracy"``; ``val/<m>`` or
+            ``test/<m>`` for ``m`` in ``config.metrics``, ``train/loss``, ``train/accuracy``),
+            taken at the last evaluation of each trial. A ``test/`` metric needs ``select_on_test``.
         mode: ``"max"`` or ``"min"``.
         pruner: ``"none"``, ``"median"``, ``"successive_halving"`` or ``"hyperband"``, on the
             metric reported after every evaluation (epoch).
@@ -258,19 +260,22 @@ class Sweep:
         seed: seed of the samplers (random draws, TPE).
         pack: default number of shape-compatible trials trained together in one program
             (the ``--pack`` flag overrides it); 1 runs every trial alone.
+        select_on_test: allow a ``test/`` target metric (model selection on the test set, with
+            a warning: its numbers then overstate how the chosen config generalizes).
     """
 
     grid: Grid | None = None
     space: Mapping[str, Distribution] | None = None
     sampler: str | None = None
     num_trials: int = 0
-    metric: str = "test/accuracy"
+    metric: str = "val/accuracy"
     mode: str = "max"
     pruner: str = "none"
     pruner_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     sampler_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
     pack: int = 1
+    select_on_test: bool = False
 
     @property
     def kind(self) -> str:
@@ -296,17 +301,18 @@ class Sweep:
             "sampler": self.kind, "metric": self.metric, "mode": self.mode, "pruner": self.pruner,
             "pruner_kwargs": dict(self.pruner_kwargs), "sampler_kwargs": dict(self.sampler_kwargs),
             "seed": self.seed,
-            "num_trials": self.num_slots,
+            "num_trials": self.num_slots, **({"select_on_test": True} if self.select_on_test else {}),
         }
         if self.kind == "grid":
-            out["grid"] = [{k: _jsonable(v) for k, v in p.items()} for p in self.grid]
+            out["grid"] = [{k: jsonable(v) for k, v in p.items()} for p in self.grid]
         else:
-            out["space"] = {k: {"type": type(d).__name__, **_jsonable(dataclasses.asdict(d))}
+            out["space"] = {k: {"type": type(d).__name__, **jsonable(dataclasses.asdict(d))}
                             for k, d in self.space.items()}
         return out
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples as lists, unknown objects as strings)."""
     return json.loads(json.dumps(value, default=str))
 
 
@@ -315,7 +321,7 @@ def label(value: Any) -> bool | int | float | str | None:
     else its JSON text (``(32, 64, 128)`` -> ``"[32, 64, 128]"``)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    return json.dumps(_jsonable(value), sort_keys=True)
+    return json.dumps(jsonable(value), sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +395,7 @@ def get_field(config: ml_collections.ConfigDict, key: str, default: Any = None) 
 def fingerprint(base: ml_collections.ConfigDict, sweep: Sweep) -> str:
     """A hash of the base config and the sweep: a study only resumes the sweep it was made by."""
     plain = {k: v for k, v in base.to_dict().items() if k not in _COSMETIC}
-    text = json.dumps({"base": _jsonable(plain), "sweep": sweep.to_dict()}, sort_keys=True)
+    text = json.dumps({"base": jsonable(plain), "sweep": sweep.to_dict()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -412,9 +418,20 @@ def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
         raise ValueError(f"get_sweep() must return a cnnlab.sweep.Sweep, got {type(sweep).__name__}.")
     if sweep.kind not in SAMPLERS:
         raise ValueError(f"Invalid sampler={sweep.sampler!r}.{_closest(str(sweep.sampler), SAMPLERS)} Valid: {list(SAMPLERS)}.")
-    if sweep.metric not in METRICS:
-        raise ValueError(f"Invalid metric={sweep.metric!r}.{_closest(sweep.metric, METRICS)} Valid: {list(METRICS)}.")
-    if sweep.metric.startswith("val/") and not get_field(base, "data.val_fraction"):
+    config = validate_config(base)
+    metrics = selection_metrics(config)
+    if sweep.metric not in metrics:
+        raise ValueError(f"Invalid metric={sweep.metric!r}.{_closest(sweep.metric, metrics)} Valid: {list(metrics)}.")
+    if sweep.metric.startswith("test/") and not sweep.select_on_test:
+        raise ValueError(
+            f"metric={sweep.metric!r} selects trials on the test set: use metric="
+            f"{'val/' + sweep.metric[5:]!r} (with data.val_fraction > 0), or Sweep(..., "
+            "select_on_test=True) to select on the test set deliberately."
+        )
+    if sweep.metric.startswith("test/"):
+        warnings.warn(f"Sweep metric={sweep.metric!r} (select_on_test=True): the test set is used "
+                      "for model selection, so test numbers overstate the chosen config.", stacklevel=2)
+    if sweep.metric.startswith("val/") and not config.data.val_fraction:
         raise ValueError(f"metric={sweep.metric!r} needs a validation split: set data.val_fraction > 0.")
     if sweep.mode not in MODES:
         raise ValueError(f"Invalid mode={sweep.mode!r}; valid: {list(MODES)}.")
@@ -422,7 +439,6 @@ def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
         raise ValueError(f"Invalid pruner={sweep.pruner!r}.{_closest(sweep.pruner, PRUNERS)} Valid: {list(PRUNERS)}.")
     if not isinstance(sweep.pack, int) or sweep.pack < 1:
         raise ValueError(f"pack must be an integer >= 1, got {sweep.pack!r}.")
-    validate_config(base)
     if sweep.kind == "grid":
         if sweep.grid is None or sweep.space:
             raise ValueError("sampler='grid' takes grid=... (and no space).")

@@ -21,7 +21,7 @@ def get_config():
 def get_sweep():
     return sweep.Sweep(
         grid=sweep.product({"optimizer.learning_rate": [1e-3, 3e-3]}, {"seed": [0, 1]}),
-        metric="test/accuracy",
+        metric="val/accuracy",
         mode="max",
         pack=4,
     )

@@ -25,7 +25,7 @@ def get_config():
 def get_sweep():
     return sweep.Sweep(
         grid=sweep.product({"optimizer.learning_rate": LEARNING_RATES}),
-        metric="test/accuracy",
+        metric="val/accuracy",
         mode="max",
         pack=8,
     )

@@ -33,4 +33,4 @@ def get_config():
 def get_sweep():
     augmentation = sweep.zip({k: [v * s for s in SCALES] for k, v in TUTORIAL_STRENGTHS.items()})
     dropout = sweep.zip({"model.kwargs.dropout": [0.0, 0.25, 0.5], "model.kwargs.head_dropout": [0.0, 0.5, 0.5]})
-    return sweep.Sweep(grid=sweep.product(dropout, augmentation), metric="test/accuracy", mode="max", pack=12)
+    return sweep.Sweep(grid=sweep.product(dropout, augmentation), metric="val/accuracy", mode="max", pack=12)

@@ -1,5 +1,5 @@
 """Bayesian (TPE) search over StridedNet's learning rate, L2 and widths on the tutorial data,
-with median pruning on the per-epoch test accuracy.
+with median pruning on the per-epoch validation accuracy.
 
     CALTECH101_DIR=../shared/data/caltech101/101_ObjectCategories \\
         cnnlab sweep --config=configs/sweeps/stridednet_tpe.py --workdir=runs/stridednet_tpe
@@ -28,7 +28,7 @@ def get_sweep():
         },
         sampler="tpe",
         num_trials=30,
-        metric="test/accuracy",
+        metric="val/accuracy",
         mode="max",
         pruner="median",
         pruner_kwargs={"n_startup_trials": 5, "n_warmup_steps": 5},

@@ -38,7 +38,7 @@ def get_sweep():
     )
     return sweep.Sweep(
         grid=sweep.product(advice, {"seed": [0, 1, 2]}),
-        metric="test/accuracy",
+        metric="val/accuracy",
         mode="max",
         pack=6,
     )
