@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab import nn
-from cnnlab.models import register
+from cnnlab.models.registry import register
 
 
 class ConvBN(flax_nn.Module):

@@ -9,7 +9,7 @@ import flax.linen as flax_nn
 import jax
 
 from cnnlab import nn
-from cnnlab.models import register
+from cnnlab.models.registry import register
 
 
 @register("simple_cnn", traceable=("weight_decay", "head_dropout"))
