@@ -16,8 +16,8 @@ import optax
 import pytest
 
 from cnnlab import models
+from cnnlab.train.experiment import resolve_batch_size
 from cnnlab.train.steps import create_train_state, make_train_step
-from cnnlab.train.trainer import resolve_batch_size
 from cnnlab.train.writers import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -115,6 +115,52 @@ def test_two_processes_train_one_model_and_agree_on_its_parameters(tmp_path):
     single = _launch(tmp_path / "single")
     rs = _result(single)
     np.testing.assert_allclose(rs["digest"], r0["digest"], rtol=1e-3)
+
+
+# Two packed trials (learning rates 0.05 and 0.02) trained by one or two processes.
+_PACK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {configs!r})
+    from cnnlab.train import distributed
+    distributed.initialize({address!r}, {nproc}, {pid})
+    import jax
+    import smoke
+    from cnnlab.schema import copy_config
+    from cnnlab.train import train_trials
+    config = smoke.get_config()
+    config.progress = False
+    config.num_epochs = 2
+    config.optimizer.name = "sgd"
+    config.optimizer.learning_rate = 0.05
+    other = copy_config(config)
+    other.optimizer.learning_rate = 0.02
+    outcomes, _ = train_trials([config, other], [{workdir!r} + "/t0", {workdir!r} + "/t1"])
+    print("RESULT " + json.dumps({{"final": [o.metrics for o in outcomes],
+                                  "errors": [repr(o.error) for o in outcomes if o.error],
+                                  "processes": jax.process_count()}}))
+    """
+)
+
+
+def test_two_processes_train_a_pack_and_match_one_process(tmp_path):
+    """Packs work with several processes: the batch axis is split over them as in a single run."""
+    address = f"127.0.0.1:{_free_port()}"
+
+    def launch(workdir, **kw):
+        code = _PACK_SCRIPT.format(configs=str(ROOT / "configs"), workdir=str(workdir),
+                                   **{"address": None, "nproc": 1, "pid": 0, **kw})
+        return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    procs = [launch(tmp_path / "two", address=address, nproc=2, pid=i) for i in range(2)]
+    r0, r1 = [_result(p) for p in procs]
+    assert r0["processes"] == 2 and not r0["errors"] and r0["final"] == r1["final"]
+    single = _result(launch(tmp_path / "one"))
+    for t in ("t0", "t1"):
+        _assert_close_records(_epochs(tmp_path / "one" / t), _epochs(tmp_path / "two" / t), rtol=2e-3)
+    assert r0["final"][0] != r0["final"][1]  # the two trials really differ
+    assert single["final"][0]["epoch"] == 2
 
 
 def test_batch_sizes_must_split_over_devices():

@@ -1,13 +1,25 @@
-"""Training: config schema, the jitted train/eval steps, checkpoints, metrics and reports."""
+"""Training: config schema, the jitted train/eval steps, the one loop for K >= 1 trials,
+checkpoints, metrics and reports."""
 
 from cnnlab.train.config import default_config, validate_config
-from cnnlab.train.trainer import NonFiniteLossError, StopTraining, evaluate, train_and_evaluate
+from cnnlab.train.group import NotPackable, TrialOutcome, pack_key
+from cnnlab.train.trainer import (
+    NonFiniteLossError,
+    StopTraining,
+    evaluate,
+    train_and_evaluate,
+    train_trials,
+)
 
 __all__ = [
     "NonFiniteLossError",
+    "NotPackable",
     "StopTraining",
+    "TrialOutcome",
     "default_config",
     "evaluate",
+    "pack_key",
     "train_and_evaluate",
+    "train_trials",
     "validate_config",
 ]

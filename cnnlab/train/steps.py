@@ -8,7 +8,7 @@ step number in ``state.nonfinite_step``, so the trainer can stop with the last g
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from cnnlab import nn
+from cnnlab.train import metrics as metrics_lib
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -161,42 +162,17 @@ def make_eval_step(
     *,
     num_classes: int,
     normalize: Callable[[Array], Array],
+    metrics: Sequence[str] = metrics_lib.DEFAULT_METRICS,
 ) -> Callable[[Any, Any, Batch], dict[str, Array]]:
-    """Builds ``eval_step(params, batch_stats, batch) -> sums`` over the masked batch.
-
-    Returns summed loss, correct, top-5 correct, count, and the confusion matrix
-    ``[true, predicted]``, so an epoch's metrics count every test image exactly once.
-    """
+    """Builds ``eval_step(params, batch_stats, batch) -> sums`` over the masked batch: the sums
+    of the registered ``metrics`` plus ``count`` and the confusion matrix ``[true, predicted]``,
+    so a split's metrics count every image exactly once."""
 
     def eval_step(params, batch_stats, batch: Batch) -> dict[str, Array]:
         logits = model.apply(
             {"params": params, "batch_stats": batch_stats}, normalize(batch["image"]), training=False
         ).astype(jnp.float32)
-        labels = batch["label"]
-        mask = batch["mask"].astype(jnp.float32)
-        onehot = jax.nn.one_hot(labels, num_classes)
-        loss = optax.softmax_cross_entropy(logits, onehot)
-        pred = jnp.argmax(logits, -1)
-        k = min(5, num_classes)
-        top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
-        confusion = (onehot * mask[:, None]).T @ jax.nn.one_hot(pred, num_classes)
-        return {
-            "loss": jnp.sum(loss * mask),
-            "correct": jnp.sum((pred == labels) * mask),
-            "top5": jnp.sum(top5 * mask),
-            "count": jnp.sum(mask),
-            "confusion": confusion,
-        }
+        return metrics_lib.batch_sums(metrics, logits, batch["label"],
+                                      batch["mask"].astype(jnp.float32), num_classes)
 
     return eval_step
-
-
-def predict_logits(model: flax_nn.Module, normalize: Callable[[Array], Array]):
-    """``(params, batch_stats, images_uint8) -> logits`` in inference mode."""
-
-    def predict(params, batch_stats, images):
-        return model.apply(
-            {"params": params, "batch_stats": batch_stats}, normalize(images), training=False
-        )
-
-    return predict

@@ -1,4 +1,8 @@
-"""The canonical trainer: ``train_and_evaluate(config, workdir)``, read top to bottom.
+"""The canonical trainer: one loop for a group of K >= 1 trials, read top to bottom.
+
+``train_and_evaluate(config, workdir)`` is a group of one; a sweep passes K packed trials to
+:func:`train_trials`. Checkpoint cadence, the NaN stop, exact resume, evaluation sharded over
+devices and processes, metrics, reports and callbacks exist once, here.
 
 Re-running the same command resumes from the latest checkpoint: the state (parameters,
 optimizer, batch statistics, RNG, the epoch's running sums) is restored and the data stream is
@@ -8,39 +12,33 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from cnnlab import data as data_lib
-from cnnlab import models, nn
 from cnnlab.train import report as report_lib
 from cnnlab.train.checkpoint import Checkpoints
-from cnnlab.train.config import validate_config
 from cnnlab.train.distributed import is_main_process, process_slice
-from cnnlab.train.optim import make_optimizer
-from cnnlab.train.steps import (
-    TrainState,
-    chunk_unroll,
-    create_train_state,
-    make_eval_step,
-    make_train_step,
-    zero_sums,
+from cnnlab.train.experiment import (
+    Experiment,
+    build_experiment,
+    initial_state,
+    load_run_config,
+    resolve,
 )
+from cnnlab.train.group import NotPackable, Program, TrialOutcome, build_program, pack_key
+from cnnlab.train.metrics import split_values
 from cnnlab.train.writers import MetricWriter, write_json_atomic
 
-# Fault injection for the kill-and-resume test: SIGKILL this process right after this global
+# Fault injection for the kill-and-resume tests: SIGKILL this process right after this global
 # step (after any checkpoint of that step), exactly as an external `kill -9` would.
 _FAULT_KILL_AT_STEP = "CNNLAB_FAULT_KILL_AT_STEP"
 
@@ -49,305 +47,12 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss becomes NaN or infinite; names the step."""
 
 
-@dataclasses.dataclass
-class Experiment:
-    """Everything derived from a config that training, evaluation and reports share."""
-
-    config: ml_collections.ConfigDict
-    dataset: Any
-    model: Any
-    tx: Any
-    mesh: Any
-    steps_per_epoch: int
-    normalize: Any
-    image_shape: tuple[int, ...]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.dataset.class_names)
-
-
-# ---------------------------------------------------------------------------------------------
-# Setup
-# ---------------------------------------------------------------------------------------------
-
-
-def _make_normalize(config: ml_collections.ConfigDict, train_images: np.ndarray):
-    if config.normalization == "scale":
-        return lambda images: data_lib.normalize(images, "scale")
-    mean, std = data_lib.channel_mean_std(train_images)
-    return lambda images: data_lib.normalize(images, "mean_std", mean, std)
-
-
-def resolve_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
-    """Derives the global batch from ``per_device_batch_size`` when set, and checks that the
-    global batches split evenly over the devices."""
-    if config.per_device_batch_size:
-        config = ml_collections.ConfigDict(config.to_dict())
-        config.batch_size = config.per_device_batch_size * num_devices
-    for key in ("batch_size", "eval_batch_size"):
-        if config[key] % num_devices:
-            raise ValueError(
-                f"{key}={config[key]} is not divisible by the {num_devices} devices; choose a "
-                f"multiple of {num_devices} (or set per_device_batch_size)."
-            )
-    return config
-
-
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
-    """Validates the config, loads the data and builds model, optimizer and device mesh."""
-    config = validate_config(config)
-    devices = jax.devices()
-    config = resolve_batch_size(config, len(devices))
-    dataset = data_lib.load_dataset(config.data, verbose=is_main_process())
-    n_train = len(dataset.train.labels)
-    if n_train < config.batch_size:
-        raise ValueError(
-            f"batch_size={config.batch_size} exceeds the {n_train} training images; lower it."
-        )
-    steps_per_epoch = n_train // config.batch_size
-    kwargs = dict(config.model.kwargs.to_dict())
-    if config.mixed_precision:
-        kwargs["dtype"] = jnp.bfloat16
-    model = models.get_model(config.model.name, num_classes=len(dataset.class_names), **kwargs)
-    tx = make_optimizer(config, max(steps_per_epoch // config.grad_accum_steps, 1))
-    if config.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
-    return Experiment(
-        config=config,
-        dataset=dataset,
-        model=model,
-        tx=tx,
-        mesh=data_lib.data_mesh(devices),
-        steps_per_epoch=steps_per_epoch,
-        normalize=_make_normalize(config, dataset.train.images),
-        image_shape=tuple(dataset.train.images.shape[1:]),
-    )
-
-
-def _replicated(mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def initial_state(exp: Experiment) -> TrainState:
-    """A fresh state, replicated over the mesh."""
-    state = jax.jit(
-        lambda: create_train_state(
-            exp.model, exp.tx, seed=exp.config.seed, image_shape=exp.image_shape
-        ),
-        out_shardings=_replicated(exp.mesh),
-    )()
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-def evaluate_split(exp: Experiment, eval_step, state: TrainState, split) -> dict[str, Any]:
-    """Loss, accuracy, top-5 and mean per-class accuracy on a split; every image counted once."""
-    totals = None
-    rows = process_slice(exp.config.eval_batch_size)
-    batches = (
-        {k: v[rows] for k, v in batch.items()}
-        for batch in data_lib.iterate_epoch(
-            split.images, split.labels, exp.config.eval_batch_size, shuffle=False,
-            drop_remainder=False,
-        )
-    )
-    sharding = data_lib.batch_sharding(exp.mesh)
-    for batch in data_lib.prefetch_to_device(batches, 2, sharding):
-        sums = eval_step(state.params, state.batch_stats, batch)
-        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    return metrics_from_sums(jax.device_get(totals))
-
-
-def metrics_from_sums(totals: dict[str, Any]) -> dict[str, Any]:
-    """Loss, accuracy, top-5 and mean per-class accuracy (plus ``count`` and ``confusion``)
-    from an eval step's sums over a whole split (host arrays)."""
-    confusion = np.asarray(totals["confusion"])
-    count = float(totals["count"])
-    support = confusion.sum(axis=1)
-    per_class = np.divide(np.diag(confusion), support, out=np.zeros_like(support), where=support > 0)
-    return {
-        "loss": float(totals["loss"]) / count,
-        "accuracy": float(totals["correct"]) / count,
-        "top5_accuracy": float(totals["top5"]) / count,
-        "mean_per_class_accuracy": float(per_class[support > 0].mean()),
-        "count": int(count),
-        "confusion": confusion,
-    }
-
-
-def train_record(epoch: int, sums: dict[str, Any]) -> dict[str, Any]:
-    """The epoch record's training part from a state's ``epoch_sums`` (host values)."""
-    count = max(float(sums["count"]), 1.0)
-    return {"epoch": epoch, "train/loss": float(sums["loss"]) / count,
-            "train/accuracy": float(sums["correct"]) / count}
-
-
-def eval_splits(exp: Experiment) -> dict[str, Any]:
-    splits = {"test": exp.dataset.test}
-    if getattr(exp.dataset, "val", None) is not None and len(exp.dataset.val.labels):
-        splits["val"] = exp.dataset.val
-    return splits
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
-def _progress(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step",
-                dynamic_ncols=True, leave=False)
-
-
-def _check_finite(state: TrainState, ckpt: Checkpoints) -> None:
-    bad = int(jax.device_get(state.nonfinite_step))
-    if bad >= 0:
-        last = ckpt.latest_step()
-        raise NonFiniteLossError(
-            f"Non-finite training loss at step {bad}; stopping. The last good checkpoint "
-            f"(step {last}) is kept in {ckpt.latest.directory}."
-            if last is not None
-            else f"Non-finite training loss at step {bad}; stopping (no checkpoint was written yet)."
-        )
-
-
 class StopTraining(Exception):
-    """Raised by an ``on_epoch_end`` callback to end a run early (e.g. a sweep pruning a trial);
-    the run's checkpoints, metrics and reports stay as they are at that epoch."""
+    """Raised by an ``on_epoch_end`` callback to end a trial early (e.g. a sweep pruning it);
+    its checkpoints, metrics and reports stay as they are at that epoch."""
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns the final
-    evaluation metrics.
-
-    ``on_epoch_end(epoch, record)`` is called after each evaluation with the epoch's metrics
-    record (the one written to ``metrics.jsonl``); it may raise :class:`StopTraining`.
-    """
-    return train(config, workdir, on_epoch_end=on_epoch_end)[1]
-
-
-def train(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
-) -> tuple[TrainState, dict[str, Any]]:
-    """:func:`train_and_evaluate`, also returning the final train state (on the mesh)."""
-    exp = build_experiment(config)
-    config = exp.config
-    os.makedirs(workdir, exist_ok=True)
-    if is_main_process():
-        write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
-        write_json_atomic(os.path.join(workdir, "classes.json"), list(exp.dataset.class_names))
-
-    ckpt = Checkpoints(
-        workdir,
-        keep=config.checkpoint.keep,
-        best_metric=config.checkpoint.best_metric,
-        best_mode=config.checkpoint.best_mode,
-    )
-    state = initial_state(exp)
-    start_step = 0
-    if ckpt.latest_step() is not None:
-        state, start_step = ckpt.restore(state)
-        say(f"Resuming from step {start_step} ({ckpt.latest.directory}).")
-    constraints = nn.collect_constraints(
-        exp.model, jnp.zeros((1, *exp.image_shape), jnp.float32), training=False
-    )
-    augment = data_lib.make_batch_augment_fn(config.data.augment, exp.num_classes)
-
-    def preprocess(key, images, labels):
-        images, targets = augment(key, images, labels)
-        return exp.normalize(images), targets
-
-    step_fn = make_train_step(
-        exp.model,
-        exp.tx,
-        num_classes=exp.num_classes,
-        preprocess=preprocess,
-        constraints=constraints,
-        label_smoothing=config.loss.label_smoothing,
-    )
-    # One jitted program for a single step and one for a chunk of `steps_per_dispatch` steps
-    # (lax.scan, unrolled on CPU), each compiled once; state buffers are donated.
-    train_step = jax.jit(step_fn, donate_argnums=0)
-    train_chunk = jax.jit(
-        lambda st, batches: jax.lax.scan(step_fn, st, batches, unroll=chunk_unroll()), donate_argnums=0
-    )
-    reset_sums = jax.jit(lambda st: st.replace(epoch_sums=zero_sums()), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(exp.model, num_classes=exp.num_classes, normalize=exp.normalize))
-    writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main_process())
-    total_steps = config.num_epochs * exp.steps_per_epoch
-    stream = _host_chunks(exp, start_step)
-    say(
-        f"Training {config.model.name} on {len(exp.dataset.train.labels)} images "
-        f"({exp.num_classes} classes), {config.num_epochs} epochs x {exp.steps_per_epoch} steps, "
-        f"batch {config.batch_size}, {len(exp.mesh.devices.flat)} device(s) in "
-        f"{jax.process_count()} process(es) [{jax.devices()[0].platform}]."
-    )
-    final: dict[str, Any] = {}
-    kill_at = int(os.environ.get(_FAULT_KILL_AT_STEP, "-1"))
-    step = start_step
-    bar = _progress(total_steps, start_step, config.progress and is_main_process(), "train")
-    t_window, n_window = time.perf_counter(), 0
-    try:
-        for chunk in data_lib.prefetch_to_device(stream, 2, _chunk_sharding(exp.mesh)):
-            k = chunk["label"].shape[0]
-            if k == 1:
-                state, metrics = train_step(state, jax.tree_util.tree_map(lambda a: a[0], chunk))
-            else:
-                state, metrics = train_chunk(state, chunk)
-                metrics = jax.tree_util.tree_map(lambda a: a[-1], metrics)
-            previous, step = step, step + k
-            n_window += k * config.batch_size
-            bar.update(k)
-            epoch, step_in_epoch = divmod(step, exp.steps_per_epoch)
-            if _crossed(previous, step, config.log_every_steps):
-                metrics = jax.device_get(metrics)
-                _check_finite(state, ckpt)
-                rate = n_window / max(time.perf_counter() - t_window, 1e-9)
-                t_window, n_window = time.perf_counter(), 0
-                writer.write("train", step, {**metrics, "images_per_sec": rate})
-                bar.set_postfix(epoch=epoch + (step_in_epoch > 0), loss=f"{float(metrics['loss']):.3f}",
-                                acc=f"{float(metrics['accuracy']):.3f}", img_s=f"{rate:.0f}")
-            if step_in_epoch and _crossed(previous, step, config.checkpoint.every_steps):
-                _check_finite(state, ckpt)
-                ckpt.save_latest(step, state)
-            if step_in_epoch == 0:
-                final = _end_of_epoch(exp, state, epoch, step, eval_step, writer, ckpt, bar)
-                state = reset_sums(state)
-                if epoch % config.checkpoint.every_epochs == 0 or step == total_steps:
-                    ckpt.save_latest(step, state)
-                if on_epoch_end is not None:
-                    try:
-                        on_epoch_end(epoch, final)
-                    except StopTraining:
-                        ckpt.save_latest(step, state)
-                        break
-            if previous < kill_at <= step:
-                os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        bar.close()
-        writer.close()
-    _check_finite(state, ckpt)
-    if not final:  # resumed after the last epoch: evaluate what we have
-        final = evaluate(config, workdir, which="latest", exp=exp)
-    if is_main_process():
-        report_lib.write_reports(workdir, exp.dataset.class_names)
-    ckpt.close()
-    return state, {k: v for k, v in final.items() if k != "confusion"}
+EpochCallback = Callable[[int, int, dict[str, Any]], None]
 
 
 def say(message: str) -> None:
@@ -361,67 +66,329 @@ def _crossed(previous: int, step: int, every: int) -> bool:
     return bool(every) and step // every > previous // every
 
 
-def _chunk_sharding(mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(None, "data"))
+# ---------------------------------------------------------------------------------------------
+# Evaluation (sharded over devices and processes, every image counted once)
+# ---------------------------------------------------------------------------------------------
 
 
-def _host_chunks(exp: Experiment, start_step: int):
-    """This process's slice of the training stream, ``steps_per_dispatch`` batches at a time,
-    stacked on a leading axis; a chunk never crosses an epoch boundary."""
+def eval_splits(exp: Experiment) -> dict[str, Any]:
+    splits = {}
+    if getattr(exp.dataset, "val", None) is not None and len(exp.dataset.val.labels):
+        splits["val"] = exp.dataset.val
+    splits["test"] = exp.dataset.test
+    return splits
+
+
+def evaluate_trials(exp: Experiment, prog: Program, states: Any) -> list[dict[str, dict[str, Any]]]:
+    """``[{split: metrics}]`` per trial, for every eval split."""
+    rows = process_slice(exp.config.eval_batch_size)
+    out: list[dict[str, dict[str, Any]]] = [{} for _ in range(prog.size)]
+    for name, split in eval_splits(exp).items():
+        batches = (
+            {k: v[rows] for k, v in batch.items()}
+            for batch in data_lib.iterate_epoch(split.images, split.labels, exp.config.eval_batch_size,
+                                                shuffle=False, drop_remainder=False)
+        )
+        totals = None
+        for batch in data_lib.prefetch_to_device(batches, 2, prog.eval_sharding):
+            sums = prog.eval_sums(states, batch)
+            totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+        totals = jax.device_get(totals)
+        for k in range(prog.size):
+            out[k][name] = split_values(exp.config.metrics, prog.take(totals, k))
+    return out
+
+
+def train_record(epoch: int, sums: dict[str, Any]) -> dict[str, Any]:
+    """The epoch record's training part from a state's ``epoch_sums`` (host values)."""
+    count = max(float(sums["count"]), 1.0)
+    return {"epoch": epoch, "train/loss": float(sums["loss"]) / count,
+            "train/accuracy": float(sums["correct"]) / count}
+
+
+def _flat(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{split}/{m}": v for split, res in results.items() for m, v in res.items()
+            if m not in ("confusion", "count")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns the final
+    evaluation metrics. ``on_epoch_end(epoch, record)`` runs after each evaluation with the
+    record written to ``metrics.jsonl``; it may raise :class:`StopTraining`."""
+    return train(config, workdir, on_epoch_end=on_epoch_end, allow_config_change=allow_config_change)[1]
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    allow_config_change: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """:func:`train_and_evaluate`, also returning the final train state (on the mesh)."""
+    callback = None if on_epoch_end is None else (lambda _k, epoch, record: on_epoch_end(epoch, record))
+    (outcome,), states, _ = _train_trials([config], [workdir], on_epoch_end=callback,
+                                          allow_config_change=allow_config_change)
+    if outcome.error is not None:
+        raise outcome.error
+    return states, outcome.metrics
+
+
+def train_trials(
+    configs: Sequence[ml_collections.ConfigDict],
+    workdirs: Sequence[str],
+    *,
+    on_epoch_end: EpochCallback | None = None,
+    tag: Callable[[int], str] | None = None,
+    vmap_width: int | None = None,
+    allow_config_change: bool = False,
+) -> tuple[list[TrialOutcome], dict[str, float]]:
+    """Trains K >= 1 trials (equal :func:`~cnnlab.train.group.pack_key` when K > 1), trial
+    ``k`` in ``workdirs[k]``, in one compiled program; resumes each from its checkpoint.
+
+    ``on_epoch_end(k, epoch, record)`` runs for each running trial after each evaluation and may
+    raise :class:`StopTraining` (that trial stops; the others go on). A trial whose loss becomes
+    non-finite stops with a :class:`NonFiniteLossError` in its outcome. Trials that finished
+    already are re-evaluated; trials resumed from different steps run as separate groups.
+    Returns each trial's :class:`TrialOutcome` and timings in seconds (``setup``,
+    ``first_step`` (compile and run), ``steps``, ``eval``, ``save``, ``total``).
+    """
+    outcomes, _, timings = _train_trials(configs, workdirs, on_epoch_end=on_epoch_end, tag=tag,
+                                         vmap_width=vmap_width, allow_config_change=allow_config_change)
+    return outcomes, timings
+
+
+def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=None,
+                  allow_config_change=False):
+    t_start = time.perf_counter()
+    if len(configs) != len(workdirs) or not configs:
+        raise ValueError("train_trials needs one workdir per config, and at least one config.")
+    resolved = [resolve(c) for c in configs]
+    if len(configs) > 1 and len({pack_key(c) for c in resolved}) != 1:
+        raise NotPackable("The configs differ in fields that cannot be traced in one program.")
+    exp = build_experiment(resolved[0])
+    config = exp.config
+    K = len(configs)
+    tag = tag or ((lambda k: "") if K == 1 else (lambda k: f"[{k}] "))
+    ckpts = [Checkpoints(wd, keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
+                         best_mode=config.checkpoint.best_mode) for wd in workdirs]
+    starts = [c.latest_step() or 0 for c in ckpts]
+    if is_main_process():
+        for c, wd, start in zip(resolved, workdirs, starts):
+            _record_run(wd, c, exp.dataset, step=start, allow_config_change=allow_config_change)
+    outcomes = [TrialOutcome(metrics={}) for _ in range(K)]
+    timings = {"setup": time.perf_counter() - t_start, "first_step": 0.0, "steps": 0.0, "eval": 0.0,
+               "save": 0.0}
+    total_steps = config.num_epochs * exp.steps_per_epoch
+    states = None
+    try:
+        for k in [k for k in range(K) if starts[k] >= total_steps]:  # finished: evaluate as is
+            outcomes[k].metrics = evaluate(resolved[k], workdirs[k], which="latest", exp=exp)
+        for start in sorted({s for s in starts if s < total_steps}):
+            group = [k for k in range(K) if starts[k] == start]
+            states = _run_group(exp, [resolved[k] for k in group], [workdirs[k] for k in group],
+                                [ckpts[k] for k in group], [outcomes[k] for k in group], start,
+                                on_epoch_end=on_epoch_end and (lambda i, e, r, g=group: on_epoch_end(g[i], e, r)),
+                                tag=lambda i, g=group: tag(g[i]), vmap_width=vmap_width, timings=timings)
+    finally:
+        for c in ckpts:
+            c.close()
+    for k, wd in enumerate(workdirs):
+        if outcomes[k].error is None and is_main_process():
+            report_lib.write_reports(wd, exp.dataset.class_names)
+    timings["total"] = time.perf_counter() - t_start
+    return outcomes, states, timings
+
+
+def _record_run(workdir: str, config, dataset, *, step: int, allow_config_change: bool) -> None:
+    """The run directory's records: config (refusing an unannounced change on resume), classes,
+    split and environment."""
+    from cnnlab.train import rundir
+
+    os.makedirs(workdir, exist_ok=True)
+    rundir.record_config(workdir, config.to_dict(), step=step, allow_config_change=allow_config_change)
+    write_json_atomic(os.path.join(workdir, "classes.json"), list(dataset.class_names))
+    if step:
+        rundir.check_split(workdir, dataset)
+    rundir.write_split_record(workdir, dataset)
+    rundir.write_environment(workdir)
+
+
+def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, *, on_epoch_end, tag,
+               vmap_width, timings) -> Any:
+    """The loop: trains the trials of one group from ``start_step`` to the end (or until every
+    trial has stopped); fills ``outcomes`` and returns the final states."""
+    config = exp.config
+    K = len(configs)
+    t0 = time.perf_counter()
+    prog = build_program(exp, configs, vmap_width=vmap_width)
+    states = prog.init()
+    if start_step:
+        states = prog.stack([c.restore(s)[0] for c, s in zip(ckpts, prog.trials(states))])
+        say(f"Resuming {'' if K == 1 else f'{K} packed trials '}from step {start_step} "
+            f"({ckpts[0].latest.directory if K == 1 else 'their checkpoints'}).")
+    writers = [MetricWriter(wd, resume_step=start_step, enabled=is_main_process()) for wd in workdirs]
+    total_steps = config.num_epochs * exp.steps_per_epoch
+    varying = sorted(prog.h) + ([] if prog.shared else ["seed"])
+    say(
+        f"Training {f'{K} packed trials of ' if K > 1 else ''}{config.model.name} on "
+        f"{len(exp.dataset.train.labels)} images ({exp.num_classes} classes), {config.num_epochs} "
+        f"epochs x {exp.steps_per_epoch} steps, batch {config.batch_size}, "
+        + (f"varying {varying}, {prog.vmap_width} vmapped side by side, " if K > 1 else "")
+        + f"{len(exp.mesh.devices.flat)} device(s) in {jax.process_count()} process(es) "
+        f"[{jax.devices()[0].platform}]."
+    )
+    active = [True] * K
+    timings["setup"] += time.perf_counter() - t0
+
+    def save_latest(step: int, only: int | None = None) -> None:
+        t = time.perf_counter()
+        for k, state in enumerate(prog.trials(states)):
+            if active[k] if only is None else k == only:
+                ckpts[k].save_latest(step, state)
+        timings["save"] += time.perf_counter() - t
+
+    def check_finite() -> None:
+        bad = np.atleast_1d(jax.device_get(states.nonfinite_step))
+        for k in range(K):
+            if active[k] and bad[k] >= 0:
+                last = ckpts[k].latest_step()
+                outcomes[k].error = NonFiniteLossError(
+                    f"Non-finite training loss at step {int(bad[k])}; stopping. "
+                    + (f"The last good checkpoint (step {last}) is kept in {ckpts[k].latest.directory}."
+                       if last is not None else "(No checkpoint was written yet.)"))
+                active[k] = False
+                say(f"{tag(k)}stopped: {outcomes[k].error}")
+
+    def end_of_epoch(epoch: int, step: int) -> None:
+        check_finite()
+        sums = jax.device_get(states.epoch_sums)
+        records = [train_record(epoch, prog.take(sums, k)) for k in range(K)]
+        if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
+            t = time.perf_counter()
+            results = evaluate_trials(exp, prog, states)
+            timings["eval"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for k, state in enumerate(prog.trials(states)):
+                if not active[k]:
+                    continue
+                records[k].update(_flat(results[k]))
+                writers[k].write("epoch", step, records[k])
+                ckpts[k].save_best(step, state, records[k])
+                if is_main_process():
+                    np.save(os.path.join(workdirs[k], "confusion_last.npy"), results[k]["test"]["confusion"])
+            timings["save"] += time.perf_counter() - t
+        for k in range(K):
+            if active[k]:
+                summary = "  ".join(f"{m}={v:.4f}" for m, v in records[k].items()
+                                    if m != "epoch" and isinstance(v, float))
+                if is_main_process():
+                    bar.write(f"{tag(k)}epoch {epoch:3d}/{config.num_epochs}  {summary}")
+                outcomes[k].metrics = records[k]
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (config.progress and is_main_process()),
+               desc="train" if K == 1 else f"train x{K}", unit="step", dynamic_ncols=True, leave=False)
+    kill_at = int(os.environ.get(_FAULT_KILL_AT_STEP, "-1"))
+    step, first = start_step, True
+    t_window, n_window, t_train = time.perf_counter(), 0, time.perf_counter()
+    stream = _host_chunks(exp, prog, start_step)
+    try:
+        for chunk in data_lib.prefetch_to_device(stream, 2, prog.chunk_sharding):
+            n = chunk["label"].shape[0]
+            t = time.perf_counter()
+            if n == 1:
+                states, metrics = prog.train_step(states, prog.h, jax.tree_util.tree_map(lambda a: a[0], chunk))
+            else:
+                states, metrics = prog.train_chunk(states, prog.h, chunk)
+                metrics = jax.tree_util.tree_map(lambda a: a[-1], metrics)
+            if first:
+                jax.block_until_ready(states.step)
+                timings["first_step"] = time.perf_counter() - t
+                first = False
+            previous, step = step, step + n
+            n_window += n * config.batch_size
+            bar.update(n)
+            epoch, step_in_epoch = divmod(step, exp.steps_per_epoch)
+            if _crossed(previous, step, config.log_every_steps):
+                metrics = jax.device_get(metrics)
+                check_finite()
+                rate = n_window / max(time.perf_counter() - t_window, 1e-9)
+                t_window, n_window = time.perf_counter(), 0
+                for k in range(K):
+                    if active[k]:
+                        writers[k].write("train", step, {**prog.take(metrics, k), "images_per_sec": rate})
+                if K == 1:
+                    bar.set_postfix(epoch=epoch + (step_in_epoch > 0), loss=f"{float(metrics['loss']):.3f}",
+                                    acc=f"{float(metrics['accuracy']):.3f}", img_s=f"{rate:.0f}")
+            if step_in_epoch and _crossed(previous, step, config.checkpoint.every_steps):
+                check_finite()
+                save_latest(step)
+            if step_in_epoch == 0:
+                timings["steps"] += time.perf_counter() - t_train
+                end_of_epoch(epoch, step)
+                states = prog.reset_sums(states)
+                if epoch % config.checkpoint.every_epochs == 0 or step == total_steps:
+                    save_latest(step)
+                for k in range(K):
+                    if active[k] and on_epoch_end is not None:
+                        try:
+                            on_epoch_end(k, epoch, outcomes[k].metrics)
+                        except StopTraining:
+                            save_latest(step, only=k)
+                            outcomes[k].pruned, active[k] = True, False
+                t_train = time.perf_counter()
+            if not any(active):
+                break
+            if previous < kill_at <= step:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        bar.close()
+        for w in writers:
+            w.close()
+    check_finite()
+    timings["steps"] -= timings["first_step"]
+    for o in outcomes:
+        o.metrics = {m: v for m, v in o.metrics.items() if m != "confusion"}
+    return states
+
+
+def _host_chunks(exp: Experiment, prog: Program, start_step: int):
+    """This process's rows of the training stream in chunks of ``steps_per_dispatch`` batches:
+    ``[S, B, ...]`` (one data order) or ``[S, K, B, ...]`` (each trial its own seed's order); a
+    chunk never crosses an epoch boundary."""
     config = exp.config
     rows = process_slice(config.batch_size)
-    stream = data_lib.iterate_train(
-        exp.dataset.train.images,
-        exp.dataset.train.labels,
-        config.batch_size,
-        seed=config.seed,
-        start_step=start_step,
-        num_epochs=config.num_epochs,
-    )
+    streams = [
+        data_lib.iterate_train(exp.dataset.train.images, exp.dataset.train.labels, config.batch_size,
+                               seed=s, start_step=start_step, num_epochs=config.num_epochs)
+        for s in (prog.seeds[:1] if prog.shared else prog.seeds)
+    ]
     step, pending = start_step, []
-    for batch in stream:
-        pending.append({k: v[rows] for k, v in batch.items()})
+    for batches in zip(*streams):
+        local = [{k: v[rows] for k, v in b.items()} for b in batches]
+        pending.append(local[0] if prog.shared else {k: np.stack([b[k] for b in local]) for k in local[0]})
         step += 1
         if len(pending) == config.steps_per_dispatch or step % exp.steps_per_epoch == 0:
             yield {k: np.stack([b[k] for b in pending]) for k in pending[0]}
             pending = []
 
 
-def _end_of_epoch(exp, state, epoch, step, eval_step, writer, ckpt, bar) -> dict[str, Any]:
-    config = exp.config
-    _check_finite(state, ckpt)
-    record = train_record(epoch, jax.device_get(state.epoch_sums))
-    results = {}
-    if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
-        for name, split in eval_splits(exp).items():
-            results[name] = evaluate_split(exp, eval_step, state, split)
-            for key, value in results[name].items():
-                if key not in ("confusion", "count"):
-                    record[f"{name}/{key}"] = value
-        writer.write("epoch", step, record)
-        ckpt.save_best(step, state, record)
-        if "test" in results and is_main_process():
-            np.save(os.path.join(os.path.dirname(writer.path), "confusion_last.npy"), results["test"]["confusion"])
-    summary = "  ".join(
-        f"{k}={v:.4f}" for k, v in record.items() if k != "epoch" and isinstance(v, float)
-    )
-    if is_main_process():
-        bar.write(f"epoch {epoch:3d}/{config.num_epochs}  {summary}")
-    return record
-
-
 # ---------------------------------------------------------------------------------------------
 # Re-evaluation of a finished (or interrupted) run
 # ---------------------------------------------------------------------------------------------
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run saved in its workdir."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No config.json in {workdir!r}: is it a cnnlab run directory?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 def evaluate(
@@ -431,27 +398,27 @@ def evaluate(
     which: str = "best",
     exp: Experiment | None = None,
 ) -> dict[str, Any]:
-    """Evaluates the ``best`` (or ``latest``) checkpoint of ``workdir`` on every eval split and
-    writes ``eval_<which>.json``; returns the metrics."""
+    """Evaluates the ``best`` (by ``checkpoint.best_metric``, a validation metric by default) or
+    ``latest`` checkpoint of ``workdir`` on every eval split and writes ``eval_<which>.json``;
+    returns the metrics. Refuses when the data on disk no longer gives the run's recorded split."""
     if exp is None:
         exp = build_experiment(config if config is not None else load_run_config(workdir))
-    ckpt = Checkpoints(
-        workdir,
-        keep=exp.config.checkpoint.keep,
-        best_metric=exp.config.checkpoint.best_metric,
-        best_mode=exp.config.checkpoint.best_mode,
-    )
-    if which == "best" and ckpt.best.latest_step() is None:
-        which = "latest"
-    state, step = ckpt.restore(initial_state(exp), which=which)
-    eval_step = jax.jit(make_eval_step(exp.model, num_classes=exp.num_classes, normalize=exp.normalize))
-    out: dict[str, Any] = {"checkpoint": which, "step": step}
-    for name, split in eval_splits(exp).items():
-        res = evaluate_split(exp, eval_step, state, split)
-        out.update({f"{name}/{k}": v for k, v in res.items() if k != "confusion"})
-        if is_main_process():
-            np.save(os.path.join(workdir, f"confusion_{name}_{which}.npy"), res["confusion"])
+    from cnnlab.train import rundir
+
+    rundir.check_split(workdir, exp.dataset)
+    ckpt = Checkpoints(workdir, keep=exp.config.checkpoint.keep, best_metric=exp.config.checkpoint.best_metric,
+                       best_mode=exp.config.checkpoint.best_mode)
+    try:
+        if which == "best" and ckpt.best.latest_step() is None:
+            which = "latest"
+        state, step = ckpt.restore(initial_state(exp), which=which)
+    finally:
+        ckpt.close()
+    prog = build_program(exp, [exp.config])
+    results = evaluate_trials(exp, prog, state)[0]
+    out: dict[str, Any] = {"checkpoint": which, "step": step, **_flat(results)}
     if is_main_process():
+        for name, res in results.items():
+            np.save(os.path.join(workdir, f"confusion_{name}_{which}.npy"), res["confusion"])
         write_json_atomic(os.path.join(workdir, f"eval_{which}.json"), out)
-    ckpt.close()
     return out

@@ -20,7 +20,7 @@ Two hooks, neither touching the compute:
 over a chunk of ``steps_per_dispatch`` steps a rolled loop; the trainer unrolls it on CPU, see
 scan_check.py for why.
 
-Evaluation is timed with the trainer's own ``evaluate_split`` on the trained state (one
+Evaluation is timed with the trainer's own ``evaluate_trials`` on the trained state (one
 compiling pass, then ``eval_repeats`` timed passes). Extra config overrides: ``--set key=value``
 (e.g. ``--set mixed_precision=True --set steps_per_dispatch=4``).
 """
@@ -146,13 +146,13 @@ def main() -> None:
               if lo in cpu_at and hi in cpu_at else None)
 
     exp = trainer.build_experiment(config)
-    from cnnlab.train.steps import make_eval_step
+    from cnnlab.train.group import build_program
 
-    eval_step = jax.jit(make_eval_step(exp.model, num_classes=exp.num_classes, normalize=exp.normalize))
+    program = build_program(exp, [exp.config])
 
     def eval_pass():
         t = time.perf_counter()
-        trainer.evaluate_split(exp, eval_step, state, exp.dataset.test)
+        trainer.evaluate_trials(exp, program, state)  # the test split only: no val here
         return time.perf_counter() - t
 
     eval_first_s = eval_pass()

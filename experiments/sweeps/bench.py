@@ -186,11 +186,10 @@ def run_keras(args, work: str) -> dict:
 SCALING_WORKER = r'''
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
-from cnnlab import data as D, nn, sweep
-from cnnlab.train.group import build_packed
+from cnnlab import data as D, sweep
 from cnnlab.sweep.space import apply_point
-from cnnlab.train.steps import make_train_step
-from cnnlab.train.trainer import build_experiment, initial_state
+from cnnlab.train.experiment import build_experiment, resolve
+from cnnlab.train.group import build_program
 ks, augment, lrs, steps, width = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 base = sweep.config_from_file("configs/stridednet.py")
 if augment == "none":
@@ -208,19 +207,14 @@ def timed(fn, state, *rest):
 out = {"platform": jax.devices()[0].platform, "points": []}
 exp = build_experiment(base)
 batch = {k: jnp.asarray(v) for k, v in next(D.iterate_train(exp.dataset.train.images, exp.dataset.train.labels, 32, seed=0)).items()}
-aug = D.make_batch_augment_fn(base.data.augment, exp.num_classes)
-def pre(k, i, l):
-    i, t = aug(k, i, l); return exp.normalize(i), t
-alone = jax.jit(make_train_step(exp.model, exp.tx, num_classes=exp.num_classes, preprocess=pre,
-                                constraints=nn.collect_constraints(exp.model, jnp.zeros((1, *exp.image_shape)), training=False)),
-                donate_argnums=0)
-first, step = timed(alone, initial_state(exp), batch)
+alone = build_program(exp, [exp.config])  # K = 1: the plain step of a single run
+first, step = timed(alone.train_step, alone.init(), alone.h, batch)
 out["alone"] = {"compile_and_first_step": first, "step": step}
 print(f"alone: first {first:.2f} s, step {1000 * step:.1f} ms", file=sys.stderr, flush=True)
 for k in ks:
-    prog = build_packed([apply_point(base, {"optimizer.learning_rate": lrs[i % len(lrs)]}) for i in range(k)],
-                        vmap_width=width or None)
-    first, step = timed(prog.train_step, prog.states, prog.h, batch)
+    configs = [resolve(apply_point(base, {"optimizer.learning_rate": lrs[i % len(lrs)]})) for i in range(k)]
+    prog = build_program(exp, configs, vmap_width=width or None)
+    first, step = timed(prog.train_step, prog.init(), prog.h, batch)
     out["points"].append({"K": k, "vmap_width": prog.vmap_width, "compile_and_first_step": first,
                           "step": step, "step_per_trial": step / k})
     print(f"K={k}: first {first:.2f} s, step {1000 * step:.1f} ms ({1000 * step / k:.1f} ms/trial)", file=sys.stderr, flush=True)

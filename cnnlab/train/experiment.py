@@ -1,0 +1,121 @@
+"""What a group of trials shares: the validated config, the data, the model, the device mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cnnlab import data as data_lib
+from cnnlab import models
+from cnnlab.train.config import validate_config
+from cnnlab.train.distributed import is_main_process
+from cnnlab.train.optim import make_optimizer
+from cnnlab.train.steps import TrainState, create_train_state
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything derived from a config that training, evaluation and reports share."""
+
+    config: ml_collections.ConfigDict
+    dataset: Any
+    model: Any
+    tx: Any
+    mesh: Any
+    steps_per_epoch: int
+    normalize: Any
+    image_shape: tuple[int, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.dataset.class_names)
+
+    def model_with(self, **overrides: Any) -> Any:
+        """The config's model with some fields replaced (e.g. traced dropout rates)."""
+        return models.get_model(self.config.model.name, **{**self._model_kwargs(), **overrides})
+
+    def _model_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self.config.model.kwargs.to_dict(), num_classes=self.num_classes)
+        if self.config.mixed_precision:
+            kwargs["dtype"] = jnp.bfloat16
+        return kwargs
+
+
+def _make_normalize(config: ml_collections.ConfigDict, train_images: np.ndarray):
+    if config.normalization == "scale":
+        return lambda images: data_lib.normalize(images, "scale")
+    mean, std = data_lib.channel_mean_std(train_images)
+    return lambda images: data_lib.normalize(images, "mean_std", mean, std)
+
+
+def resolve_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
+    """Derives the global batch from ``per_device_batch_size`` when set, and checks that the
+    global batches split evenly over the devices."""
+    if config.per_device_batch_size:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.batch_size = config.per_device_batch_size * num_devices
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % num_devices:
+            raise ValueError(
+                f"{key}={config[key]} is not divisible by the {num_devices} devices; choose a "
+                f"multiple of {num_devices} (or set per_device_batch_size)."
+            )
+    return config
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The validated config with its global batch size for this machine's devices."""
+    return resolve_batch_size(validate_config(config), jax.device_count())
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+    """Validates the config, loads the data and builds model, optimizer and device mesh."""
+    config = resolve(config)
+    dataset = data_lib.load_dataset(config.data, verbose=is_main_process())
+    n_train = len(dataset.train.labels)
+    if n_train < config.batch_size:
+        raise ValueError(
+            f"batch_size={config.batch_size} exceeds the {n_train} training images; lower it."
+        )
+    steps_per_epoch = n_train // config.batch_size
+    exp = Experiment(
+        config=config,
+        dataset=dataset,
+        model=None,
+        tx=make_optimizer(config, steps_per_epoch),
+        mesh=data_lib.data_mesh(jax.devices()),
+        steps_per_epoch=steps_per_epoch,
+        normalize=_make_normalize(config, dataset.train.images),
+        image_shape=tuple(dataset.train.images.shape[1:]),
+    )
+    exp.model = exp.model_with()
+    return exp
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def initial_state(exp: Experiment) -> TrainState:
+    """A fresh state, replicated over the mesh."""
+    return jax.jit(
+        lambda: create_train_state(exp.model, exp.tx, seed=exp.config.seed, image_shape=exp.image_shape),
+        out_shardings=replicated(exp.mesh),
+    )()
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run saved in its workdir."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No config.json in {workdir!r}: is it a cnnlab run directory?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
