@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import json
@@ -40,7 +39,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cnnlab.schema import copy_config
+from cnnlab.schema import ConfigError, copy_config, one_of
 from cnnlab.train.config import selection_metrics, validate_config
 
 Point = dict[str, Any]
@@ -329,11 +328,6 @@ def label(value: Any) -> bool | int | float | str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _closest(key: str, choices) -> str:
-    match = difflib.get_close_matches(key, list(choices), n=1)
-    return f' Did you mean "{match[0]}"?' if match else ""
-
-
 def _as_config_value(value: Any) -> Any:
     # JSON-like values as a config holds them: lists as tuples, dicts as ConfigDicts.
     if isinstance(value, Mapping):
@@ -344,27 +338,18 @@ def _as_config_value(value: Any) -> Any:
 
 
 def apply_point(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with each dotted field set; raises ``ValueError`` naming an unknown
-    field. (Values are checked by :func:`cnnlab.train.validate_config`.)"""
+    """A copy of ``config`` with each dotted field set. Keys and values are checked by
+    :func:`cnnlab.train.validate_config` (an unknown key is named there, with the closest one)."""
     out = copy_config(config)
     for key, value in values.items():
         *parents, leaf = _check_key(key).split(".")
-        node, path = out, []
-        for name in parents:
-            path.append(name)
-            if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
-                raise ValueError(
-                    f"Unknown config field {key!r}: {'.'.join(path)!r} is not a group."
-                    f"{_closest(name, node.keys())}"
-                )
+        node = out
+        for i, name in enumerate(parents):
+            if name not in node:
+                node[name] = ml_collections.ConfigDict()
+            if not isinstance(node[name], ml_collections.ConfigDict):
+                raise ConfigError(f"config key {'.'.join(parents[:i + 1])!r} is not a group: cannot set {key!r}")
             node = node[name]
-        free = path == ["model", "kwargs"]  # model arguments are checked against the model
-        if leaf not in node and not free:
-            prefix = ".".join(path) + "." if path else ""
-            raise ValueError(
-                f"Unknown config field {key!r}.{_closest(leaf, node.keys())} Fields of "
-                f"{prefix or 'the config'}: {sorted(prefix + k for k in node.keys())}."
-            )
         value = _as_config_value(value)
         try:
             if leaf in node and isinstance(node[leaf], ml_collections.ConfigDict) != isinstance(
@@ -417,11 +402,11 @@ def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
     if not isinstance(sweep, Sweep):
         raise ValueError(f"get_sweep() must return a cnnlab.sweep.Sweep, got {type(sweep).__name__}.")
     if sweep.kind not in SAMPLERS:
-        raise ValueError(f"Invalid sampler={sweep.sampler!r}.{_closest(str(sweep.sampler), SAMPLERS)} Valid: {list(SAMPLERS)}.")
+        raise ValueError(f"Invalid Sweep(sampler={sweep.sampler!r}): {one_of(sweep.sampler, list(SAMPLERS))}")
     config = validate_config(base)
     metrics = selection_metrics(config)
     if sweep.metric not in metrics:
-        raise ValueError(f"Invalid metric={sweep.metric!r}.{_closest(sweep.metric, metrics)} Valid: {list(metrics)}.")
+        raise ValueError(f"Invalid Sweep(metric={sweep.metric!r}): {one_of(sweep.metric, list(metrics))}")
     if sweep.metric.startswith("test/") and not sweep.select_on_test:
         raise ValueError(
             f"metric={sweep.metric!r} selects trials on the test set: use metric="
@@ -434,9 +419,9 @@ def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
     if sweep.metric.startswith("val/") and not config.data.val_fraction:
         raise ValueError(f"metric={sweep.metric!r} needs a validation split: set data.val_fraction > 0.")
     if sweep.mode not in MODES:
-        raise ValueError(f"Invalid mode={sweep.mode!r}; valid: {list(MODES)}.")
+        raise ValueError(f"Invalid Sweep(mode={sweep.mode!r}): {one_of(sweep.mode, list(MODES))}")
     if sweep.pruner not in PRUNERS:
-        raise ValueError(f"Invalid pruner={sweep.pruner!r}.{_closest(sweep.pruner, PRUNERS)} Valid: {list(PRUNERS)}.")
+        raise ValueError(f"Invalid Sweep(pruner={sweep.pruner!r}): {one_of(sweep.pruner, list(PRUNERS))}")
     if not isinstance(sweep.pack, int) or sweep.pack < 1:
         raise ValueError(f"pack must be an integer >= 1, got {sweep.pack!r}.")
     if sweep.kind == "grid":
