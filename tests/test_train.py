@@ -78,7 +78,11 @@ def test_smoke_training_beats_chance_and_leaves_reports(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     best = json.loads((tmp_path / "eval_best.json").read_text())
-    assert best["checkpoint"] == "best" and best["test/accuracy"] >= final["test/accuracy"] - 1e-9
+    # The best checkpoint is chosen on the validation split, never on the test split.
+    records = _epoch_records(str(tmp_path))
+    assert best["checkpoint"] == "best" and best["val/accuracy"] == max(r["val/accuracy"] for r in records)
+    assert best["test/accuracy"] == next(r["test/accuracy"] for r in records
+                                         if r["val/accuracy"] == best["val/accuracy"])
 
 
 def _run_cli(workdir, *extra, env=None):
@@ -124,7 +128,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     if any(latest.glob("[0-9]*")):
         # The kept checkpoint restores to finite parameters.
         from cnnlab.train.checkpoint import Checkpoints
-        from cnnlab.train.trainer import build_experiment, initial_state
+        from cnnlab.train.experiment import build_experiment, initial_state
 
         exp = build_experiment(config)
         ckpt = Checkpoints(str(tmp_path), keep=2, best_metric="test/accuracy", best_mode="max")
@@ -203,3 +207,56 @@ def test_best_checkpoint_is_written_only_when_the_metric_improves(tmp_path, mode
     again.save_best(9, {"w": jnp.full((2,), 9.0)}, {"test/accuracy": values[1]})  # a tie, after reopening
     assert again.best.best_step() == kept
     again.close()
+
+
+# --- integrity of results: run records, config changes on resume, the recorded split ----------
+
+
+def test_resuming_with_a_changed_config_is_refused_unless_allowed(tmp_path):
+    from cnnlab.train.rundir import ConfigChangedError
+
+    train_and_evaluate(smoke_config(num_epochs=1), str(tmp_path))
+    changed = smoke_config(**{"num_epochs": 2, "optimizer.learning_rate": 1e6})
+    with pytest.raises(ConfigChangedError) as err:
+        train_and_evaluate(changed, str(tmp_path))
+    message = str(err.value)
+    for needle in ("optimizer.learning_rate", "1000000.0", "num_epochs", "1 -> 2", "--allow_config_change"):
+        assert needle in message, (needle, message)
+    assert json.loads((tmp_path / "config.json").read_text())["num_epochs"] == 1  # nothing rewritten
+    assert [r["epoch"] for r in _epoch_records(str(tmp_path))] == [1]
+
+    train_and_evaluate(smoke_config(num_epochs=2), str(tmp_path), allow_config_change=True)
+    assert [r["epoch"] for r in _epoch_records(str(tmp_path))] == [1, 2]
+    (change,) = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
+    steps_per_epoch = _epoch_records(str(tmp_path))[0]["step"]
+    assert change["step"] == steps_per_epoch and change["changes"] == {"num_epochs": [1, 2]}
+    history = sorted((tmp_path / "config_history").iterdir())
+    assert len(history) == 1 and json.loads(history[0].read_text())["num_epochs"] == 1
+
+
+def test_a_run_records_its_split_and_environment_and_eval_refuses_a_changed_split(tmp_path):
+    from cnnlab.data.testing import folder_config, make_tree
+    from cnnlab.train.rundir import SplitChangedError
+
+    root = make_tree(tmp_path / "tree", {"a": 12, "b": 12})
+    config = smoke_config(num_epochs=1, batch_size=8, eval_batch_size=8)
+    config.data = {**config.data.to_dict(), **folder_config(root, tmp_path / "cache"),
+                   "source": "folder", "val_fraction": 0.25}
+    run = tmp_path / "run"
+    train_and_evaluate(config, str(run))
+    split = json.loads((run / "split.json").read_text())
+    files = {name: set(part["files"]) for name, part in split["splits"].items()}
+    assert sorted(files) == ["test", "train", "val"]
+    assert not files["train"] & files["test"] and not files["val"] & (files["train"] | files["test"])
+    assert sum(map(len, files.values())) == 24
+    env = json.loads((run / "environment.json").read_text())
+    assert env["jax"] == jax.__version__ and env["devices"]
+    for path in run.iterdir():
+        if path.is_file():
+            assert path.stat().st_mode & 0o044 == 0o044, path  # world-readable
+
+    evaluate(None, str(run), which="best")  # the data on disk still gives the recorded split
+    victim = sorted(files["test"])[0]
+    (root / victim).unlink()
+    with pytest.raises(SplitChangedError, match=victim.split("/")[-1]):
+        evaluate(None, str(run), which="best")

@@ -38,6 +38,15 @@ class Experiment:
     def num_classes(self) -> int:
         return len(self.dataset.class_names)
 
+    def for_config(self, config: ml_collections.ConfigDict) -> Experiment:
+        """The same data and mesh for another (validated, pack-compatible) config: its own
+        model and optimizer."""
+        if config is self.config:
+            return self
+        exp = dataclasses.replace(self, config=config, tx=make_optimizer(config, self.steps_per_epoch))
+        exp.model = exp.model_with()
+        return exp
+
     def model_with(self, **overrides: Any) -> Any:
         """The config's model with some fields replaced (e.g. traced dropout rates)."""
         return models.get_model(self.config.model.name, **{**self._model_kwargs(), **overrides})
