@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import TINY, assert_same_epoch_records, epoch_records, tiny_config
 
 from cnnlab import sweep
 from cnnlab.schema import copy_config
@@ -15,21 +16,9 @@ from cnnlab.sweep.space import apply_point
 from cnnlab.train import StopTraining, pack_key, train_and_evaluate, train_trials
 from cnnlab.train.experiment import build_experiment, resolve
 from cnnlab.train.group import build_program, varying
-from cnnlab.train.writers import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.py")
-
-TINY = """
-c.num_epochs = 2
-c.data.image_size = 16
-c.data.synthetic_per_class = 40
-c.model.kwargs.widths = (8,)
-c.model.kwargs.dense_units = 16
-c.progress = False
-c.checkpoint.every_steps = 2
-"""
-
 
 AFFINE = "data.augment.keras_affine."
 # Augmentation strengths traced per trial: a rotation of 0 against 15 degrees, zoom, a
@@ -44,29 +33,6 @@ AUGMENT_SAME = {AFFINE + "zoom_range": 0.1, AFFINE + "rotation_range": 10.0, AFF
                 AFFINE + "height_shift_range": 0.2, AFFINE + "shear_range": 5.0}
 AUGMENT_DIFFERENT = {AFFINE + "vertical_flip": True, AFFINE + "fill_mode": "reflect",
                      "data.augment.ops": ("keras_affine", "random_crop")}
-
-
-def tiny_config():
-    c = sweep.config_from_file(SMOKE)
-    exec(TINY, {"c": c})
-    return c
-
-
-def epoch_records(trial_dir):
-    return [r for r in read_metrics(os.path.join(trial_dir, "metrics.jsonl")) if r["kind"] == "epoch"]
-
-
-def assert_same_epoch_records(packed_dir, alone_dir, tag):
-    """A packed trial's epoch records equal those of the same config trained alone (epochs 1
-    and 2, same keys, floats within rel 1e-4); returns the packed records."""
-    packed, alone = epoch_records(packed_dir), epoch_records(alone_dir)
-    assert [r["epoch"] for r in packed] == [r["epoch"] for r in alone] == [1, 2]
-    for p, a in zip(packed, alone):
-        assert p.keys() == a.keys()
-        for key in a:
-            expected = pytest.approx(a[key], rel=1e-4, abs=1e-6) if isinstance(a[key], float) else a[key]
-            assert p[key] == expected, (tag, p["epoch"], key)
-    return packed
 
 
 def test_a_group_of_one_is_a_plain_run_without_a_trial_axis():

@@ -15,16 +15,14 @@ import tempfile
 
 import jax
 import pytest
+from helpers import ROOT, SMOKE, TINY, assert_same_epoch_records, epoch_records, tiny_config
 
 import cnnlab.train
 from cnnlab import sweep
 from cnnlab.sweep import study as studylib
 from cnnlab.sweep.files import load_module
 from cnnlab.train import NotPackable, TrialOutcome, train_and_evaluate, validate_config
-from cnnlab.train.writers import read_metrics
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.py")
 # Compiled programs are shared between these tests' processes (identical configs compile once).
 JAX_CACHE = os.path.join(tempfile.gettempdir(), "cnnlab-test-jax-cache")
 CACHE_ENV = {
@@ -32,17 +30,6 @@ CACHE_ENV = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
 }
-
-TINY = """
-c.num_epochs = 2
-c.data.image_size = 16
-c.data.synthetic_per_class = 40
-c.model.kwargs.widths = (8,)
-c.model.kwargs.dense_units = 16
-c.progress = False
-c.checkpoint.every_steps = 2
-c.data.val_fraction = 0.1
-"""
 
 SWEEP_FILE = '''"""A test sweep.
 
@@ -76,12 +63,6 @@ def _compilation_cache():
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", old[2])
 
 
-def tiny_config():
-    c = sweep.config_from_file(SMOKE)
-    exec(TINY, {"c": c})
-    return c
-
-
 def write_sweep_file(path, lrs, pack):
     tiny = "\n".join("    " + line for line in TINY.strip().splitlines())
     path.write_text(SWEEP_FILE.format(smoke=SMOKE, tiny=tiny, lrs=lrs, pack=pack))
@@ -104,23 +85,6 @@ def load_study(url):
 def attempts(workdir, slot):
     path = pathlib.Path(workdir) / "trials" / f"{slot:04d}" / "sweep_attempts.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def epoch_records(trial_dir):
-    return [r for r in read_metrics(os.path.join(trial_dir, "metrics.jsonl")) if r["kind"] == "epoch"]
-
-
-def assert_same_epoch_records(packed_dir, alone_dir, tag):
-    """A packed trial's epoch records equal those of the same config trained alone (epochs 1
-    and 2, same keys, floats within rel 1e-4); returns the packed records."""
-    packed, alone = epoch_records(packed_dir), epoch_records(alone_dir)
-    assert [r["epoch"] for r in packed] == [r["epoch"] for r in alone] == [1, 2]
-    for p, a in zip(packed, alone):
-        assert p.keys() == a.keys()
-        for key in a:
-            expected = pytest.approx(a[key], rel=1e-4, abs=1e-6) if isinstance(a[key], float) else a[key]
-            assert p[key] == expected, (tag, p["epoch"], key)
-    return packed
 
 
 def assert_each_slot_ran_once(workdir, url, n):

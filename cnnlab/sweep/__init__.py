@@ -54,25 +54,10 @@ _LAZY = {
     "write_report": "cnnlab.sweep.report",
 }
 
-
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
-
 __all__ = [
-    "Grid",
-    "Sweep",
-    "apply_point",
-    "chain",
-    "choice",
-    "config_from_file",
-    "integer",
-    "load_sweep_file",
-    "loguniform",
-    "point",
-    "product",
-    "uniform",
-    "validate_sweep",
-    "write_config_file",
-    "zip",
-    *_LAZY,
+    "Grid", "Sweep", "apply_point", "chain", "choice", "config_from_file", "integer",
+    "load_sweep_file", "loguniform", "point", "product", "uniform", "validate_sweep",
+    "write_config_file", "zip", *_LAZY,
 ]

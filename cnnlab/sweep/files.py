@@ -12,6 +12,7 @@ import ml_collections
 
 from cnnlab.schema import flatten
 from cnnlab.train.config import default_config
+from cnnlab.train.writers import write_text_atomic
 
 
 def load_module(path: str) -> Any:
@@ -50,27 +51,20 @@ def config_source(config: ml_collections.ConfigDict, *, docstring: str) -> str:
     """Python source of a config file that rebuilds ``config`` from ``default_config()``, one
     assignment per field that differs from the default."""
     defaults = flatten(default_config())
-    values = flatten(config)
     lines = [f'"""{docstring.strip()}\n"""', "", "from cnnlab.train import default_config", "", "",
              "def get_config():", "    config = default_config()"]
-    for key, value in values.items():
-        if key.startswith("model.kwargs.") or key == "model.kwargs" or defaults.get(key, object()) != value:
-            if key == "model.kwargs" and value == {}:
-                continue
-            if key.startswith("model.kwargs."):
-                lines.append(f"    config.model.kwargs[{key.split('.', 2)[2]!r}] = {value!r}")
-            elif key not in defaults:
-                parent, leaf = key.rsplit(".", 1)
-                lines.append(f"    config.{parent}[{leaf!r}] = {value!r}")
-            else:
-                lines.append(f"    config.{key} = {value!r}")
+    for key, value in flatten(config).items():
+        if key.startswith("model.kwargs."):  # every model kwarg: the model's defaults are not here
+            lines.append(f"    config.model.kwargs[{key.split('.', 2)[2]!r}] = {value!r}")
+        elif key not in defaults:
+            parent, leaf = key.rsplit(".", 1)
+            lines.append(f"    config.{parent}[{leaf!r}] = {value!r}")
+        elif defaults[key] != value:
+            lines.append(f"    config.{key} = {value!r}")
     lines.append("    return config")
     return "\n".join(lines) + "\n"
 
 
 def write_config_file(config: ml_collections.ConfigDict, path: str, *, docstring: str) -> None:
     """Writes :func:`config_source` to ``path`` atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config_source(config, docstring=docstring))
-    os.replace(tmp, path)
+    write_text_atomic(path, config_source(config, docstring=docstring))

@@ -3,6 +3,7 @@ processes, and writes the report."""
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ from cnnlab.sweep import space as space_lib
 from cnnlab.sweep import study as study_lib
 from cnnlab.sweep.report import write_report
 from cnnlab.sweep.space import Sweep, copy_config, validate_sweep
-from cnnlab.sweep.study import DEFAULT_STUDY, DUPLICATE, StorageOptions, masked_url
+from cnnlab.sweep.study import DEFAULT_STUDY, DUPLICATE, StorageOptions, log, masked_url
 from cnnlab.sweep.worker import Worker
 from cnnlab.train.writers import write_json_atomic
 
@@ -35,7 +36,8 @@ def run_sweep(
     vmap_width: int | None = None,
     report: bool = True,
 ) -> dict[str, Any]:
-    """Runs (or resumes) ``sweep`` over ``base`` in ``workdir``; returns the report's summary.
+    """Runs (or resumes) ``sweep`` over ``base`` in ``workdir``; returns the report's summary
+    (``{}`` with ``report=False``).
 
     Args:
         base: the base training config (a sweep file's ``get_config()``).
@@ -44,17 +46,14 @@ def run_sweep(
         workdir: holds ``study.db`` (unless ``storage`` is given), ``sweep.json``, ``trials/``
             and the report.
         storage: an SQLAlchemy URL (``postgresql://user@host:5432/db``) to share the study
-            with workers on other machines running the same command.
-        study_name: the study's name in the storage.
+            (named ``study_name``) with workers on other machines running the same command.
         workers: local worker processes (each claims trials from the same study).
         pack: trials trained together in one program (default ``sweep.pack``).
         heartbeat_interval, grace_period: seconds; a running trial without a heartbeat for
-            ``grace_period`` is considered interrupted and retried.
-        max_retry: how often an interrupted slot is retried.
+            ``grace_period`` is considered interrupted and retried (at most ``max_retry`` times).
         poll_interval: seconds between checks while other workers hold the last trials.
         vmap_width: packed trials computed side by side by ``jax.vmap`` (the others loop in
             the same program); default: all on GPU/TPU, 1 on CPU (see ``cnnlab.train.group.over_trials``).
-        report: write the sweep report at the end.
     """
     base = copy_config(base)
     validate_sweep(sweep, base)
@@ -68,33 +67,30 @@ def run_sweep(
         "fingerprint": space_lib.fingerprint(base, sweep), "storage": masked_url(options.url),
         "study_name": options.study_name,
     })
-    print(f"[sweep] {sweep.kind} sweep of {sweep.num_slots} trials over {sweep.fields()} -> "
-          f"{workdir} (study {study_name!r} in {masked_url(options.url)}; {workers} worker(s), "
-          f"pack {pack}).", flush=True)
+    log(f"{sweep.kind} sweep of {sweep.num_slots} trials over {sweep.fields()} -> {workdir} "
+        f"(study {study_name!r} in {masked_url(options.url)}; {workers} worker(s), pack {pack}).")
     t0 = time.perf_counter()
+    worker_kwargs = {"pack": pack, "poll_interval": poll_interval, "vmap_width": vmap_width}
     if workers <= 1:
-        Worker(base, sweep, workdir, options, pack=pack, poll_interval=poll_interval,
-               vmap_width=vmap_width).run()
+        Worker(base, sweep, workdir, options, **worker_kwargs).run()
     else:
-        _run_workers(base, sweep, workdir, options, pack, poll_interval, workers, vmap_width)
-    print(f"[sweep] done in {time.perf_counter() - t0:.1f} s.", flush=True)
+        _run_workers(base, sweep, workdir, options, workers, worker_kwargs)
+    log(f"done in {time.perf_counter() - t0:.1f} s.")
     return write_report(workdir, storage=storage, study_name=study_name) if report else {}
 
 
-def _worker_main(base_dict: dict, sweep: Sweep, workdir: str, options: StorageOptions, pack: int,
-                 poll_interval: float, index: int, log_path: str, vmap_width: int | None) -> None:
+def _worker_main(base_dict: dict, sweep: Sweep, workdir: str, options: StorageOptions,
+                 worker_kwargs: dict[str, Any], log_path: str) -> None:
     """A ``--workers`` child: output to its log file, then the worker loop."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     sys.stdout = os.fdopen(1, "w", buffering=1)
     sys.stderr = os.fdopen(2, "w", buffering=1)
-    base = ml_collections.ConfigDict(base_dict)
-    Worker(base, sweep, workdir, options, pack=pack, poll_interval=poll_interval, salt=index,
-           vmap_width=vmap_width).run()
+    Worker(ml_collections.ConfigDict(base_dict), sweep, workdir, options, **worker_kwargs).run()
 
 
-def _run_workers(base, sweep, workdir, options, pack, poll_interval, workers: int, vmap_width) -> None:
+def _run_workers(base, sweep, workdir, options, workers: int, worker_kwargs: dict[str, Any]) -> None:
     import multiprocessing
 
     from optuna.trial import TrialState
@@ -103,33 +99,27 @@ def _run_workers(base, sweep, workdir, options, pack, poll_interval, workers: in
     logs = os.path.join(workdir, "logs")
     os.makedirs(logs, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
-    procs = []
-    for i in range(workers):
-        log = os.path.join(logs, f"worker-{i}.log")
-        p = ctx.Process(target=_worker_main, name=f"cnnlab-sweep-worker-{i}",
-                        args=(base.to_dict(), sweep, workdir, options, pack, poll_interval, i, log,
-                              vmap_width))
+    procs = [ctx.Process(target=_worker_main, name=f"cnnlab-sweep-worker-{i}",
+                         args=(base.to_dict(), sweep, workdir, options, {**worker_kwargs, "salt": i},
+                               os.path.join(logs, f"worker-{i}.log"))) for i in range(workers)]
+    for p in procs:
         p.start()
-        procs.append(p)
-    print(f"[sweep] started {workers} workers (logs in {logs}).", flush=True)
+    log(f"started {workers} workers (logs in {logs}).")
     last = None
     try:
         while any(p.is_alive() for p in procs):
-            time.sleep(min(poll_interval, 2.0))
-            counts: dict[str, int] = {}
-            for t in study.get_trials(deepcopy=False):
-                if DUPLICATE not in t.user_attrs:
-                    counts[t.state.name] = counts.get(t.state.name, 0) + 1
+            time.sleep(min(worker_kwargs["poll_interval"], 2.0))
+            counts = collections.Counter(t.state.name for t in study.get_trials(deepcopy=False)
+                                         if DUPLICATE not in t.user_attrs)
             if counts != last:
-                print("[sweep] " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())),
-                      flush=True)
+                log(", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())))
                 last = counts
     finally:
         for p in procs:
             p.join()
     bad = [p.exitcode for p in procs if p.exitcode]
     if bad:
-        print(f"[sweep] {len(bad)} worker(s) exited with codes {bad}; see {logs}.", flush=True)
+        log(f"{len(bad)} worker(s) exited with codes {bad}; see {logs}.")
     left = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
     if left:
         raise RuntimeError(f"Trials {left} are still waiting; run the command again to finish them.")

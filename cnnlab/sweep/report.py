@@ -16,6 +16,7 @@ Written to the sweep's workdir:
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import math
@@ -49,11 +50,7 @@ def _load(workdir: str, storage: str | None, study_name: str | None):
 
 def _rows(info: dict[str, Any], study) -> list[dict[str, Any]]:
     """One row per slot: its latest real trial (duplicates dropped, interrupted tries counted)."""
-    by_slot: dict[int, list] = {}
-    for t in study.get_trials(deepcopy=False):
-        if study_lib.DUPLICATE in t.user_attrs or study_lib.SLOT not in t.user_attrs:
-            continue
-        by_slot.setdefault(int(t.user_attrs[study_lib.SLOT]), []).append(t)
+    by_slot = study_lib.trials_by_slot(study)
     metric = info["sweep"]["metric"]
     recorded = selection_metrics(ml_collections.ConfigDict(
         {"metrics": info["base_config"].get("metrics", DEFAULT_METRICS)}))
@@ -66,7 +63,7 @@ def _rows(info: dict[str, Any], study) -> list[dict[str, Any]]:
         if value is None and t.intermediate_values:
             value = t.intermediate_values[max(t.intermediate_values)]
         values = attrs.get(study_lib.VALUES) or {}
-        row = {
+        rows.append({
             "trial": t.number, "slot": slot, "state": t.state.name, metric: value,
             **{m: metrics[m] for m in recorded if m != metric and m in metrics},
             "epochs": len(t.intermediate_values),
@@ -75,8 +72,7 @@ def _rows(info: dict[str, Any], study) -> list[dict[str, Any]]:
             "retries": len(trials) - 1, "error": attrs.get(study_lib.ERROR, ""),
             "workdir": attrs.get(study_lib.WORKDIR, ""),
             "_curve": dict(sorted(t.intermediate_values.items())), "_values": values,
-        }
-        rows.append(row)
+        })
     sign = -1 if info["sweep"]["mode"] == "max" else 1
 
     def key(r):
@@ -95,18 +91,14 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(k for r in rows for k in r if not k.startswith("_")))
-
-
 def _write_tables(workdir: str, rows, info, importances, note: str) -> str:
-    cols = _columns(rows)
+    cols = list(dict.fromkeys(k for r in rows for k in r if not k.startswith("_")))
     with open(os.path.join(workdir, "trials.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in rows:
             w.writerow([_fmt(r.get(c)) for c in cols])
-    shown = [c for c in cols if c not in ("workdir",)]
+    shown = [c for c in cols if c != "workdir"]
     lines = [f"# Sweep {workdir}", "",
              f"{info['sweep']['sampler']} sweep, {len(rows)} trials, sorted by "
              f"`{info['sweep']['metric']}` ({info['sweep']['mode']}).", "",
@@ -125,10 +117,6 @@ def _write_tables(workdir: str, rows, info, importances, note: str) -> str:
     return text
 
 
-def _numeric(values: list[Any]) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-
-
 def _pyplot():
     import matplotlib
 
@@ -145,16 +133,13 @@ def _plot_params(path: str, rows, info) -> None:
     points = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED") and isinstance(r[metric], (int, float))]
     n = max(len(fields), 1)
     cols = min(n, 3)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * ((n + cols - 1) // cols)),
-                             squeeze=False)
+    nrows = -(-n // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
     for ax, field in zip(axes.flat, fields):
         xs = [r[field] for r in points]
-        ys = [r[metric] for r in points]
-        hollow = [r["state"] == "PRUNED" for r in points]
-        if xs and _numeric(xs):
-            log = space.get(field, {}).get("type") == "LogUniform" or space.get(field, {}).get("log") or (
-                min(xs) > 0 and max(xs) / max(min(xs), 1e-300) >= 100)
-            if log:
+        if xs and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
+            spec = space.get(field, {})
+            if spec.get("type") == "LogUniform" or spec.get("log") or (min(xs) > 0 and max(xs) / min(xs) >= 100):
                 ax.set_xscale("log")
             pos = xs
         else:
@@ -162,8 +147,9 @@ def _plot_params(path: str, rows, info) -> None:
             pos = [labels.index(_fmt(x)) for x in xs]
             ax.set_xticks(range(len(labels)), [lab[:18] for lab in labels], rotation=30, ha="right",
                           fontsize=8)
-        for x, y, h in zip(pos, ys, hollow):
-            ax.scatter([x], [y], s=36, facecolors="none" if h else "C0", edgecolors="C0")
+        for x, r in zip(pos, points):
+            ax.scatter([x], [r[metric]], s=36, facecolors="none" if r["state"] == "PRUNED" else "C0",
+                       edgecolors="C0")
         ax.set_xlabel(field, fontsize=9)
         ax.set_ylabel(metric, fontsize=9)
         ax.grid(alpha=0.3)
@@ -183,11 +169,10 @@ def _curve(row: dict[str, Any], metric: str) -> tuple[list[int], list[float]]:
     return list(curve), list(curve.values())
 
 
-def _plot_curves(path: str, rows, info) -> None:
+def _plot_curves(path: str, rows, info, best) -> None:
     plt = _pyplot()
     metric = info["sweep"]["metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    best = rows[0] if rows and rows[0]["state"] == "COMPLETE" else None
     for r in rows:
         xs, ys = _curve(r, metric)
         if not xs:
@@ -222,6 +207,7 @@ def write_report(workdir: str, *, storage: str | None = None, study_name: str | 
     summary (``best``, ``counts``, ``files``) and prints the table."""
     info, study = _load(workdir, storage, study_name)
     rows = _rows(info, study)
+    best = rows[0] if rows and rows[0]["state"] == "COMPLETE" else None
     importances, note = _importances(study)
     metric = info["sweep"]["metric"]
     files = ["trials.csv", "trials.md", "params.png", "curves.png", "summary.json"]
@@ -231,21 +217,17 @@ def write_report(workdir: str, *, storage: str | None = None, study_name: str | 
         files.append("importances.json")
     if rows:
         _plot_params(os.path.join(workdir, "params.png"), rows, info)
-        _plot_curves(os.path.join(workdir, "curves.png"), rows, info)
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
-    best = rows[0] if rows and rows[0]["state"] == "COMPLETE" else None
+        _plot_curves(os.path.join(workdir, "curves.png"), rows, info, best)
+    counts = dict(collections.Counter(r["state"] for r in rows))
     summary: dict[str, Any] = {"metric": metric, "mode": info["sweep"]["mode"], "counts": counts,
                                "num_trials": info["sweep"]["num_trials"], "best": None}
+    best_path = os.path.join(workdir, "best_config.py")
     if best is not None:
-        base = ml_collections.ConfigDict(info["base_config"])
-        config = apply_point(base, best["_values"])
+        config = apply_point(ml_collections.ConfigDict(info["base_config"]), best["_values"])
         config.progress = True
-        path = os.path.join(workdir, "best_config.py")
-        write_config_file(config, path, docstring=(
+        write_config_file(config, best_path, docstring=(
             f"Best trial {best['trial']} (slot {best['slot']}) of the sweep in {workdir}: "
-            f"{metric}={best[metric]:.4f}.\n\n    cnnlab train --config={path} "
+            f"{metric}={best[metric]:.4f}.\n\n    cnnlab train --config={best_path} "
             f"--workdir={os.path.join(workdir, 'best')}"))
         files.append("best_config.py")
         summary["best"] = {"trial": best["trial"], "slot": best["slot"], "value": best[metric],
@@ -254,7 +236,6 @@ def write_report(workdir: str, *, storage: str | None = None, study_name: str | 
     write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     print(text if len(rows) <= 40 else "\n".join(text.splitlines()[:46]) + "\n...", flush=True)
     if best is not None:
-        print(f"Best: trial {best['trial']} {metric}={best[metric]:.4f}; config in "
-              f"{os.path.join(workdir, 'best_config.py')}", flush=True)
+        print(f"Best: trial {best['trial']} {metric}={best[metric]:.4f}; config in {best_path}", flush=True)
     print(f"Report written to {workdir}: {', '.join(files)}.", flush=True)
     return summary

@@ -3,7 +3,7 @@
 A sweep file holds ``get_config()`` (the base training config) and ``get_sweep()``, which
 returns a :class:`Sweep`. Fields are named by their dotted config path, any field of
 :func:`cnnlab.train.default_config` (``"optimizer.learning_rate"``, ``"model.name"``,
-``"model.kwargs.widths"``, ``"data.augment.zoom_range"``...), so structural choices are swept
+``"model.kwargs.widths"``, ``"data.augment.keras_affine.zoom_range"``...), so structural choices are swept
 the same way as numbers. A group path with a dict value replaces the whole group
 (``"model.kwargs": {...}``), for points that switch the model.
 
@@ -17,11 +17,8 @@ Grids are finite lists of points, built from dicts of value lists::
 Sampled spaces map fields to distributions: :func:`uniform`, :func:`loguniform`,
 :func:`integer` and :func:`choice`; ``sampler="random"`` draws every trial up front from
 ``seed`` (reproducible whatever the number of workers), ``sampler="tpe"`` asks Optuna's TPE
-sampler as trials finish.
-
-:func:`validate_sweep` applies every grid point, every range's bounds and every choice to the
-base config and runs :func:`cnnlab.train.validate_config` on it, so an unknown field or a bad
-value is reported (with the field and the point named) before anything trains.
+sampler as trials finish. :func:`validate_sweep` checks every value a sweep can produce
+before anything trains.
 """
 
 from __future__ import annotations
@@ -53,9 +50,7 @@ MODES = ("max", "min")
 _COSMETIC = ("progress",)
 
 
-# ---------------------------------------------------------------------------------------------
-# Grids
-# ---------------------------------------------------------------------------------------------
+# --- Grids ----------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +94,7 @@ def _as_grid(part: GridLike, combine: str) -> Grid:
     keys = [_check_key(k) for k in part]
     lists = [_value_list(k, part[k]) for k in keys]
     if combine == "zip":
-        lengths = {len(v) for v in lists}
-        if len(lengths) > 1:
+        if len({len(v) for v in lists}) > 1:
             sizes = {k: len(v) for k, v in builtins.zip(keys, lists)}
             raise ValueError(f"zip() needs value lists of one length, got {sizes}.")
         rows = builtins.zip(*lists)
@@ -141,8 +135,7 @@ def zip(*parts: GridLike) -> Grid:  # noqa: A001 - `sweep.zip` reads as intended
     3
     """
     grids = [_as_grid(p, "zip") for p in parts]
-    lengths = {len(g) for g in grids}
-    if len(lengths) > 1:
+    if len({len(g) for g in grids}) > 1:
         raise ValueError(f"zip() needs parts of one length, got lengths {[len(g) for g in grids]}.")
     return Grid(tuple(_merge(row) for row in builtins.zip(*(g.points for g in grids))))
 
@@ -152,9 +145,7 @@ def chain(*parts: GridLike) -> Grid:
     return Grid(tuple(p for part in parts for p in _as_grid(part, "product").points))
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributions
-# ---------------------------------------------------------------------------------------------
+# --- Distributions --------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,9 +224,7 @@ def _check_distribution(key: str, dist: Any) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# The sweep
-# ---------------------------------------------------------------------------------------------
+# --- The sweep ------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,9 +277,7 @@ class Sweep:
     def fields(self) -> list[str]:
         """The swept fields, in declaration order."""
         if self.kind == "grid":
-            seen: dict[str, None] = {}
-            for p in self.grid:
-                seen.update(dict.fromkeys(p))
+            seen = dict.fromkeys(k for p in self.grid for k in p)
             return sorted(seen, key=lambda k: k == "seed")  # seeds last: they are repeats
         return list(self.space)
 
@@ -323,9 +310,7 @@ def label(value: Any) -> bool | int | float | str | None:
     return json.dumps(jsonable(value), sort_keys=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Applying points to a config
-# ---------------------------------------------------------------------------------------------
+# --- Applying points to a config ------------------------------------------------------------------
 
 
 def _as_config_value(value: Any) -> Any:
@@ -384,9 +369,7 @@ def fingerprint(base: ml_collections.ConfigDict, sweep: Sweep) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------
+# --- Validation -----------------------------------------------------------------------------------
 
 
 def _validate_values(base: ml_collections.ConfigDict, values: Mapping[str, Any], where: str) -> None:
@@ -397,8 +380,9 @@ def _validate_values(base: ml_collections.ConfigDict, values: Mapping[str, Any],
 
 
 def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
-    """Checks the sweep and every value it can produce against ``base``; returns the sweep or
-    raises ``ValueError`` naming the field, the value and the point."""
+    """Checks the sweep, and every grid point, range bound and choice applied to ``base`` with
+    :func:`cnnlab.train.validate_config`; returns the sweep or raises ``ValueError`` naming the
+    field, the value and the point."""
     if not isinstance(sweep, Sweep):
         raise ValueError(f"get_sweep() must return a cnnlab.sweep.Sweep, got {type(sweep).__name__}.")
     if sweep.kind not in SAMPLERS:
@@ -407,13 +391,13 @@ def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
     metrics = selection_metrics(config)
     if sweep.metric not in metrics:
         raise ValueError(f"Invalid Sweep(metric={sweep.metric!r}): {one_of(sweep.metric, list(metrics))}")
-    if sweep.metric.startswith("test/") and not sweep.select_on_test:
-        raise ValueError(
-            f"metric={sweep.metric!r} selects trials on the test set: use metric="
-            f"{'val/' + sweep.metric[5:]!r} (with data.val_fraction > 0), or Sweep(..., "
-            "select_on_test=True) to select on the test set deliberately."
-        )
     if sweep.metric.startswith("test/"):
+        if not sweep.select_on_test:
+            raise ValueError(
+                f"metric={sweep.metric!r} selects trials on the test set: use metric="
+                f"{'val/' + sweep.metric[5:]!r} (with data.val_fraction > 0), or Sweep(..., "
+                "select_on_test=True) to select on the test set deliberately."
+            )
         warnings.warn(f"Sweep metric={sweep.metric!r} (select_on_test=True): the test set is used "
                       "for model selection, so test numbers overstate the chosen config.", stacklevel=2)
     if sweep.metric.startswith("val/") and not config.data.val_fraction:
@@ -441,20 +425,12 @@ def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
     for key, dist in sweep.space.items():
         _check_key(key)
         _check_distribution(key, dist)
-        if isinstance(dist, Choice):
-            candidates = list(dist.values)
-        else:
-            candidates = [dist.low, dist.high]
-            if isinstance(dist, Integer):
-                candidates = [int(dist.low), int(dist.high)]
-        for v in candidates:
+        for v in dist.values if isinstance(dist, Choice) else (dist.low, dist.high):
             _validate_values(base, {key: v}, f"value for {key!r}:")
     return sweep
 
 
-# ---------------------------------------------------------------------------------------------
-# Values of a trial
-# ---------------------------------------------------------------------------------------------
+# --- Values of a trial ----------------------------------------------------------------------------
 
 
 def grid_choices(sweep: Sweep, base: ml_collections.ConfigDict) -> dict[str, dict[Any, Any]]:

@@ -52,16 +52,18 @@ DURATION = "cnnlab.duration_s"
 TIMINGS = "cnnlab.timings"
 # Study user attributes.
 FINGERPRINT = "cnnlab.fingerprint"
-NUM_SLOTS = "cnnlab.num_slots"
 READY = "cnnlab.ready"
 
 DEFAULT_STUDY = "sweep"
 SWEEP_JSON = "sweep.json"
 
 
-# ---------------------------------------------------------------------------------------------
-# Storage
-# ---------------------------------------------------------------------------------------------
+def log(message: str) -> None:
+    """A ``[sweep]`` line on stdout, flushed at once (several workers may share a terminal)."""
+    print(f"[sweep] {message}", flush=True)
+
+
+# --- Storage --------------------------------------------------------------------------------------
 
 
 def default_storage(workdir: str) -> str:
@@ -88,10 +90,8 @@ class StorageOptions:
 
 
 def _serialize_sqlite(engine) -> None:
-    """Makes every SQLite transaction ``BEGIN IMMEDIATE`` (one writer at a time, taken at the
-    start), so Optuna's read-check-write claim of a ``WAITING`` trial is atomic across processes;
-    pysqlite's default defers the lock to the first write, which lets two workers both read
-    ``WAITING``."""
+    """Makes every SQLite transaction ``BEGIN IMMEDIATE``: pysqlite's default defers the lock to
+    the first write, which lets two workers both read a trial as ``WAITING`` and claim it."""
     from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
@@ -121,13 +121,10 @@ def make_storage(options: StorageOptions):
     for attempt in range(6):
         try:
             storage = optuna.storages.RDBStorage(
-                options.url,
-                heartbeat_interval=options.heartbeat_interval,
-                grace_period=options.grace_period,
+                options.url, heartbeat_interval=options.heartbeat_interval,
+                grace_period=options.grace_period, **kwargs,
                 heartbeat_stale_trial_callback=lambda study, trial: retry_trial(
-                    study, trial, max_retry=options.max_retry),
-                **kwargs,
-            )
+                    study, trial, max_retry=options.max_retry))
             break
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
             # Workers on several machines started at once race to create Optuna's schema
@@ -142,9 +139,7 @@ def make_storage(options: StorageOptions):
     return storage
 
 
-# ---------------------------------------------------------------------------------------------
-# Who runs a trial
-# ---------------------------------------------------------------------------------------------
+# --- Who runs a trial -----------------------------------------------------------------------------
 
 
 def _boot_id() -> str:
@@ -225,9 +220,7 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-# ---------------------------------------------------------------------------------------------
-# Slots
-# ---------------------------------------------------------------------------------------------
+# --- Slots ----------------------------------------------------------------------------------------
 
 
 def _sampler(sweep: Sweep, salt: int):
@@ -269,14 +262,8 @@ def _enqueue_order(sweep: Sweep, base: ml_collections.ConfigDict) -> list[int]:
     return sorted(range(len(keys)), key=lambda i: (first[keys[i]], i))
 
 
-def open_study(
-    base: ml_collections.ConfigDict,
-    sweep: Sweep,
-    options: StorageOptions,
-    *,
-    salt: int = 0,
-    ready_timeout: float = 60.0,
-):
+def open_study(base: ml_collections.ConfigDict, sweep: Sweep, options: StorageOptions, *,
+               salt: int = 0, ready_timeout: float = 60.0):
     """Creates the study and enqueues the slots, or loads it (checking that it was made by the
     same sweep). Returns ``(study, storage)``."""
     optuna = load_optuna()
@@ -289,26 +276,19 @@ def open_study(
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=options.study_name, storage=storage,
                                   sampler=_sampler(sweep, salt + 1 + os.getpid()), pruner=_pruner(sweep))
-    else:
-        study.set_user_attr(FINGERPRINT, fp)
-        study.set_user_attr(NUM_SLOTS, sweep.num_slots)
-        for slot in _enqueue_order(sweep, base):
-            study.enqueue_trial(_slot_params(sweep, base, slot), user_attrs={SLOT: slot})
-        study.set_user_attr(READY, True)
-        return study, storage
-    deadline = time.monotonic() + ready_timeout
-    while True:
-        attrs = study.user_attrs
-        if attrs.get(FINGERPRINT) not in (None, fp):
-            raise ValueError(
-                f"Study {options.study_name!r} in {masked_url(options.url)} was created by a different "
-                f"sweep or base config (fingerprint {attrs[FINGERPRINT]}, this one {fp}). Use a new "
-                "--workdir (or --study_name), or run the original command."
-            )
-        if attrs.get(READY) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    if not attrs.get(READY):  # its creator died while enqueueing: fill in what is missing
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            attrs = study.user_attrs
+            if attrs.get(FINGERPRINT) not in (None, fp):
+                raise ValueError(
+                    f"Study {options.study_name!r} in {masked_url(options.url)} was created by a "
+                    f"different sweep or base config (fingerprint {attrs[FINGERPRINT]}, this one {fp}). "
+                    "Use a new --workdir (or --study_name), or run the original command."
+                ) from None
+            if attrs.get(READY) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    if not study.user_attrs.get(READY):  # a new study, or its creator died while enqueueing
         study.set_user_attr(FINGERPRINT, fp)
         ensure_slots(study, sweep, base, max_retry=None)
         study.set_user_attr(READY, True)
@@ -320,8 +300,17 @@ def _done(trial) -> bool:
     return state in ("COMPLETE", "PRUNED") or (state == "FAIL" and ERROR in trial.user_attrs)
 
 
-def _live(trial) -> bool:
+def is_live(trial) -> bool:
     return trial.state.name in ("RUNNING", "WAITING")
+
+
+def trials_by_slot(study) -> dict[int, list]:
+    """Each slot's trials in trial order, dropped duplicates left out."""
+    by_slot: dict[int, list] = {}
+    for t in study.get_trials(deepcopy=False):
+        if SLOT in t.user_attrs and DUPLICATE not in t.user_attrs:
+            by_slot.setdefault(int(t.user_attrs[SLOT]), []).append(t)
+    return by_slot
 
 
 def duplicate_of(study, trial_number: int, slot: int) -> int | None:
@@ -329,20 +318,20 @@ def duplicate_of(study, trial_number: int, slot: int) -> int | None:
     number), or ``None``: then trial ``trial_number`` is the slot's one."""
     for u in study.get_trials(deepcopy=False):
         if u.number != trial_number and u.user_attrs.get(SLOT) == slot and (
-                _done(u) or (_live(u) and u.number < trial_number)):
+                _done(u) or (is_live(u) and u.number < trial_number)):
             return u.number
     return None
 
 
-def retry_trial(study, trial, *, max_retry: int | None) -> int | None:
+def retry_trial(study, trial, *, max_retry: int | None) -> bool:
     """Enqueues a copy of an interrupted ``trial`` for its slot (params kept, so a TPE trial
-    resumes with the values it had); returns the retry's number or ``None`` past ``max_retry``."""
+    resumes with the values it had); ``False`` past ``max_retry``."""
     optuna = load_optuna()
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     if max_retry is not None and len(history) > max_retry:
-        print(f"[sweep] trial {trial.number} (slot {trial.user_attrs.get(SLOT)}) was interrupted "
-              f"{len(history)} times; not retried again.", flush=True)
-        return None
+        log(f"trial {trial.number} (slot {trial.user_attrs.get(SLOT)}) was interrupted "
+            f"{len(history)} times; not retried again.")
+        return False
     system_attrs = {k: v for k, v in trial.system_attrs.items() if k == "fixed_params"}
     system_attrs.update(failed_trial=history[0], retry_history=history)
     user_attrs = {k: v for k, v in trial.user_attrs.items() if k in (SLOT, WORKDIR, VALUES)}
@@ -350,38 +339,31 @@ def retry_trial(study, trial, *, max_retry: int | None) -> int | None:
         state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         user_attrs=user_attrs, system_attrs=system_attrs,
     ))
-    return len(study.get_trials(deepcopy=False)) - 1
+    return True
 
 
 def ensure_slots(study, sweep: Sweep, base, *, max_retry: int | None) -> int:
     """Enqueues every slot that has no finished or live trial (a retry that was never
     enqueued, a creator that died); returns how many."""
-    by_slot: dict[int, list] = {}
-    for t in study.get_trials(deepcopy=False):
-        if SLOT in t.user_attrs:
-            by_slot.setdefault(int(t.user_attrs[SLOT]), []).append(t)
+    by_slot = trials_by_slot(study)
     added = 0
     for slot in _enqueue_order(sweep, base):
         ts = by_slot.get(slot, [])
-        if any(_done(t) or _live(t) for t in ts):
+        if any(_done(t) or is_live(t) for t in ts):
             continue
-        interrupted = [t for t in ts if DUPLICATE not in t.user_attrs]
-        if interrupted:
-            if retry_trial(study, interrupted[-1], max_retry=max_retry) is not None:
-                added += 1
+        if ts:  # the last try was interrupted
+            added += retry_trial(study, ts[-1], max_retry=max_retry)
         else:
             study.enqueue_trial(_slot_params(sweep, base, slot), user_attrs={SLOT: slot})
             added += 1
     return added
 
 
-def recover_interrupted(study, storage, *, max_retry: int | None, grace_period: int) -> list[int]:
+def recover_interrupted(study, storage, *, max_retry: int | None, grace_period: int) -> None:
     """Fails and re-enqueues trials whose worker is gone: heartbeat-stale ones (any machine) and
-    ones owned by a dead process of this machine (at once). Returns the failed trial numbers."""
+    ones owned by a dead process of this machine (at once)."""
     optuna = load_optuna()
-    from optuna.trial import TrialState
-
-    failed = []
+    TrialState = optuna.trial.TrialState
     optuna.storages.fail_stale_trials(study)
     now = time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -395,9 +377,7 @@ def recover_interrupted(study, storage, *, max_retry: int | None, grace_period: 
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
-        failed.append(t.number)
-        print(f"[sweep] trial {t.number} (slot {t.user_attrs.get(SLOT)}) was interrupted "
-              f"(worker {owner.get('pid') if owner else '?'} is gone); re-enqueued.", flush=True)
+        log(f"trial {t.number} (slot {t.user_attrs.get(SLOT)}) was interrupted "
+            f"(worker {owner.get('pid') if owner else '?'} is gone); re-enqueued.")
         retry_trial(study, copy.deepcopy(storage.get_trial(trial_id(t))), max_retry=max_retry)
-    return failed
 

@@ -26,7 +26,7 @@ from cnnlab.sweep._optuna_adapter import load as load_optuna
 from cnnlab.sweep._optuna_adapter import pop_waiting
 from cnnlab.sweep.files import write_config_file
 from cnnlab.sweep.space import Sweep, apply_point
-from cnnlab.sweep.study import DUPLICATE, ERROR, OWNER, SLOT, VALUES, WORKDIR, StorageOptions
+from cnnlab.sweep.study import DUPLICATE, ERROR, OWNER, SLOT, VALUES, WORKDIR, StorageOptions, log
 
 _FAULT_KILL_IN_SLOT = "CNNLAB_SWEEP_FAULT_KILL_IN_SLOT"  # "slot:step", for the resume test
 
@@ -55,14 +55,11 @@ class Worker:
     def __init__(self, base, sweep: Sweep, workdir: str, options: StorageOptions, *, pack: int,
                  poll_interval: float = 2.0, salt: int = 0, vmap_width: int | None = None) -> None:
         self.base, self.sweep, self.workdir, self.options = base, sweep, workdir, options
-        self.pack = max(int(pack), 1)
-        self.poll_interval = poll_interval
-        self.vmap_width = vmap_width
+        self.pack, self.poll_interval, self.vmap_width = max(int(pack), 1), poll_interval, vmap_width
         self.study, self.storage = study_lib.open_study(base, sweep, options, salt=salt)
         self.owner = study_lib.this_owner()
         self.heartbeat = study_lib.Heartbeat(self.storage, options.heartbeat_interval)
         self.ran = 0
-        self._prepared: set[int] = set()
 
     # -- claiming ----------------------------------------------------------------------------
 
@@ -87,9 +84,9 @@ class Worker:
             trial.set_user_attr(OWNER, self.owner)
             self.heartbeat.add(trial)
             slot = int(trial.user_attrs.get(SLOT, -1))
-            dup = study_lib.duplicate_of(self.study, trial.number, slot)
-            if slot < 0 or dup is not None:
-                trial.set_user_attr(DUPLICATE, dup if dup is not None else -1)
+            dup = -1 if slot < 0 else study_lib.duplicate_of(self.study, trial.number, slot)
+            if dup is not None:
+                trial.set_user_attr(DUPLICATE, dup)
                 self._fail(trial, None)
                 continue
             workdir = os.path.join(self.workdir, "trials", f"{slot:04d}")
@@ -100,7 +97,7 @@ class Worker:
                 config = apply_point(self.base, values)
                 validate_config(config)
             except Exception as e:  # noqa: BLE001 - recorded on the trial
-                print(f"[sweep] trial {trial.number} (slot {slot}) rejected: {e}", flush=True)
+                log(f"trial {trial.number} (slot {slot}) rejected: {e}")
                 self._fail(trial, f"{type(e).__name__}: {e}")
                 continue
             claims.append(_Claim(trial, slot, values, config, workdir, time.perf_counter()))
@@ -109,9 +106,7 @@ class Worker:
     # -- running -----------------------------------------------------------------------------
 
     def _prepare(self, c: _Claim) -> None:
-        if c.trial.number in self._prepared:
-            return
-        self._prepared.add(c.trial.number)
+        """Writes the trial's ``config.py`` and records this attempt, once per claim."""
         os.makedirs(c.workdir, exist_ok=True)
         write_config_file(
             c.config, os.path.join(c.workdir, "config.py"),
@@ -131,8 +126,7 @@ class Worker:
             return
         c.trial.report(float(value), epoch)
         if c.trial.should_prune():
-            print(f"[sweep] trial {c.trial.number} pruned at epoch {epoch} "
-                  f"({self.sweep.metric}={value:.4f}).", flush=True)
+            log(f"trial {c.trial.number} pruned at epoch {epoch} ({self.sweep.metric}={value:.4f}).")
             raise StopTraining()
 
     def _finish(self, c: _Claim, outcome, *, pack_size: int, timings: dict[str, float]) -> None:
@@ -151,8 +145,7 @@ class Worker:
             value = metrics.get(self.sweep.metric)
             if error is not None:
                 self._fail(trial, f"{type(error).__name__}: {error}")
-                print(f"[sweep] trial {trial.number} (slot {c.slot}) FAILED: {type(error).__name__}: "
-                      f"{error}", flush=True)
+                log(f"trial {trial.number} (slot {c.slot}) FAILED: {type(error).__name__}: {error}")
             elif outcome.pruned:
                 self.study.tell(trial, state=TrialState.PRUNED)
             elif value is None:
@@ -160,12 +153,12 @@ class Worker:
                                   f"(eval_every_epochs?): {sorted(metrics)}")
             else:
                 self.study.tell(trial, float(value))
-                print(f"[sweep] trial {trial.number} (slot {c.slot}) {_format_values(c.values)}: "
-                      f"{self.sweep.metric}={value:.4f} ({duration:.1f} s"
-                      f"{f', packed x{pack_size}' if pack_size > 1 else ''}).", flush=True)
+                log(f"trial {trial.number} (slot {c.slot}) {_format_values(c.values)}: "
+                    f"{self.sweep.metric}={value:.4f} ({duration:.1f} s"
+                    f"{f', packed x{pack_size}' if pack_size > 1 else ''}).")
         except load_optuna().exceptions.UpdateFinishedTrialError:
-            print(f"[sweep] trial {trial.number} was taken over (its heartbeat went stale); its "
-                  "result is not recorded here.", flush=True)
+            log(f"trial {trial.number} was taken over (its heartbeat went stale); its result is "
+                "not recorded here.")
         finally:
             self.heartbeat.remove(trial)
             self.ran += 1
@@ -175,8 +168,6 @@ class Worker:
         group that turns out not to be packable runs one trial at a time."""
         from cnnlab.train import NotPackable, TrialOutcome, train_trials
 
-        for c in group:
-            self._prepare(c)
         # Test hook: CNNLAB_SWEEP_FAULT_KILL_IN_SLOT="slot:step" kills this worker at that step.
         spec = os.environ.get(_FAULT_KILL_IN_SLOT, "")
         if spec and int(spec.split(":")[0]) == group[0].slot:
@@ -184,10 +175,10 @@ class Worker:
         else:
             os.environ.pop("CNNLAB_FAULT_KILL_AT_STEP", None)
         if len(group) > 1:
-            print(f"[sweep] packing trials {[c.trial.number for c in group]} into one program.", flush=True)
+            log(f"packing trials {[c.trial.number for c in group]} into one program.")
         else:
-            print(f"[sweep] trial {group[0].trial.number} (slot {group[0].slot}) "
-                  f"{_format_values(group[0].values)} -> {group[0].workdir}", flush=True)
+            log(f"trial {group[0].trial.number} (slot {group[0].slot}) "
+                f"{_format_values(group[0].values)} -> {group[0].workdir}")
         try:
             outcomes, timings = train_trials(
                 [c.config for c in group], [c.workdir for c in group],
@@ -196,15 +187,14 @@ class Worker:
             )
         except Exception as e:  # noqa: BLE001 - the whole group failed: each trial records it
             if isinstance(e, NotPackable) and len(group) > 1:
-                print(f"[sweep] not packable ({e}); running one at a time.", flush=True)
+                log(f"not packable ({e}); running one at a time.")
                 for c in group:
                     self.train([c])
                 return
             traceback.print_exc()
             outcomes, timings = [TrialOutcome(metrics={}, error=e) for _ in group], {}
         if len(group) > 1 and timings:
-            print("[sweep] pack timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
-                  flush=True)
+            log("pack timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
         for c, out in zip(group, outcomes):
             self._finish(c, out, pack_size=len(group), timings=timings)
 
@@ -224,8 +214,6 @@ class Worker:
 
     def run(self) -> int:
         """Works until the study has no waiting or running trials; returns trials run here."""
-        from optuna.trial import TrialState
-
         try:
             while True:
                 study_lib.recover_interrupted(self.study, self.storage, max_retry=self.options.max_retry,
@@ -233,10 +221,11 @@ class Worker:
                 claims = self.claim(self.pack)
                 if claims:
                     for group in self.groups(claims):
+                        for c in group:
+                            self._prepare(c)
                         self.train(group)
                     continue
-                states = [t.state for t in self.study.get_trials(deepcopy=False)]
-                if TrialState.RUNNING in states or TrialState.WAITING in states:
+                if any(study_lib.is_live(t) for t in self.study.get_trials(deepcopy=False)):
                     time.sleep(self.poll_interval)  # others are at work: stay to take over theirs
                     continue
                 if study_lib.ensure_slots(self.study, self.sweep, self.base,

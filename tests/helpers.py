@@ -1,0 +1,47 @@
+"""Helpers shared by the test modules (importable as ``helpers``: see conftest.py)."""
+
+import os
+import pathlib
+
+import pytest
+
+from cnnlab import sweep
+from cnnlab.train.writers import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.py")
+
+# configs/smoke.py shrunk to seconds per run; exec'd with the config as ``c`` (also in subprocesses).
+TINY = """
+c.num_epochs = 2
+c.data.image_size = 16
+c.data.synthetic_per_class = 40
+c.model.kwargs.widths = (8,)
+c.model.kwargs.dense_units = 16
+c.progress = False
+c.checkpoint.every_steps = 2
+c.data.val_fraction = 0.1
+"""
+
+
+def tiny_config():
+    c = sweep.config_from_file(SMOKE)
+    exec(TINY, {"c": c})
+    return c
+
+
+def epoch_records(trial_dir):
+    return [r for r in read_metrics(os.path.join(trial_dir, "metrics.jsonl")) if r["kind"] == "epoch"]
+
+
+def assert_same_epoch_records(packed_dir, alone_dir, tag):
+    """A packed trial's epoch records equal those of the same config trained alone (epochs 1
+    and 2, same keys, floats within rel 1e-4); returns the packed records."""
+    packed, alone = epoch_records(packed_dir), epoch_records(alone_dir)
+    assert [r["epoch"] for r in packed] == [r["epoch"] for r in alone] == [1, 2]
+    for p, a in zip(packed, alone):
+        assert p.keys() == a.keys()
+        for key in a:
+            expected = pytest.approx(a[key], rel=1e-4, abs=1e-6) if isinstance(a[key], float) else a[key]
+            assert p[key] == expected, (tag, p["epoch"], key)
+    return packed
