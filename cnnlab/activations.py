@@ -14,6 +14,7 @@ a name (``"relu"``, ``"swish"``...), a serialized config, or any callable.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -298,46 +299,14 @@ def glu(x: ArrayLike, *, axis: int = -1) -> Array:
 
 # --- registry ----------------------------------------------------------------------------------
 
-_BUILTINS: tuple[Activation, ...] = (
-    relu,
-    leaky_relu,
-    relu6,
-    softmax,
-    celu,
-    elu,
-    selu,
-    softplus,
-    softsign,
-    squareplus,
-    soft_shrink,
-    sparse_plus,
-    silu,
-    gelu,
-    glu,
-    tanh,
-    tanh_shrink,
-    threshold,
-    sigmoid,
-    sparse_sigmoid,
-    exponential,
-    hard_sigmoid,
-    hard_silu,
-    hard_tanh,
-    hard_shrink,
-    linear,
-    mish,
-    log_softmax,
-    log_sigmoid,
-    sparsemax,
-)
-
 # Keras' aliases.
 swish = silu
 hard_swish = hard_silu
 
+# Every public function above, under its Keras name and its aliases.
 _REGISTRY = Registry(
     "activation",
-    {**{fn.__name__: fn for fn in _BUILTINS}, "swish": swish, "hard_swish": hard_swish},
+    {n: f for n, f in globals().items() if inspect.isfunction(f) and f.__module__ == __name__ and n[0] != "_"},
 )
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab import backend
+from cnnlab._keras_object import KerasObject, classes_in
 from cnnlab._registry import Registry, serialize_object
 
 Array = jax.Array
@@ -32,24 +33,11 @@ def _norms(w: Array, axis: Axis) -> Array:
     return jnp.sqrt(jnp.sum(jnp.square(w), axis=_axis(axis), keepdims=True))
 
 
-class Constraint:
+class Constraint(KerasObject):
     """Base class: ``c(w) -> w`` (the identity)."""
 
     def __call__(self, w: ArrayLike) -> Array:
         return w
-
-    def get_config(self) -> dict[str, Any]:
-        """The constructor arguments (Keras' format)."""
-        return {}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Constraint:
-        """Rebuilds the constraint from :meth:`get_config`'s output."""
-        return cls(**config)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 class MaxNorm(Constraint):
@@ -132,19 +120,7 @@ non_neg = NonNeg
 unit_norm = UnitNorm
 min_max_norm = MinMaxNorm
 
-_REGISTRY = Registry(
-    "constraint",
-    {
-        "MaxNorm": MaxNorm,
-        "NonNeg": NonNeg,
-        "UnitNorm": UnitNorm,
-        "MinMaxNorm": MinMaxNorm,
-        "max_norm": MaxNorm,
-        "non_neg": NonNeg,
-        "unit_norm": UnitNorm,
-        "min_max_norm": MinMaxNorm,
-    },
-)
+_REGISTRY = Registry("constraint", classes_in(globals(), Constraint))
 
 
 def names() -> tuple[str, ...]:

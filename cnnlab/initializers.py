@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnlab._keras_object import KerasObject, classes_in
 from cnnlab._registry import Registry, serialize_object
 
 Array = jax.Array
@@ -81,27 +82,14 @@ def compute_fans(
     return int(fan_in), int(fan_out)
 
 
-class Initializer:
+class Initializer(KerasObject):
     """Base class: ``init(key, shape, dtype=jnp.float32) -> Array`` of that shape and dtype."""
 
     def __call__(self, key: Array | None, shape: Shape, dtype: DTypeLike = jnp.float32) -> Array:
         raise NotImplementedError("Initializer subclasses must implement __call__.")
 
-    def get_config(self) -> dict[str, Any]:
-        """The constructor arguments, JSON-serializable (Keras' format)."""
-        return {}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Initializer:
-        """Rebuilds the initializer from :meth:`get_config`'s output."""
-        return cls(**config)
-
     def clone(self) -> Initializer:
         return self.__class__.from_config(self.get_config())
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 # --- constant initializers ---------------------------------------------------------------------
@@ -466,11 +454,12 @@ class VarianceScaling(RandomInitializer):
 
 
 class _FixedVarianceScaling(VarianceScaling):
-    """A VarianceScaling preset: only ``seed`` and the fan axes are configurable."""
+    """A VarianceScaling preset (class keywords ``scale``, ``mode``, ``distribution``): only
+    ``seed`` and the fan axes are configurable."""
 
-    _SCALE: float = 1.0
-    _MODE: str = "fan_in"
-    _DISTRIBUTION: str = "truncated_normal"
+    def __init_subclass__(cls, *, scale: float, mode: str, distribution: str) -> None:
+        super().__init_subclass__()
+        cls._PRESET = {"scale": scale, "mode": mode, "distribution": distribution}
 
     def __init__(
         self,
@@ -478,53 +467,34 @@ class _FixedVarianceScaling(VarianceScaling):
         input_axes: Sequence[int] | None = None,
         output_axes: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(
-            scale=self._SCALE,
-            mode=self._MODE,
-            distribution=self._DISTRIBUTION,
-            seed=seed,
-            input_axes=input_axes,
-            output_axes=output_axes,
-        )
+        super().__init__(**self._PRESET, seed=seed, input_axes=input_axes, output_axes=output_axes)
 
     def get_config(self) -> dict[str, Any]:
         return {"seed": self.seed, "input_axes": self.input_axes, "output_axes": self.output_axes}
 
 
-class GlorotUniform(_FixedVarianceScaling):
+class GlorotUniform(_FixedVarianceScaling, scale=1.0, mode="fan_avg", distribution="uniform"):
     """Xavier uniform: ``U(-limit, limit)``, ``limit = sqrt(6 / (fan_in + fan_out))``."""
 
-    _SCALE, _MODE, _DISTRIBUTION = 1.0, "fan_avg", "uniform"
 
-
-class GlorotNormal(_FixedVarianceScaling):
+class GlorotNormal(_FixedVarianceScaling, scale=1.0, mode="fan_avg", distribution="truncated_normal"):
     """Xavier normal: truncated normal with std ``sqrt(2 / (fan_in + fan_out))``."""
 
-    _SCALE, _MODE, _DISTRIBUTION = 1.0, "fan_avg", "truncated_normal"
 
-
-class LecunNormal(_FixedVarianceScaling):
+class LecunNormal(_FixedVarianceScaling, scale=1.0, mode="fan_in", distribution="truncated_normal"):
     """LeCun normal: truncated normal with std ``sqrt(1 / fan_in)``."""
 
-    _SCALE, _MODE, _DISTRIBUTION = 1.0, "fan_in", "truncated_normal"
 
-
-class LecunUniform(_FixedVarianceScaling):
+class LecunUniform(_FixedVarianceScaling, scale=1.0, mode="fan_in", distribution="uniform"):
     """LeCun uniform: ``U(-limit, limit)``, ``limit = sqrt(3 / fan_in)``."""
 
-    _SCALE, _MODE, _DISTRIBUTION = 1.0, "fan_in", "uniform"
 
-
-class HeNormal(_FixedVarianceScaling):
+class HeNormal(_FixedVarianceScaling, scale=2.0, mode="fan_in", distribution="truncated_normal"):
     """He normal: truncated normal with std ``sqrt(2 / fan_in)``."""
 
-    _SCALE, _MODE, _DISTRIBUTION = 2.0, "fan_in", "truncated_normal"
 
-
-class HeUniform(_FixedVarianceScaling):
+class HeUniform(_FixedVarianceScaling, scale=2.0, mode="fan_in", distribution="uniform"):
     """He uniform: ``U(-limit, limit)``, ``limit = sqrt(6 / fan_in)``."""
-
-    _SCALE, _MODE, _DISTRIBUTION = 2.0, "fan_in", "uniform"
 
 
 class Orthogonal(RandomInitializer):
@@ -580,47 +550,10 @@ he_normal = HeNormal
 he_uniform = HeUniform
 orthogonal = Orthogonal
 
-_CLASSES: tuple[type[Initializer], ...] = (
-    Constant,
-    Zeros,
-    Ones,
-    Identity,
-    STFT,
-    RandomNormal,
-    TruncatedNormal,
-    RandomUniform,
-    VarianceScaling,
-    GlorotUniform,
-    GlorotNormal,
-    LecunNormal,
-    LecunUniform,
-    HeNormal,
-    HeUniform,
-    Orthogonal,
-)
-_SNAKE = {
-    Constant: "constant",
-    Zeros: "zeros",
-    Ones: "ones",
-    Identity: "identity",
-    STFT: "stft",
-    RandomNormal: "random_normal",
-    TruncatedNormal: "truncated_normal",
-    RandomUniform: "random_uniform",
-    VarianceScaling: "variance_scaling",
-    GlorotUniform: "glorot_uniform",
-    GlorotNormal: "glorot_normal",
-    LecunNormal: "lecun_normal",
-    LecunUniform: "lecun_uniform",
-    HeNormal: "he_normal",
-    HeUniform: "he_uniform",
-    Orthogonal: "orthogonal",
-}
 _REGISTRY = Registry(
     "initializer",
     {
-        **{cls.__name__: cls for cls in _CLASSES},
-        **{_SNAKE[cls]: cls for cls in _CLASSES},
+        **classes_in(globals(), Initializer, exclude=(RandomInitializer,)),
         # Keras' extra aliases.
         "IdentityInitializer": Identity,
         "OrthogonalInitializer": Orthogonal,

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab import backend
+from cnnlab._keras_object import KerasObject, classes_in
 from cnnlab._registry import Registry, serialize_object
 
 Array = jax.Array
@@ -37,27 +38,15 @@ def _validate_float_arg(value: Any, name: str) -> float:
     return float(value)
 
 
-class Regularizer:
+class Regularizer(KerasObject):
     """Base class: ``reg(x) -> scalar`` penalty for an array ``x`` of any shape."""
 
     def __call__(self, x: ArrayLike) -> Array | float:
         return 0.0
 
     def get_config(self) -> dict[str, Any]:
-        """The constructor arguments (Keras' format)."""
-        raise NotImplementedError(f"{self} does not implement get_config()")
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Regularizer:
-        """Rebuilds the regularizer from :meth:`get_config`'s output."""
-        return cls(**config)
-
-    def __repr__(self) -> str:
-        try:
-            args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        except NotImplementedError:
-            args = ""
-        return f"{type(self).__name__}({args})"
+        """The constructor arguments (Keras' format); the base class has none to give."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement get_config()")
 
 
 class L1L2(Regularizer):
@@ -163,20 +152,8 @@ l2 = L2
 l1_l2 = L1L2
 orthogonal_regularizer = OrthogonalRegularizer
 
-_REGISTRY = Registry(
-    "regularizer",
-    {
-        "L1": L1,
-        "L2": L2,
-        "L1L2": L1L2,
-        "OrthogonalRegularizer": OrthogonalRegularizer,
-        "l1": L1,
-        "l2": L2,
-        "l1l2": L1L2,  # Keras' snake_case of "L1L2"
-        "l1_l2": L1L2,  # Keras' exported alias
-        "orthogonal_regularizer": OrthogonalRegularizer,
-    },
-)
+# "l1l2" is Keras' snake_case of "L1L2" (``l1_l2`` its exported alias).
+_REGISTRY = Registry("regularizer", {**classes_in(globals(), Regularizer), "l1l2": L1L2})
 
 
 def names() -> tuple[str, ...]:

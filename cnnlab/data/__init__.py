@@ -39,21 +39,14 @@ from cnnlab.data.splits import carve_validation, class_count_table, stratified_s
 
 # JAX-dependent names, imported on first access.
 _LAZY = {
-    "normalize": "cnnlab.data.transforms",
-    "augment": "cnnlab.data.transforms",
-    "apply_transform": "cnnlab.data.transforms",
-    "sample_transform_params": "cnnlab.data.transforms",
-    "transform_matrices": "cnnlab.data.transforms",
-    "warp_affine": "cnnlab.data.transforms",
-    "random_crop": "cnnlab.data.transforms",
-    "mixup": "cnnlab.data.transforms",
-    "cutmix": "cnnlab.data.transforms",
-    "channel_mean_std": "cnnlab.data.transforms",
-    "random_affine": "cnnlab.data.transforms",
-    "shard_batch": "cnnlab.data.device",
-    "prefetch_to_device": "cnnlab.data.device",
-    "batch_sharding": "cnnlab.data.device",
-    "data_mesh": "cnnlab.data.device",
+    **dict.fromkeys(
+        ("normalize", "augment", "apply_transform", "sample_transform_params", "transform_matrices",
+         "warp_affine", "random_crop", "mixup", "cutmix", "channel_mean_std", "random_affine"),
+        "cnnlab.data.transforms",
+    ),
+    **dict.fromkeys(
+        ("shard_batch", "prefetch_to_device", "batch_sharding", "data_mesh"), "cnnlab.data.device"
+    ),
 }
 
 

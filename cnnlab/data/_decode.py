@@ -1,4 +1,4 @@
-"""Image decoding and resizing with Pillow (numpy + PIL only: imported by worker processes)."""
+"""Image decoding and resizing with Pillow (numpy + PIL only)."""
 
 from __future__ import annotations
 
@@ -96,12 +96,3 @@ def load_image(
     if arr.shape != (height, width, 3):  # pragma: no cover - defensive
         raise OSError(f"decoded to unexpected shape {arr.shape}")
     return arr
-
-
-def decode_task(args: tuple) -> tuple[int, np.ndarray | None, str | None]:
-    """Pool worker: ``(index, path, h, w, mode, resample, pad, fast)`` -> (index, array | None, error)."""
-    index, path, h, w, mode, resample, pad_value, fast = args
-    try:
-        return index, load_image(path, h, w, mode, resample, pad_value, fast), None
-    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
-        return index, None, f"{type(e).__name__}: {e}"

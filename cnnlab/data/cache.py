@@ -69,25 +69,16 @@ def array_checksum(arr: np.ndarray, mode: str = "full") -> str:
     return f"{used}:{crc:08x}"
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not path.is_dir():  # pragma: no cover - some platforms cannot fsync a directory
+            raise
 
 
 def write_prepared(
@@ -118,9 +109,8 @@ def write_prepared(
         np.save(tmp / "labels.npy", np.ascontiguousarray(labels, dtype=np.int32))
         (tmp / "classes.json").write_text(json.dumps(list(class_names), indent=1))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        for name in ("images.npy", "labels.npy", "classes.json", "manifest.json"):
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+        for name in ("images.npy", "labels.npy", "classes.json", "manifest.json", "."):
+            _fsync(tmp / name)
         if directory.exists():  # stale or damaged: move aside, then replace
             trash = Path(tempfile.mkdtemp(prefix=f".old-{directory.name}-", dir=directory.parent))
             try:
@@ -134,7 +124,7 @@ def write_prepared(
             # Another process finished the same key first; keep theirs if it verifies.
             if load_prepared(directory, manifest["key"])[0] is None:
                 raise
-        _fsync_dir(directory.parent)
+        _fsync(directory.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -166,15 +156,8 @@ def load_prepared(
         return None, "key mismatch (stale)"
     n = manifest.get("num_images")
     shape = manifest.get("image_shape")
-    if (
-        images.dtype != np.uint8
-        or images.ndim != 4
-        or [images.shape[0], *images.shape[1:]] != [n, *shape]
-    ):
-        return (
-            None,
-            f"images shape/dtype {images.shape} {images.dtype} != manifest [{n}, {shape}] uint8",
-        )
+    if images.dtype != np.uint8 or images.ndim != 4 or list(images.shape) != [n, *shape]:
+        return None, f"images shape/dtype {images.shape} {images.dtype} != manifest [{n}, {shape}] uint8"
     if labels.dtype != np.int32 or labels.shape != (n,):
         return None, f"labels shape/dtype {labels.shape} {labels.dtype} != manifest [{n}] int32"
     if classes != manifest.get("class_names"):

@@ -23,7 +23,7 @@ import PIL
 from PIL import Image
 
 from cnnlab.data import sources
-from cnnlab.data._decode import decode_task, resize_image, to_rgb
+from cnnlab.data._decode import load_image, resize_image, to_rgb
 from cnnlab.data.cache import FORMAT_VERSION, cache_root, compute_key, load_prepared, write_prepared
 from cnnlab.data.config import CLASS_PRESETS, image_hw, resolve_config
 from cnnlab.data.iterator import Batch, iterate_epoch, iterate_train, num_batches
@@ -52,27 +52,13 @@ class Split:
         return num_batches(len(self), batch_size, drop_remainder)
 
     def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        start_step: int = 0,
-        drop_remainder: bool = False,
+        self, batch_size: int, *, shuffle: bool = False, drop_remainder: bool = False, **options: int
     ) -> Iterator[Batch]:
-        """One epoch of batches (see :func:`cnnlab.data.iterator.iterate_epoch`); the defaults
-        suit evaluation (in order, padded last batch with ``mask``)."""
-        return iterate_epoch(
-            self.images,
-            self.labels,
-            batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            epoch=epoch,
-            start_step=start_step,
-            drop_remainder=drop_remainder,
-        )
+        """One epoch of batches (:func:`cnnlab.data.iterator.iterate_epoch`, whose ``seed``,
+        ``epoch`` and ``start_step`` it takes); the defaults suit evaluation (in order, padded
+        last batch with ``mask``)."""
+        return iterate_epoch(self.images, self.labels, batch_size, shuffle=shuffle,
+                             drop_remainder=drop_remainder, **options)
 
 
 @dataclass
@@ -114,14 +100,8 @@ class Dataset:
     ) -> Iterator[Batch]:
         """Shuffled full training batches from global step ``start_step`` (see
         :func:`cnnlab.data.iterator.iterate_train`)."""
-        return iterate_train(
-            self.train.images,
-            self.train.labels,
-            batch_size,
-            seed=seed,
-            start_step=start_step,
-            num_epochs=num_epochs,
-        )
+        return iterate_train(self.train.images, self.train.labels, batch_size, seed=seed,
+                             start_step=start_step, num_epochs=num_epochs)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return num_batches(len(self.train), batch_size, True)
@@ -172,31 +152,19 @@ def decode_images(
     out = np.zeros((n, height, width, 3), np.uint8)
     ok = np.zeros((n,), bool)
     errors: dict[int, str] = {}
-    tasks = [
-        (i, p, height, width, resize, resample, pad_value, fast_decode) for i, p in enumerate(paths)
-    ]
-    workers = _num_workers(num_workers)
 
-    def store(res) -> None:
-        i, arr, err = res
-        if arr is None:
-            errors[i] = err or "unknown error"
-        else:
-            out[i] = arr
+    def decode(i: int) -> None:
+        try:
+            out[i] = load_image(paths[i], height, width, resize, resample, pad_value, fast_decode)
             ok[i] = True
+        except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
+            errors[i] = f"{type(e).__name__}: {e}"
 
-    with tqdm(
-        total=n, desc=f"{_PREFIX} decoding", unit="img", disable=not progress, mininterval=0.5
-    ) as bar:
-        if workers <= 1 or n < 32:
-            for t in tasks:
-                store(decode_task(t))
-                bar.update(1)
-        else:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnnlab-decode") as ex:
-                for res in ex.map(decode_task, tasks, chunksize=1):
-                    store(res)
-                    bar.update(1)
+    workers = _num_workers(num_workers)
+    bar = tqdm(total=n, desc=f"{_PREFIX} decoding", unit="img", disable=not progress, mininterval=0.5)
+    with bar, ThreadPoolExecutor(max(workers, 1), thread_name_prefix="cnnlab-decode") as pool:
+        for _ in (map if workers <= 1 or n < 32 else pool.map)(decode, range(n)):
+            bar.update(1)
     return out, ok, errors
 
 
@@ -259,9 +227,7 @@ def _prepare_folder(cfg: dict[str, Any], verbose: bool) -> _Prepared:
     by_class, ignored = sources.scan_folder(root)
     if not by_class:
         raise FileNotFoundError(f"no class folders found in {root} (expected {root}/<class>/*.jpg)")
-    chosen = sources.select_classes(
-        list(by_class), cfg["classes"], cfg["drop_background"], where=str(root)
-    )
+    chosen = sources.select_classes(list(by_class), cfg["classes"], cfg["drop_background"], where=str(root))
     empty = [c for c in chosen if not by_class[c]]
     if empty:
         raise ValueError(f"empty class folder(s) (no *.jpg files) in {root}: {empty}")
@@ -272,8 +238,6 @@ def _prepare_folder(cfg: dict[str, Any], verbose: bool) -> _Prepared:
         es = by_class[c][:cap] if cap else by_class[c]
         entries.extend(es)
         labels_list.extend([i] * len(es))
-    if not entries:  # pragma: no cover - guarded by the empty-folder check
-        raise ValueError(f"zero images found in {root}")
     h, w = image_hw(cfg["image_size"])
     payload = {
         "format_version": FORMAT_VERSION,
@@ -292,23 +256,12 @@ def _prepare_folder(cfg: dict[str, Any], verbose: bool) -> _Prepared:
             files = manifest["files"]
             bad = {s["file"] for s in manifest["skipped"]}
             ok = np.asarray([f not in bad for f in files], bool)
-            return _Prepared(
-                images, labels, class_names, files, manifest, None, cache_dir, True, ok
-            )
+            return _Prepared(images, labels, class_names, files, manifest, None, cache_dir, True, ok)
         if reason != "missing":
             warnings.warn(f"rebuilding the data cache {cache_dir}: {reason}", stacklevel=3)
     t0 = time.perf_counter()
-    images, ok, errors = decode_images(
-        [str(root / e.rel) for e in entries],
-        h,
-        w,
-        resize=cfg["resize"],
-        resample=cfg["resample"],
-        pad_value=cfg["pad_value"],
-        fast_decode=cfg["fast_decode"],
-        num_workers=cfg["num_workers"],
-        progress=verbose,
-    )
+    options = {k: cfg[k] for k in ("resize", "resample", "pad_value", "fast_decode", "num_workers")}
+    images, ok, errors = decode_images([str(root / e.rel) for e in entries], h, w, progress=verbose, **options)
     seconds = time.perf_counter() - t0
     labels = np.asarray(labels_list, np.int32)
     skipped = [{"file": entries[i].rel, "error": errors[i]} for i in sorted(errors)]
@@ -332,6 +285,14 @@ def _prepare_folder(cfg: dict[str, Any], verbose: bool) -> _Prepared:
         manifest = write_prepared(cache_dir, images, labels, chosen, manifest, cfg["cache_verify"])
     path = cache_dir if cfg["use_cache"] else None
     return _Prepared(images, labels, chosen, files, manifest, None, path, False, ok)
+
+
+def _decoded_manifest(
+    source: str, key: str, files: list[str], names: list[str], h: int, w: int, **extra: Any
+) -> dict[str, Any]:
+    """The manifest of a source decoded in memory (synthetic, tfds): nothing skipped."""
+    return {"key": key, "source": source, "files": files, "skipped": [], "ignored_non_jpg": [],
+            "num_images": len(files), "image_shape": [h, w, 3], "class_names": names, **extra}
 
 
 def _prepare_synthetic(cfg: dict[str, Any]) -> _Prepared:
@@ -365,21 +326,8 @@ def _prepare_synthetic(cfg: dict[str, Any]) -> _Prepared:
             "cap": cfg["max_per_class"],
         }
     )
-    manifest = {
-        "key": key,
-        "source": "synthetic",
-        "files": files,
-        "skipped": [],
-        "ignored_non_jpg": [],
-        "num_images": int(labels.shape[0]),
-        "image_shape": [h, w, 3],
-        "class_names": names,
-        "synthetic": {
-            "num_classes": cfg["synthetic_num_classes"],
-            "per_class": cfg["synthetic_per_class"],
-            "seed": cfg["synthetic_seed"],
-        },
-    }
+    synthetic = {k: cfg[f"synthetic_{k}"] for k in ("num_classes", "per_class", "seed")}
+    manifest = _decoded_manifest("synthetic", key, files, names, h, w, synthetic=synthetic)
     return _Prepared(images, labels, names, files, manifest)
 
 
@@ -387,18 +335,10 @@ def _prepare_tfds(cfg: dict[str, Any], verbose: bool) -> _Prepared:
     names, examples = sources.load_tfds_examples(
         cfg["tfds_data_dir"], cfg["tfds_manual_dir"], cfg["tfds_download"]
     )
-    chosen = sources.select_classes(
-        sorted(names),
-        cfg["classes"],
-        cfg["drop_background"],
-        case_insensitive=True,
-        where="tfds caltech101",
-    )
+    chosen = sources.select_classes(sorted(names), cfg["classes"], cfg["drop_background"],
+                                    case_insensitive=True, where="tfds caltech101")
     h, w = image_hw(cfg["image_size"])
-    rows = sorted(
-        (name, f"{name}/{fname}", img, is_train)
-        for name, fname, img, is_train in ((n, f, i, t) for n, f, i, t in examples if n in chosen)
-    )
+    rows = sorted((name, f"{name}/{fname}", img, train) for name, fname, img, train in examples if name in chosen)
     cap = cfg["max_per_class"]
     if cap:
         kept, seen = [], {}
@@ -420,17 +360,7 @@ def _prepare_tfds(cfg: dict[str, Any], verbose: bool) -> _Prepared:
     files = [r[1] for r in rows]
     is_train = np.asarray([r[3] for r in rows], bool)
     key = compute_key({"source": "tfds", "files": files, "preprocess": _preprocess_key(cfg)})
-    manifest = {
-        "key": key,
-        "source": "tfds",
-        "files": files,
-        "skipped": [],
-        "ignored_non_jpg": [],
-        "num_images": len(rows),
-        "image_shape": [h, w, 3],
-        "class_names": chosen,
-        "preprocess": _preprocess_key(cfg),
-    }
+    manifest = _decoded_manifest("tfds", key, files, chosen, h, w, preprocess=_preprocess_key(cfg))
     _check_nonempty_classes(chosen, labels, "tfds caltech101")
     return _Prepared(images, labels, chosen, files, manifest, is_train)
 
@@ -467,9 +397,7 @@ def load_dataset(config: Any = None, *, verbose: bool = True) -> Dataset:
     else:
         prep = _prepare_tfds(cfg, verbose)
     names = prep.class_names
-    assigned = assign_splits(
-        cfg, prep.labels, prep.files, names, predefined_train=prep.predefined_train
-    )
+    assigned = assign_splits(cfg, prep.labels, prep.files, names, predefined_train=prep.predefined_train)
     split_of = {int(i): name for name, idx in assigned.items() for i in idx}
     index = {f: i for i, f in enumerate(prep.files)}
     skipped = [{**s, "split": split_of[index[s["file"]]]} for s in prep.manifest["skipped"]]
@@ -487,9 +415,7 @@ def load_dataset(config: Any = None, *, verbose: bool = True) -> Dataset:
     )
     if verbose:
         h, w = image_hw(cfg["image_size"])
-        how = ("cache hit" if prep.cache_hit else "prepared") + (
-            f" {prep.cache_path}" if prep.cache_path else ""
-        )
+        how = ("cache hit" if prep.cache_hit else "prepared") + (f" {prep.cache_path}" if prep.cache_path else "")
         print(
             f"{_PREFIX} {cfg['source']}: {len(names)} classes, {int(prep.ok.sum()):,} images at {h}x{w} "
             f"({cfg['resize']}), split={cfg['split']}, skipped={len(skipped)}; {how} in {time.perf_counter() - t0:.2f} s",

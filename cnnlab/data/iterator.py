@@ -71,9 +71,7 @@ def iterate_epoch(
         mask = np.ones((batch_size,), dtype=bool)
         k = idx.size
         if k < batch_size:
-            image = np.concatenate(
-                [image, np.zeros((batch_size - k, *image.shape[1:]), image.dtype)]
-            )
+            image = np.concatenate([image, np.zeros((batch_size - k, *image.shape[1:]), image.dtype)])
             label = np.concatenate([label, np.zeros((batch_size - k,), np.int32)])
             mask[k:] = False
         yield {"image": image, "label": label, "mask": mask}
@@ -99,14 +97,5 @@ def iterate_train(
         raise ValueError(f"batch_size {batch_size} exceeds the {labels.shape[0]} training examples")
     epoch, step = divmod(int(start_step), steps)
     while num_epochs is None or epoch < num_epochs:
-        yield from iterate_epoch(
-            images,
-            labels,
-            batch_size,
-            shuffle=True,
-            seed=seed,
-            epoch=epoch,
-            start_step=step,
-            drop_remainder=True,
-        )
+        yield from iterate_epoch(images, labels, batch_size, seed=seed, epoch=epoch, start_step=step)
         epoch, step = epoch + 1, 0

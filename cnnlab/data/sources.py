@@ -22,9 +22,8 @@ from cnnlab.data.config import BACKGROUND_CLASS, CLASS_PRESETS
 ENV_DATA_DIR = "CALTECH101_DIR"
 ROOT_FOLDER_NAME = "101_ObjectCategories"
 ARCHIVE_NAMES = ("101_ObjectCategories.tar.gz", "caltech-101.zip")
-IMAGE_SUFFIX = (
-    ".jpg"  # as tfds: only *.jpg (case-insensitive here); BACKGROUND_Google/tmp is excluded
-)
+# As tfds: only *.jpg (case-insensitive here); BACKGROUND_Google/tmp is excluded.
+IMAGE_SUFFIX = ".jpg"
 
 
 @dataclass(frozen=True)
@@ -96,9 +95,7 @@ def extract_archive_cached(archive: Path, cache_root: Path, verbose: bool = True
     """Extracts ``archive`` once into ``<cache_root>/extracted/<hash>`` (atomically) and
     returns the class root inside it."""
     st = archive.stat()
-    key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[
-        :20
-    ]
+    key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
     final = cache_root / "extracted" / key
     if final.is_dir() and (final / ".complete").exists():
         root = _find_root_in(final)
@@ -210,14 +207,15 @@ def select_classes(
         chosen = list(available)
     else:
         wanted = CLASS_PRESETS[classes] if isinstance(classes, str) else classes
-        lookup = {(a.lower() if case_insensitive else a): a for a in available}
-        missing = [w for w in wanted if (w.lower() if case_insensitive else w) not in lookup]
+        fold = str.lower if case_insensitive else str
+        lookup = {fold(a): a for a in available}
+        missing = [w for w in wanted if fold(w) not in lookup]
         if missing:
             raise ValueError(
                 f"data config field 'classes': {missing} not found{' in ' + where if where else ''}; "
                 f"available: {sorted(available)}"
             )
-        chosen = sorted({lookup[w.lower() if case_insensitive else w] for w in wanted})
+        chosen = sorted({lookup[fold(w)] for w in wanted})
     if drop_background:
         chosen = [c for c in chosen if c.lower() != BACKGROUND_CLASS.lower()]
     if not chosen:
@@ -245,12 +243,7 @@ _COLOURS = {
 def synthetic_class_names(num_classes: int) -> list[str]:
     """Names ``<shape>_<colour>`` of the first ``num_classes`` synthetic classes (unsorted)."""
     colours = list(_COLOURS)
-    names = []
-    for c in range(num_classes):
-        shape = _SHAPES[c % 8]
-        colour = colours[(c + c // 8) % 8]
-        names.append(f"{shape}_{colour}")
-    return names
+    return [f"{_SHAPES[c % 8]}_{colours[(c + c // 8) % 8]}" for c in range(num_classes)]
 
 
 def _shape_mask(shape: str, dy: np.ndarray, dx: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -343,9 +336,7 @@ def load_tfds_examples(
     """
     tfds = import_tfds()
     builder = tfds.builder("caltech101", data_dir=tfds_data_dir)
-    prepared = True
     try:
-        builder.info.splits["train"]
         prepared = bool(builder.info.splits["train"].num_examples)
     except Exception:  # noqa: BLE001 - tfds raises various errors for unprepared builders
         prepared = False

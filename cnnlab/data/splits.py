@@ -1,14 +1,10 @@
-"""Split protocols.
+"""Split protocols, applied to a file list by :func:`assign_splits`.
 
-* :func:`stratified_split` is a line-by-line port of scikit-learn's
-  ``StratifiedShuffleSplit`` (as used by ``train_test_split(..., stratify=y,
-  random_state=seed)``), so it returns the very same indices, in the same order, without
-  depending on scikit-learn.
-* :func:`tfds_split`: a fixed number of training images per class, drawn with a seeded
-  generator from each class's sorted file list; the rest is the test split.
+* :func:`stratified_split` is a line-by-line port of scikit-learn's ``StratifiedShuffleSplit``
+  (as used by ``train_test_split(..., stratify=y, random_state=seed)``): the very same indices,
+  in the same order, without depending on scikit-learn.
+* :func:`tfds_split`: a fixed number of seeded training images per class, the rest test.
 * :func:`carve_validation`: a stratified, seeded validation split out of the training split.
-* :func:`assign_splits`: the configured protocol applied to a file list.
-* :func:`class_count_table`: a compact per-class count table for printing.
 """
 
 from __future__ import annotations
@@ -40,6 +36,16 @@ def _approximate_mode(
             if need_to_add == 0:
                 break
     return floored.astype(int)
+
+
+def _class_key(c: int, class_names: Sequence[str] | None) -> str:
+    return class_names[int(c)] if class_names is not None else str(int(c))
+
+
+def _draw(n: int, k: int, seed: int, key: str) -> np.ndarray:
+    """``k`` of ``range(n)`` without replacement by ``default_rng([seed, crc32(key)])``: a
+    class's draw depends on its own key only, not on the other classes."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode())]).choice(n, size=k, replace=False)
 
 
 def stratified_split(
@@ -86,8 +92,7 @@ def stratified_split(
         train.extend(perm_indices_class_i[: n_i[i]])
         test.extend(perm_indices_class_i[n_i[i] : n_i[i] + t_i[i]])
     train_arr = rng.permutation(np.asarray(train, dtype=np.int64))
-    test_arr = rng.permutation(np.asarray(test, dtype=np.int64))
-    return train_arr.astype(np.int64), test_arr.astype(np.int64)
+    return train_arr, rng.permutation(np.asarray(test, dtype=np.int64))
 
 
 def tfds_split(
@@ -100,11 +105,10 @@ def tfds_split(
     """``train_per_class`` training images per class, the rest test (the tfds protocol).
 
     For each class the files are sorted by name and ``train_per_class`` of them are drawn
-    without replacement by ``np.random.default_rng([seed, crc32(class key)])``, where the class
-    key is the class name (or the label when no names are given). Each class is drawn
-    independently, so selecting other classes does not change a class's split. Returns sorted
-    (train_indices, test_indices). A class with ``<= train_per_class`` images is an error (as in
-    tfds).
+    without replacement by ``np.random.default_rng([seed, crc32(class key)])`` (the class name,
+    or the label without names), so selecting other classes does not change a class's split.
+    Returns sorted (train_indices, test_indices). A class with ``<= train_per_class`` images is
+    an error (as in tfds).
     """
     y = np.asarray(labels)
     files_arr = np.asarray(files)
@@ -115,19 +119,16 @@ def tfds_split(
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         idx = idx[np.argsort(files_arr[idx], kind="stable")]
-        name = class_names[int(c)] if class_names is not None else str(int(c))
+        name = _class_key(c, class_names)
         if len(idx) <= train_per_class:
             raise ValueError(
                 f"tfds split: class {name!r} has {len(idx)} images, needs more than train_per_class={train_per_class}"
             )
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         pick = np.zeros(len(idx), bool)
-        pick[rng.choice(len(idx), size=train_per_class, replace=False)] = True
+        pick[_draw(len(idx), train_per_class, seed, name)] = True
         train.append(idx[pick])
         test.append(idx[~pick])
-    return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(test)).astype(
-        np.int64
-    )
+    return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(test)).astype(np.int64)
 
 
 def carve_validation(
@@ -160,9 +161,7 @@ def carve_validation(
     for c, k in zip(classes, take, strict=True):
         pos = np.flatnonzero(y == c)
         pos = pos[np.argsort(train_indices[pos], kind="stable")]
-        name = class_names[int(c)] if class_names is not None else str(int(c))
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        is_val[pos[rng.choice(pos.size, size=int(k), replace=False)]] = True
+        is_val[pos[_draw(pos.size, int(k), seed, _class_key(c, class_names))]] = True
     return train_indices[~is_val], train_indices[is_val]
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab import nn
+from cnnlab.models.base import Classifier
 from cnnlab.models.registry import register
 
 
@@ -51,30 +52,22 @@ class InceptionModule(flax_nn.Module):
 
 
 @register("inception", traceable=("weight_decay", "head_dropout"))
-class InceptionNet(flax_nn.Module):
+class InceptionNet(Classifier):
     """Stem conv, then stages of Inception modules separated by strided 3x3 downsampling;
     global average pooling and Dense logits. ``stage_widths[i]`` is a stage's branch width
     (1x1 = 3x3 = width, 5x5 = pool = width // 2)."""
 
-    num_classes: int
     stem_filters: int = 32
     stage_widths: Sequence[int] = (32, 64, 96)
     modules_per_stage: int = 1
-    kernel_initializer: Any = "he_normal"
-    weight_decay: float = 1e-4
-    head_dropout: float = 0.0
-    dtype: Any = None
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
-        reg = nn.l2_or_none(self.weight_decay)
-        kw = dict(kernel_initializer=self.kernel_initializer, kernel_regularizer=reg, dtype=self.dtype)
+        kw = self.conv_kwargs()
         x = ConvBN(self.stem_filters, 5, strides=2, conv_kwargs=kw)(x, training)
         for stage, width in enumerate(self.stage_widths):
             if stage > 0:
                 x = ConvBN(x.shape[-1], 3, strides=2, conv_kwargs=kw)(x, training)
             for _ in range(self.modules_per_stage):
                 x = InceptionModule(width, width, width // 2, width // 2, kw)(x, training)
-        x = nn.GlobalAveragePooling2D()(x)
-        x = nn.Dropout(self.head_dropout)(x, training=training)
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype("float32")
+        return self.pooled_head(x, training)

@@ -9,6 +9,7 @@ import flax.linen as flax_nn
 import jax
 
 from cnnlab import nn
+from cnnlab.models.base import Classifier
 from cnnlab.models.registry import register
 
 
@@ -42,21 +43,16 @@ class ResidualModule(flax_nn.Module):
 
 
 @register("resnet", traceable=("weight_decay", "head_dropout"))
-class ResNet(flax_nn.Module):
+class ResNet(Classifier):
     """Stem conv (stride 2, optionally BN-ReLU-maxpool 3x3/2) then stages of residual modules; the first module of every stage
     after the first downsamples with stride 2; global average pooling; Dense logits."""
 
-    num_classes: int
     stem_filters: int = 32
     stem_kernel: int = 5
     stem_pool: bool = False
     stage_filters: Sequence[int] = (64, 128, 256)
     stage_depths: Sequence[int] = (2, 2, 2)
     bottleneck: bool = True
-    kernel_initializer: Any = "he_normal"
-    weight_decay: float = 1e-4
-    head_dropout: float = 0.0
-    dtype: Any = None
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
@@ -65,8 +61,7 @@ class ResNet(flax_nn.Module):
                 f"stage_filters={tuple(self.stage_filters)} and stage_depths="
                 f"{tuple(self.stage_depths)} must have the same length."
             )
-        reg = nn.l2_or_none(self.weight_decay)
-        kw = dict(kernel_initializer=self.kernel_initializer, kernel_regularizer=reg, dtype=self.dtype)
+        kw = self.conv_kwargs()
         x = nn.Conv2D(self.stem_filters, self.stem_kernel, strides=2, padding="same", use_bias=False, **kw)(x)
         if self.stem_pool:
             x = nn.Activation("relu")(nn.BatchNormalization()(x, training=training))
@@ -76,6 +71,4 @@ class ResNet(flax_nn.Module):
                 strides = 2 if (block == 0 and stage > 0) else 1
                 x = ResidualModule(filters, strides, self.bottleneck, kw)(x, training=training)
         x = nn.Activation("relu")(nn.BatchNormalization()(x, training=training))
-        x = nn.GlobalAveragePooling2D()(x)
-        x = nn.Dropout(self.head_dropout)(x, training=training)
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype("float32")
+        return self.pooled_head(x, training)

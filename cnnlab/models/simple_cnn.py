@@ -3,44 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as flax_nn
 import jax
 
 from cnnlab import nn
+from cnnlab.models.base import Classifier
 from cnnlab.models.registry import register
 
 
 @register("simple_cnn", traceable=("weight_decay", "head_dropout"))
-class SimpleCNN(flax_nn.Module):
+class SimpleCNN(Classifier):
     """For each width: Conv 3x3 same + ReLU -> MaxPool 2x2; then Flatten -> Dense -> ReLU ->
     Dropout -> Dense ``num_classes`` (logits)."""
 
-    num_classes: int
     widths: Sequence[int] = (32, 64, 128)
     kernel_size: int = 3
     padding: str = "same"
     dense_units: int = 256
-    kernel_initializer: Any = "he_normal"
     weight_decay: float = 0.0
     head_dropout: float = 0.5
     global_pool: bool = False
-    dtype: Any = None
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
-        reg = nn.l2_or_none(self.weight_decay)
         for width in self.widths:
-            x = nn.Conv2D(
-                width,
-                self.kernel_size,
-                padding=self.padding,
-                activation="relu",
-                kernel_initializer=self.kernel_initializer,
-                kernel_regularizer=reg,
-                dtype=self.dtype,
-            )(x)
+            x = nn.Conv2D(width, self.kernel_size, padding=self.padding, activation="relu",
+                          **self.conv_kwargs())(x)
             x = nn.MaxPooling2D((2, 2))(x)
         x = nn.GlobalAveragePooling2D()(x) if self.global_pool else nn.Flatten()(x)
         x = nn.Dense(self.dense_units, activation="relu", kernel_initializer=self.kernel_initializer,

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as flax_nn
 import jax
 
 from cnnlab import nn
+from cnnlab.models.base import Classifier
 from cnnlab.models.registry import register
 
 
 @register("stridednet", traceable=("weight_decay", "dropout", "head_dropout"))
-class StridedNet(flax_nn.Module):
+class StridedNet(Classifier):
     """Conv16 7x7/2 valid (no activation); then for each width: Conv 3x3 same -> ReLU -> BN,
     Conv 3x3/2 same -> ReLU -> BN, Dropout 0.25; Flatten -> Dense 512 -> ReLU -> BN ->
     Dropout 0.5 -> Dense ``num_classes`` (logits).
@@ -23,20 +23,16 @@ class StridedNet(flax_nn.Module):
     in the tutorial.
     """
 
-    num_classes: int
     widths: Sequence[int] = (32, 64, 128)
     stem_filters: int = 16
     dense_units: int = 512
-    kernel_initializer: Any = "he_normal"
     weight_decay: float = 5e-4
     dropout: float = 0.25
     head_dropout: float = 0.5
-    dtype: Any = None
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
-        reg = nn.l2_or_none(self.weight_decay)
-        conv = dict(kernel_initializer=self.kernel_initializer, kernel_regularizer=reg, dtype=self.dtype)
+        conv = self.conv_kwargs()
         x = nn.Conv2D(self.stem_filters, (7, 7), strides=(2, 2), padding="valid", **conv)(x)
         for width in self.widths:
             x = nn.Conv2D(width, (3, 3), padding="same", **conv)(x)

@@ -48,9 +48,7 @@ class Checkpoints:
     def save_best(self, step: int, state: Any, metrics: dict[str, float]) -> None:
         """Saves ``state`` as the best when ``metrics[best_metric]`` beats the kept best (ties
         keep the earlier one); otherwise writes nothing."""
-        if self.best_metric not in metrics:
-            return
-        if self.best.latest_step() == step:
+        if self.best_metric not in metrics or self.best.latest_step() == step:
             return
         kept = self.best.best_step()
         if kept is not None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cnnlab.train.writers import read_metrics, write_json_atomic
+from cnnlab.train.writers import read_metrics, write_json_atomic, write_text_atomic
 
 
 def classification_report(confusion: np.ndarray, class_names: Sequence[str]) -> dict:
@@ -34,15 +34,10 @@ def classification_report(confusion: np.ndarray, class_names: Sequence[str]) -> 
     }
     total = support.sum()
     report["accuracy"] = float(tp.sum() / total) if total else 0.0
-    report["macro avg"] = {
-        "precision": float(precision.mean()), "recall": float(recall.mean()),
-        "f1-score": float(f1.mean()), "support": int(total),
-    }
+    scores = {"precision": precision, "recall": recall, "f1-score": f1}
     w = support / total if total else support
-    report["weighted avg"] = {
-        "precision": float((precision * w).sum()), "recall": float((recall * w).sum()),
-        "f1-score": float((f1 * w).sum()), "support": int(total),
-    }
+    report["macro avg"] = {**{k: float(v.mean()) for k, v in scores.items()}, "support": int(total)}
+    report["weighted avg"] = {**{k: float((v * w).sum()) for k, v in scores.items()}, "support": int(total)}
     return json.loads(json.dumps(report, default=float))
 
 
@@ -50,32 +45,21 @@ def format_report(report: dict, class_names: Sequence[str]) -> str:
     """Renders :func:`classification_report` as scikit-learn's text table."""
     width = max([len(n) for n in class_names] + [len("weighted avg")])
     head = f"{'':>{width}}  {'precision':>9}  {'recall':>9}  {'f1-score':>9}  {'support':>9}"
-    lines = [head, ""]
-    for name in class_names:
+
+    def row(name: str) -> str:
         r = report[name]
-        lines.append(
-            f"{name:>{width}}  {r['precision']:9.4f}  {r['recall']:9.4f}  {r['f1-score']:9.4f}  {r['support']:9d}"
-        )
-    lines.append("")
+        return f"{name:>{width}}  {r['precision']:9.4f}  {r['recall']:9.4f}  {r['f1-score']:9.4f}  {r['support']:9d}"
+
     total = report["macro avg"]["support"]
-    lines.append(f"{'accuracy':>{width}}  {'':>9}  {'':>9}  {report['accuracy']:9.4f}  {total:9d}")
-    for avg in ("macro avg", "weighted avg"):
-        r = report[avg]
-        lines.append(
-            f"{avg:>{width}}  {r['precision']:9.4f}  {r['recall']:9.4f}  {r['f1-score']:9.4f}  {r['support']:9d}"
-        )
+    accuracy = f"{'accuracy':>{width}}  {'':>9}  {'':>9}  {report['accuracy']:9.4f}  {total:9d}"
+    lines = [head, "", *map(row, class_names), "", accuracy, row("macro avg"), row("weighted avg")]
     return "\n".join(lines) + "\n"
 
 
 def plot_curves(records: list[dict], path: str) -> None:
     """Loss and accuracy per epoch, train vs test (and val), in one figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc) = _pyplot().subplots(1, 2, figsize=(11, 4))
     x = [r["epoch"] for r in epochs]
     for split, style in (("train", "-"), ("test", "--"), ("val", ":")):
         if any(f"{split}/loss" in r for r in epochs):
@@ -86,24 +70,17 @@ def plot_curves(records: list[dict], path: str) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
     _save_figure(fig, path)
-    plt.close(fig)
 
 
 def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str) -> None:
     """Row-normalized confusion matrix; class names are shown when there are few enough."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     confusion = np.asarray(confusion, np.float64)
     rows = confusion.sum(axis=1, keepdims=True)
     norm = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
     n = len(class_names)
     size = min(max(4, n * 0.25 + 3), 24)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = _pyplot().subplots(figsize=(size, size))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (row-normalized)")
     if n <= 40:
@@ -115,15 +92,24 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str)
                 ax.text(j, i, int(confusion[i, j]), ha="center", va="center",
                         color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
     _save_figure(fig, path)
-    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save_figure(fig, path: str) -> None:
+    fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
+    _pyplot().close(fig)
 
 
 def write_reports(workdir: str, class_names: Sequence[str] | None = None) -> dict:
@@ -140,10 +126,6 @@ def write_reports(workdir: str, class_names: Sequence[str] | None = None) -> dic
     confusion = np.load(confusion_path)
     report = classification_report(confusion, class_names)
     write_json_atomic(os.path.join(workdir, "classification_report.json"), report)
-    text = format_report(report, class_names)
-    tmp = os.path.join(workdir, "classification_report.txt.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(workdir, "classification_report.txt"))
+    write_text_atomic(os.path.join(workdir, "classification_report.txt"), format_report(report, class_names))
     plot_confusion(confusion, class_names, os.path.join(workdir, "confusion_matrix.png"))
     return report

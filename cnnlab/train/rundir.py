@@ -150,22 +150,15 @@ def _git_state(directory: Path) -> dict[str, Any] | None:
     holds ``directory``; None when there is none or git fails."""
 
     def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", "-C", str(directory), *args],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        )
-        return out.stdout.strip()
+        run = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True,
+                             timeout=20, check=True)
+        return run.stdout.strip()
 
     try:
         # The package must be tracked there: not a copy installed inside someone's repository.
         git("ls-files", "--error-unmatch", "__init__.py")
-        return {
-            "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--", ".")),
-        }
+        commit = git("rev-parse", "HEAD")
+        return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--", "."))}
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -241,16 +234,10 @@ def record_config(
     with open(path) as f:
         old = json.load(f)
     old_flat, new_flat = flatten(old), flatten(new)
-    differ = [
-        k
-        for k in sorted(set(old_flat) | set(new_flat))
-        if old_flat.get(k, _ABSENT) != new_flat.get(k, _ABSENT)
-    ]
-    changes = {
-        k: (old_flat.get(k, _ABSENT), new_flat.get(k, _ABSENT))
-        for k in differ
-        if k not in OPERATIONAL_KEYS
-    }
+    keys = sorted({*old_flat, *new_flat})
+    pairs = {k: (old_flat.get(k, _ABSENT), new_flat.get(k, _ABSENT)) for k in keys}
+    differ = {k: (a, b) for k, (a, b) in pairs.items() if a != b}
+    changes = {k: v for k, v in differ.items() if k not in OPERATIONAL_KEYS}
     if changes and not allow_config_change:
         listed = "; ".join(
             f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items()
@@ -263,12 +250,9 @@ def record_config(
     if changes:
         previous = _history_path(workdir, "config_history", "config")
         write_json_atomic(previous, old)
-        entry = {
-            "step": int(step),
-            "changes": {k: list(v) for k, v in changes.items()},
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "previous": os.path.relpath(previous, workdir),
-        }
+        entry = {"step": int(step), "changes": {k: list(v) for k, v in changes.items()},
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "previous": os.path.relpath(previous, workdir)}
         log = os.path.join(workdir, CONFIG_CHANGES_FILE)
         text = Path(log).read_text() if os.path.exists(log) else ""
         write_text_atomic(log, text + json.dumps(entry, sort_keys=True) + "\n")

@@ -79,11 +79,7 @@ class MetricWriter:
         if not enabled:
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
         try:
             from tensorboardX import SummaryWriter
