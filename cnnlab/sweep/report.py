@@ -31,7 +31,7 @@ from cnnlab.sweep.files import write_config_file
 from cnnlab.sweep.space import apply_point
 from cnnlab.train.config import selection_metrics
 from cnnlab.train.metrics import DEFAULT_METRICS
-from cnnlab.train.writers import read_metrics, write_json_atomic
+from cnnlab.train.writers import read_metrics, write_json_atomic, write_text_atomic
 
 
 def _load(workdir: str, storage: str | None, study_name: str | None):
@@ -112,8 +112,7 @@ def _write_tables(workdir: str, rows, info, importances, note: str) -> str:
     else:
         lines.append(f"Not available: {note}")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(workdir, "trials.md"), "w") as f:
-        f.write(text)
+    write_text_atomic(os.path.join(workdir, "trials.md"), text)
     return text
 
 

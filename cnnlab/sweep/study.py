@@ -109,10 +109,9 @@ def _serialize_sqlite(engine) -> None:
 def make_storage(options: StorageOptions):
     """An Optuna ``RDBStorage`` with heartbeats, stale-trial retry and serialized SQLite."""
     optuna = load_optuna()
-    kwargs: dict[str, Any] = {}
     sqlite = options.url.startswith("sqlite")
+    kwargs = {"engine_kwargs": {"connect_args": {"timeout": 120}}} if sqlite else {}
     if sqlite:
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
         path = options.url.split("sqlite:///", 1)[-1]
         if path and path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -19,7 +19,9 @@ import traceback
 from typing import Any
 
 import ml_collections
+from optuna.trial import TrialState
 
+from cnnlab import train as train_lib  # train_lib.train_trials looked up per call (tests patch it)
 from cnnlab.sweep import space as space_lib
 from cnnlab.sweep import study as study_lib
 from cnnlab.sweep._optuna_adapter import load as load_optuna
@@ -65,8 +67,6 @@ class Worker:
 
     def _fail(self, trial, message: str | None) -> None:
         """Ends ``trial`` as ``FAIL``: with ``cnnlab.error = message``, or a dropped duplicate."""
-        from optuna.trial import TrialState
-
         if message is not None:
             trial.set_user_attr(ERROR, message)
         self.study.tell(trial, state=TrialState.FAIL)
@@ -74,8 +74,6 @@ class Worker:
 
     def claim(self, n: int) -> list[_Claim]:
         """Up to ``n`` waiting trials, now owned by this worker, with their configs."""
-        from cnnlab.train import validate_config
-
         claims: list[_Claim] = []
         while len(claims) < n:
             trial = pop_waiting(self.study)
@@ -95,7 +93,7 @@ class Worker:
                 values = space_lib.suggest(trial, self.sweep, self.base)
                 trial.set_user_attr(VALUES, space_lib.jsonable(values))
                 config = apply_point(self.base, values)
-                validate_config(config)
+                train_lib.validate_config(config)
             except Exception as e:  # noqa: BLE001 - recorded on the trial
                 log(f"trial {trial.number} (slot {slot}) rejected: {e}")
                 self._fail(trial, f"{type(e).__name__}: {e}")
@@ -119,20 +117,16 @@ class Worker:
                                 **{k: self.owner[k] for k in ("host", "pid")}}) + "\n")
 
     def _report(self, c: _Claim, epoch: int, record: dict[str, Any]) -> None:
-        from cnnlab.train import StopTraining
-
         value = record.get(self.sweep.metric)
         if value is None:
             return
         c.trial.report(float(value), epoch)
         if c.trial.should_prune():
             log(f"trial {c.trial.number} pruned at epoch {epoch} ({self.sweep.metric}={value:.4f}).")
-            raise StopTraining()
+            raise train_lib.StopTraining()
 
     def _finish(self, c: _Claim, outcome, *, pack_size: int, timings: dict[str, float]) -> None:
         """Records ``outcome`` (a :class:`~cnnlab.train.TrialOutcome`) on the trial."""
-        from optuna.trial import TrialState
-
         trial, metrics, error = c.trial, outcome.metrics, outcome.error
         duration = time.perf_counter() - c.start
         try:
@@ -166,8 +160,6 @@ class Worker:
     def train(self, group: list[_Claim]) -> None:
         """Trains ``group`` (claims of equal pack key) through the one training entry point; a
         group that turns out not to be packable runs one trial at a time."""
-        from cnnlab.train import NotPackable, TrialOutcome, train_trials
-
         # Test hook: CNNLAB_SWEEP_FAULT_KILL_IN_SLOT="slot:step" kills this worker at that step.
         spec = os.environ.get(_FAULT_KILL_IN_SLOT, "")
         if spec and int(spec.split(":")[0]) == group[0].slot:
@@ -180,19 +172,19 @@ class Worker:
             log(f"trial {group[0].trial.number} (slot {group[0].slot}) "
                 f"{_format_values(group[0].values)} -> {group[0].workdir}")
         try:
-            outcomes, timings = train_trials(
+            outcomes, timings = train_lib.train_trials(
                 [c.config for c in group], [c.workdir for c in group],
                 on_epoch_end=lambda k, epoch, record: self._report(group[k], epoch, record),
                 tag=lambda k: f"[trial {group[k].trial.number}]", vmap_width=self.vmap_width,
             )
         except Exception as e:  # noqa: BLE001 - the whole group failed: each trial records it
-            if isinstance(e, NotPackable) and len(group) > 1:
+            if isinstance(e, train_lib.NotPackable) and len(group) > 1:
                 log(f"not packable ({e}); running one at a time.")
                 for c in group:
                     self.train([c])
                 return
             traceback.print_exc()
-            outcomes, timings = [TrialOutcome(metrics={}, error=e) for _ in group], {}
+            outcomes, timings = [train_lib.TrialOutcome(metrics={}, error=e) for _ in group], {}
         if len(group) > 1 and timings:
             log("pack timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
         for c, out in zip(group, outcomes):
@@ -201,12 +193,10 @@ class Worker:
     def groups(self, claims: list[_Claim]) -> list[list[_Claim]]:
         """The claims grouped by :func:`~cnnlab.train.pack_key`; a claim that cannot pack (pack
         1, key ``None``, or a config ``pack_key`` rejects) is alone."""
-        from cnnlab.train import pack_key
-
         groups: dict[Any, list[_Claim]] = {}
         for c in claims:
             try:
-                key = pack_key(c.config) if self.pack > 1 else None
+                key = train_lib.pack_key(c.config) if self.pack > 1 else None
             except ValueError:
                 key = None
             groups.setdefault(("alone", c.trial.number) if key is None else key, []).append(c)
