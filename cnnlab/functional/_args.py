@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from cnnlab import backend
+
 PADDING_MODES = {
     "zeros": "constant",
     "constant": "constant",
@@ -127,3 +129,10 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[in
     out = -(-size // stride)
     total = max((out - 1) * stride + effective - size, 0)
     return total // 2, total - total // 2
+
+
+def spatial_axes(n: int, data_format: str | None) -> tuple[int, ...]:
+    """The axes of the ``n`` spatial dimensions of ``[N, *spatial, C]`` or ``[N, C, *spatial]``."""
+    if backend.standardize_data_format(data_format) == "channels_last":
+        return tuple(range(1, n + 1))
+    return tuple(range(2, n + 2))

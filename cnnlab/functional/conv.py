@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnnlab import activations as activations_lib
 from cnnlab import backend
 from cnnlab import initializers as initializers_lib
 from cnnlab.functional._args import (
@@ -39,7 +38,9 @@ from cnnlab.functional._args import (
     check_strides_dilation,
     normalize_tuple,
     same_padding,
+    spatial_axes,
 )
+from cnnlab.functional.core import bias_activation
 
 Array = jax.Array
 ActivationLike = str | Callable[[Array], Array] | None
@@ -55,19 +56,26 @@ def _dimension_numbers(n: int, data_format: str) -> lax.ConvDimensionNumbers:
     return lax.ConvDimensionNumbers(lhs_spec=lhs, rhs_spec=rhs, out_spec=lhs)
 
 
-def _spatial_axes(n: int, data_format: str) -> tuple[int, ...]:
-    return tuple(range(1, n + 1)) if data_format == "channels_last" else tuple(range(2, n + 2))
-
-
 def _channel_axis(data_format: str) -> int:
     return -1 if data_format == "channels_last" else 1
+
+
+def _kernel_channels(x: Array, kernel: Array, axis: int, data_format: str, kind: str) -> int:
+    """The input's channel count, checked against the kernel's input-channel ``axis``."""
+    channels = x.shape[_channel_axis(data_format)]
+    if kernel.shape[axis] != channels:
+        raise ValueError(
+            f"{kind} kernel of shape {kernel.shape} expects {kernel.shape[axis]} input channels, "
+            f"but the input has {channels} (input shape {x.shape})."
+        )
+    return channels
 
 
 def _pad_input(
     x: Array, pads: Sequence[tuple[int, int]], data_format: str, mode: str, n: int
 ) -> Array:
     widths = [(0, 0)] * x.ndim
-    for axis, pad in zip(_spatial_axes(n, data_format), pads):
+    for axis, pad in zip(spatial_axes(n, data_format), pads):
         widths[axis] = tuple(pad)
     return jnp.pad(x, widths, mode=mode)
 
@@ -100,25 +108,12 @@ def _resolve_padding(
     if pad == "valid":
         return x, "VALID"
     if pad == "same":
-        sizes = [x.shape[a] for a in _spatial_axes(n, data_format)]
+        sizes = [x.shape[a] for a in spatial_axes(n, data_format)]
         pad = tuple(
             same_padding(s, k, st, d)
             for s, k, st, d in zip(sizes, kernel_size, strides, dilation_rate)
         )
     return _pad_input(x, pad, data_format, mode, n), "VALID"
-
-
-def _finish(
-    y: Array, bias: Array | None, activation: ActivationLike, data_format: str, n: int
-) -> Array:
-    """Adds the bias (broadcast on the channel axis) and applies the activation, as Keras."""
-    if bias is not None:
-        if data_format == "channels_first":
-            bias = jnp.reshape(bias, (1, -1) + (1,) * n)
-        y = y + bias.astype(y.dtype)
-    if activation is not None:
-        y = activations_lib.get(activation)(y)
-    return y
 
 
 def conv(
@@ -213,7 +208,7 @@ def conv(
         feature_group_count=groups,
         precision=precision,
     )
-    return _finish(y, bias, activation, data_format, n)
+    return bias_activation(y, bias, activation, axis=_channel_axis(data_format))
 
 
 def _rank_checked(rank: int, name: str) -> Callable[..., Array]:
@@ -307,12 +302,7 @@ def depthwise_conv(
     """
     n = kernel.ndim - 2
     data_format = backend.standardize_data_format(data_format)
-    channels = x.shape[_channel_axis(data_format)]
-    if kernel.shape[-2] != channels:
-        raise ValueError(
-            f"Depthwise kernel of shape {kernel.shape} expects {kernel.shape[-2]} input channels, "
-            f"but the input has {channels} (input shape {x.shape})."
-        )
+    channels = _kernel_channels(x, kernel, -2, data_format, "Depthwise")
     grouped = jnp.reshape(kernel, kernel.shape[:n] + (1, channels * kernel.shape[-1]))
     return conv(
         x,
@@ -409,12 +399,7 @@ def conv_transpose(
                 raise ValueError(
                     f"output_padding={output_padding} must be smaller than strides={strides}."
                 )
-    channels = x.shape[_channel_axis(data_format)]
-    if kernel.shape[-1] != channels:
-        raise ValueError(
-            f"Transposed kernel of shape {kernel.shape} expects {kernel.shape[-1]} input channels, "
-            f"but the input has {channels} (input shape {x.shape})."
-        )
+    _kernel_channels(x, kernel, -1, data_format, "Transposed")
     pads = []
     for i in range(n):
         k = (kernel.shape[i] - 1) * dilation_rate[i] + 1
@@ -439,7 +424,7 @@ def conv_transpose(
         transpose_kernel=True,
         precision=precision,
     )
-    return _finish(y, bias, activation, data_format, n)
+    return bias_activation(y, bias, activation, axis=_channel_axis(data_format))
 
 
 def init_conv(

@@ -30,7 +30,15 @@ def dense(
         )
     compute_dtype = kernel.dtype if dtype is None else jnp.dtype(dtype)
     y = jnp.matmul(jnp.asarray(x, compute_dtype), kernel.astype(compute_dtype), precision=precision)
+    return bias_activation(y, bias, activation)
+
+
+def bias_activation(y: Array, bias: Array | None, activation: Any, *, axis: int = -1) -> Array:
+    """Adds ``bias`` on the channel ``axis`` (-1 or 1) and applies ``activation``, as a Keras
+    layer does after its kernel."""
     if bias is not None:
+        if axis == 1:
+            bias = jnp.reshape(bias, (1, -1) + (1,) * (y.ndim - 2))
         y = y + bias.astype(y.dtype)
     if activation is not None:
         y = activations_lib.get(activation)(y)

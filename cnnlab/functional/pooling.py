@@ -8,14 +8,14 @@ real (unpadded) pixels in each window, as Keras' JAX backend does.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from cnnlab import backend
-from cnnlab.functional._args import normalize_tuple
+from cnnlab.functional._args import normalize_tuple, spatial_axes
 
 Array = jax.Array
 
@@ -39,50 +39,50 @@ def _window(
     return dims, strides_full, mode.upper()
 
 
-def max_pool(
-    x: Array,
-    pool_size: int | Sequence[int] = 2,
-    strides: int | Sequence[int] | None = None,
-    *,
-    padding: str = "valid",
-    data_format: str | None = None,
-) -> Array:
-    """Max pooling (Keras ``MaxPooling{1,2,3}D``)."""
-    dims, strides_full, pad = _window(x, pool_size, strides, padding, data_format)
+def _max(x: Array, dims, strides, pad) -> Array:
     # Python-scalar identities let JAX recognise the monoid (and differentiate the pooling).
     init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else int(jnp.iinfo(x.dtype).min)
-    return lax.reduce_window(x, init, lax.max, dims, strides_full, pad)
+    return lax.reduce_window(x, init, lax.max, dims, strides, pad)
 
 
-def avg_pool(
-    x: Array,
-    pool_size: int | Sequence[int] = 2,
-    strides: int | Sequence[int] | None = None,
-    *,
-    padding: str = "valid",
-    data_format: str | None = None,
-) -> Array:
-    """Average pooling (Keras ``AveragePooling{1,2,3}D``); ``same`` excludes padding."""
-    dims, strides_full, pad = _window(x, pool_size, strides, padding, data_format)
-    summed = lax.reduce_window(x, 0.0, lax.add, dims, strides_full, pad)
+def _mean(x: Array, dims, strides, pad) -> Array:
+    summed = lax.reduce_window(x, 0.0, lax.add, dims, strides, pad)
     if pad == "VALID":
         return summed / math.prod(dims)
     ones = jnp.ones([s if d != 1 else 1 for s, d in zip(x.shape, dims)], x.dtype)
-    counts = lax.reduce_window(ones, 0.0, lax.add, dims, strides_full, pad)
+    counts = lax.reduce_window(ones, 0.0, lax.add, dims, strides, pad)
     return summed / counts
 
 
-def _spatial_axes(x: Array, data_format: str | None) -> tuple[int, ...]:
-    data_format = backend.standardize_data_format(data_format)
-    n = x.ndim - 2
-    return tuple(range(1, n + 1)) if data_format == "channels_last" else tuple(range(2, n + 2))
+def _pooling(name: str, reduce: Callable[..., Array], doc: str) -> Callable[..., Array]:
+    """A windowed pooling function with Keras' arguments that reduces each window by ``reduce``."""
+
+    def pool(
+        x: Array,
+        pool_size: int | Sequence[int] = 2,
+        strides: int | Sequence[int] | None = None,
+        *,
+        padding: str = "valid",
+        data_format: str | None = None,
+    ) -> Array:
+        return reduce(x, *_window(x, pool_size, strides, padding, data_format))
+
+    pool.__name__ = pool.__qualname__ = name
+    pool.__doc__ = doc
+    return pool
+
+
+max_pool = _pooling("max_pool", _max, "Max pooling (Keras ``MaxPooling{1,2,3}D``).")
+avg_pool = _pooling(
+    "avg_pool", _mean, "Average pooling (Keras ``AveragePooling{1,2,3}D``); ``same`` excludes padding."
+)
 
 
 def global_avg_pool(x: Array, *, data_format: str | None = None, keepdims: bool = False) -> Array:
     """Mean over all spatial axes (Keras ``GlobalAveragePooling{1,2,3}D``)."""
-    return jnp.mean(x, axis=_spatial_axes(x, data_format), keepdims=keepdims)
+    return jnp.mean(x, axis=spatial_axes(x.ndim - 2, data_format), keepdims=keepdims)
 
 
 def global_max_pool(x: Array, *, data_format: str | None = None, keepdims: bool = False) -> Array:
     """Max over all spatial axes (Keras ``GlobalMaxPooling{1,2,3}D``)."""
-    return jnp.max(x, axis=_spatial_axes(x, data_format), keepdims=keepdims)
+    return jnp.max(x, axis=spatial_axes(x.ndim - 2, data_format), keepdims=keepdims)

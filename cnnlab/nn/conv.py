@@ -3,7 +3,8 @@
 Each module owns its parameters (named as in Keras: ``kernel`` and ``bias``; ``depthwise_kernel``
 and ``pointwise_kernel`` for separable convolutions), in Keras' layout, and calls
 :mod:`cnnlab.functional` for the computation. Arguments are validated at construction; the
-ones that need the input (channels vs ``groups``) at the first call.
+ones that need the input (channels vs ``groups``) at the first call. :class:`WeightedLayer` is
+the base of every cnnlab layer with weights (``Dense`` and ``BatchNormalization`` too).
 
 >>> import jax, jax.numpy as jnp
 >>> from cnnlab import nn
@@ -18,6 +19,8 @@ ones that need the input (channels vs ``groups``) at the first call.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -64,29 +67,110 @@ def validate_identifiers(layer: Any) -> None:
             ) from None
 
 
-def validate_geometry(layer: Any, rank: int) -> None:
-    """Checks the window arguments a convolution layer shares (kernel_size, strides,
-    dilation_rate, padding, padding_mode, data_format), naming the bad one."""
-    normalize_tuple(layer.kernel_size, rank, "kernel_size")
-    check_strides_dilation(
-        normalize_tuple(layer.strides, rank, "strides"),
-        normalize_tuple(layer.dilation_rate, rank, "dilation_rate"),
-    )
-    check_padding(layer.padding, rank)
-    check_padding_mode(getattr(layer, "padding_mode", "zeros"))
-    backend.standardize_data_format(layer.data_format)
-
-
 def channels_of(x: Array, data_format: str | None) -> int:
     """The channel count of ``x`` under ``data_format`` (``None``: the package default)."""
     fmt = backend.standardize_data_format(data_format)
     return x.shape[-1] if fmt == "channels_last" else x.shape[1]
 
 
-class _Conv(PenaltiesMixin, nn.Module):
-    """The shared N-d convolution layer (Keras' ``BaseConv``)."""
+class WeightedLayer(PenaltiesMixin, nn.Module):
+    """Base of the layers that own weights (Keras' ``add_weight`` plus ``layer.call``).
+
+    A subclass names its weights in ``weight_fields`` as ``{param_name: field_prefix}``; each
+    weight is set up by the fields ``<prefix>_initializer``, ``<prefix>_regularizer`` and
+    ``<prefix>_constraint``, and ``bias`` exists only with ``use_bias``. The default
+    ``__call__`` creates the weights of ``weight_shapes(x)`` and returns
+    ``op(x, *weights, **options)``, where the options are the layer's fields that ``op`` takes by
+    the same keyword (``strides``, ``padding``, ``activation``, ``dtype``...).
+    """
+
+    weight_fields: ClassVar[dict[str, str]] = {"kernel": "kernel", "bias": "bias"}
+    op: ClassVar[Callable[..., Array]]
+
+    def __post_init__(self) -> None:
+        validate_identifiers(self)
+        super().__post_init__()
+
+    def _weight_specs(self):
+        return {
+            name: (getattr(self, f"{prefix}_regularizer"), getattr(self, f"{prefix}_constraint"))
+            for name, prefix in self.weight_fields.items()
+        }
+
+    def weight_shapes(self, x: Array) -> dict[str, tuple[int, ...]]:
+        """``{param_name: shape}`` for input ``x``, in creation order."""
+        raise NotImplementedError
+
+    def create_weights(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Array]:
+        """Creates the weights of ``shapes`` (in order, so PRNG draws are stable) and sows
+        their penalties."""
+        params = {}
+        for name, shape in shapes.items():
+            if name == "bias" and not self.use_bias:
+                continue
+            init = initializers.get(getattr(self, f"{self.weight_fields[name]}_initializer"))
+            params[name] = self.param(name, init, shape, self.param_dtype)
+        self.sow_weight_penalties(params)
+        return params
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        params = self.create_weights(self.weight_shapes(x))
+        keywords = inspect.signature(self.op).parameters
+        options = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name in keywords and keywords[f.name].kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        y = self.op(x, *(params.get(name) for name in self.weight_fields), **options)
+        self.sow_activity_penalty(self.activity_regularizer, y)
+        return y
+
+
+class _ConvLayer(WeightedLayer):
+    """Base of the convolution layers: checks the arguments at construction and derives the
+    weight shapes from the input's channels and the kernel size."""
 
     rank: ClassVar[int] = 2
+
+    def __post_init__(self) -> None:
+        for name in ("filters", "groups", "depth_multiplier"):
+            if hasattr(self, name):
+                check_positive_int(getattr(self, name), name)
+        if hasattr(self, "groups") and self.filters % self.groups:
+            raise ValueError(
+                f"filters={self.filters} must be divisible by groups={self.groups}."
+            )
+        self.check_geometry()
+        super().__post_init__()
+
+    def check_geometry(self) -> None:
+        """Checks the window arguments (kernel_size, strides, dilation_rate, padding,
+        padding_mode, data_format), naming the bad one."""
+        normalize_tuple(self.kernel_size, self.rank, "kernel_size")
+        check_strides_dilation(
+            normalize_tuple(self.strides, self.rank, "strides"),
+            normalize_tuple(self.dilation_rate, self.rank, "dilation_rate"),
+        )
+        check_padding(self.padding, self.rank)
+        check_padding_mode(self.padding_mode)
+        backend.standardize_data_format(self.data_format)
+
+    def weight_shapes(self, x: Array) -> dict[str, tuple[int, ...]]:
+        kernel_size = normalize_tuple(self.kernel_size, self.rank, "kernel_size")
+        return self.conv_weight_shapes(channels_of(x, self.data_format), kernel_size)
+
+    def conv_weight_shapes(
+        self, channels: int, kernel_size: tuple[int, ...]
+    ) -> dict[str, tuple[int, ...]]:
+        """The weight shapes for ``channels`` input channels."""
+        raise NotImplementedError
+
+
+class _Conv(_ConvLayer):
+    """The shared N-d convolution layer (Keras' ``BaseConv``)."""
+
+    op = staticmethod(F.conv)
 
     filters: int
     kernel_size: Any
@@ -109,67 +193,25 @@ class _Conv(PenaltiesMixin, nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def __post_init__(self) -> None:
-        check_positive_int(self.filters, "filters")
-        check_positive_int(self.groups, "groups")
-        if self.filters % self.groups:
-            raise ValueError(
-                f"filters={self.filters} must be divisible by groups={self.groups}."
-            )
-        validate_geometry(self, self.rank)
-        validate_identifiers(self)
-        super().__post_init__()
-
-    def _weight_specs(self):
-        return {
-            "kernel": (self.kernel_regularizer, self.kernel_constraint),
-            "bias": (self.bias_regularizer, self.bias_constraint),
-        }
-
-    def _in_channels(self, x: Array) -> int:
+    def weight_shapes(self, x: Array) -> dict[str, tuple[int, ...]]:
         if x.ndim != self.rank + 2:
             raise ValueError(
                 f"{type(self).__name__} expects inputs with {self.rank + 2} dimensions, got shape "
                 f"{x.shape}."
             )
-        return channels_of(x, self.data_format)
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        in_channels = self._in_channels(x)
+        in_channels = channels_of(x, self.data_format)
         if in_channels % self.groups:
             raise ValueError(
                 f"The number of input channels ({in_channels}) must be divisible by "
                 f"groups={self.groups} (input shape {x.shape})."
             )
-        kernel_size = normalize_tuple(self.kernel_size, self.rank, "kernel_size")
-        kernel = self.param(
-            "kernel",
-            initializers.get(self.kernel_initializer),
-            (*kernel_size, in_channels // self.groups, self.filters),
-            self.param_dtype,
-        )
-        params = {"kernel": kernel}
-        if self.use_bias:
-            params["bias"] = self.param(
-                "bias", initializers.get(self.bias_initializer), (self.filters,), self.param_dtype
-            )
-        self.sow_weight_penalties(params)
-        y = F.conv(
-            x,
-            kernel,
-            params.get("bias"),
-            strides=self.strides,
-            padding=self.padding,
-            data_format=self.data_format,
-            dilation_rate=self.dilation_rate,
-            groups=self.groups,
-            activation=self.activation,
-            padding_mode=self.padding_mode,
-            dtype=self.dtype,
-        )
-        self.sow_activity_penalty(self.activity_regularizer, y)
-        return y
+        return super().weight_shapes(x)
+
+    def conv_weight_shapes(self, channels, kernel_size):
+        return {
+            "kernel": (*kernel_size, channels // self.groups, self.filters),
+            "bias": (self.filters,),
+        }
 
 
 class Conv1D(_Conv):
@@ -200,9 +242,12 @@ class Conv3D(_Conv):
     dilation_rate: Any = (1, 1, 1)
 
 
-class DepthwiseConv2D(PenaltiesMixin, nn.Module):
+class DepthwiseConv2D(_ConvLayer):
     """Depthwise 2-D convolution (Keras ``DepthwiseConv2D``); parameter ``kernel`` is
     ``[kh, kw, C, depth_multiplier]``."""
+
+    weight_fields: ClassVar[dict[str, str]] = {"kernel": "depthwise", "bias": "bias"}
+    op = staticmethod(F.depthwise_conv)
 
     kernel_size: Any
     strides: Any = (1, 1)
@@ -223,54 +268,22 @@ class DepthwiseConv2D(PenaltiesMixin, nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def __post_init__(self) -> None:
-        check_positive_int(self.depth_multiplier, "depth_multiplier")
-        validate_geometry(self, 2)
-        validate_identifiers(self)
-        super().__post_init__()
-
-    def _weight_specs(self):
+    def conv_weight_shapes(self, channels, kernel_size):
         return {
-            "kernel": (self.depthwise_regularizer, self.depthwise_constraint),
-            "bias": (self.bias_regularizer, self.bias_constraint),
+            "kernel": (*kernel_size, channels, self.depth_multiplier),
+            "bias": (channels * self.depth_multiplier,),
         }
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        channels = channels_of(x, self.data_format)
-        kernel = self.param(
-            "kernel",
-            initializers.get(self.depthwise_initializer),
-            (*normalize_tuple(self.kernel_size, 2, "kernel_size"), channels, self.depth_multiplier),
-            self.param_dtype,
-        )
-        params = {"kernel": kernel}
-        if self.use_bias:
-            params["bias"] = self.param(
-                "bias",
-                initializers.get(self.bias_initializer),
-                (channels * self.depth_multiplier,),
-                self.param_dtype,
-            )
-        self.sow_weight_penalties(params)
-        y = F.depthwise_conv(
-            x,
-            kernel,
-            params.get("bias"),
-            strides=self.strides,
-            padding=self.padding,
-            data_format=self.data_format,
-            dilation_rate=self.dilation_rate,
-            activation=self.activation,
-            padding_mode=self.padding_mode,
-            dtype=self.dtype,
-        )
-        self.sow_activity_penalty(self.activity_regularizer, y)
-        return y
 
-
-class SeparableConv2D(PenaltiesMixin, nn.Module):
+class SeparableConv2D(_ConvLayer):
     """Depthwise-separable 2-D convolution (Keras ``SeparableConv2D``)."""
+
+    weight_fields: ClassVar[dict[str, str]] = {
+        "depthwise_kernel": "depthwise",
+        "pointwise_kernel": "pointwise",
+        "bias": "bias",
+    }
+    op = staticmethod(F.separable_conv)
 
     filters: int
     kernel_size: Any
@@ -295,63 +308,19 @@ class SeparableConv2D(PenaltiesMixin, nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def __post_init__(self) -> None:
-        check_positive_int(self.filters, "filters")
-        check_positive_int(self.depth_multiplier, "depth_multiplier")
-        validate_geometry(self, 2)
-        validate_identifiers(self)
-        super().__post_init__()
-
-    def _weight_specs(self):
+    def conv_weight_shapes(self, channels, kernel_size):
         return {
-            "depthwise_kernel": (self.depthwise_regularizer, self.depthwise_constraint),
-            "pointwise_kernel": (self.pointwise_regularizer, self.pointwise_constraint),
-            "bias": (self.bias_regularizer, self.bias_constraint),
+            "depthwise_kernel": (*kernel_size, channels, self.depth_multiplier),
+            "pointwise_kernel": (1, 1, channels * self.depth_multiplier, self.filters),
+            "bias": (self.filters,),
         }
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        channels = channels_of(x, self.data_format)
-        ks = normalize_tuple(self.kernel_size, 2, "kernel_size")
-        params = {
-            "depthwise_kernel": self.param(
-                "depthwise_kernel",
-                initializers.get(self.depthwise_initializer),
-                (*ks, channels, self.depth_multiplier),
-                self.param_dtype,
-            ),
-            "pointwise_kernel": self.param(
-                "pointwise_kernel",
-                initializers.get(self.pointwise_initializer),
-                (1, 1, channels * self.depth_multiplier, self.filters),
-                self.param_dtype,
-            ),
-        }
-        if self.use_bias:
-            params["bias"] = self.param(
-                "bias", initializers.get(self.bias_initializer), (self.filters,), self.param_dtype
-            )
-        self.sow_weight_penalties(params)
-        y = F.separable_conv(
-            x,
-            params["depthwise_kernel"],
-            params["pointwise_kernel"],
-            params.get("bias"),
-            strides=self.strides,
-            padding=self.padding,
-            data_format=self.data_format,
-            dilation_rate=self.dilation_rate,
-            activation=self.activation,
-            padding_mode=self.padding_mode,
-            dtype=self.dtype,
-        )
-        self.sow_activity_penalty(self.activity_regularizer, y)
-        return y
 
-
-class Conv2DTranspose(PenaltiesMixin, nn.Module):
+class Conv2DTranspose(_ConvLayer):
     """Transposed 2-D convolution (Keras ``Conv2DTranspose``); ``kernel`` is
     ``[kh, kw, filters, C]`` as in Keras."""
+
+    op = staticmethod(F.conv_transpose)
 
     filters: int
     kernel_size: Any
@@ -372,8 +341,7 @@ class Conv2DTranspose(PenaltiesMixin, nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def __post_init__(self) -> None:
-        check_positive_int(self.filters, "filters")
+    def check_geometry(self) -> None:
         normalize_tuple(self.kernel_size, 2, "kernel_size")
         normalize_tuple(self.strides, 2, "strides")
         normalize_tuple(self.dilation_rate, 2, "dilation_rate")
@@ -382,43 +350,6 @@ class Conv2DTranspose(PenaltiesMixin, nn.Module):
                 f"Invalid padding={self.padding!r} for Conv2DTranspose: expected 'valid' or 'same'."
             )
         backend.standardize_data_format(self.data_format)
-        validate_identifiers(self)
-        super().__post_init__()
 
-    def _weight_specs(self):
-        return {
-            "kernel": (self.kernel_regularizer, self.kernel_constraint),
-            "bias": (self.bias_regularizer, self.bias_constraint),
-        }
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        channels = channels_of(x, self.data_format)
-        ks = normalize_tuple(self.kernel_size, 2, "kernel_size")
-        params = {
-            "kernel": self.param(
-                "kernel",
-                initializers.get(self.kernel_initializer),
-                (*ks, self.filters, channels),
-                self.param_dtype,
-            )
-        }
-        if self.use_bias:
-            params["bias"] = self.param(
-                "bias", initializers.get(self.bias_initializer), (self.filters,), self.param_dtype
-            )
-        self.sow_weight_penalties(params)
-        y = F.conv_transpose(
-            x,
-            params["kernel"],
-            params.get("bias"),
-            strides=self.strides,
-            padding=self.padding,
-            output_padding=self.output_padding,
-            data_format=self.data_format,
-            dilation_rate=self.dilation_rate,
-            activation=self.activation,
-            dtype=self.dtype,
-        )
-        self.sow_activity_penalty(self.activity_regularizer, y)
-        return y
+    def conv_weight_shapes(self, channels, kernel_size):
+        return {"kernel": (*kernel_size, self.filters, channels), "bias": (self.filters,)}

@@ -9,7 +9,8 @@ as ``moving_mean``/``moving_variance`` (Keras' names).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -18,14 +19,15 @@ import jax.numpy as jnp
 from cnnlab import activations, backend, initializers
 from cnnlab import functional as F
 from cnnlab.functional._args import check_positive_int, normalize_tuple
-from cnnlab.nn.conv import validate_identifiers
-from cnnlab.nn.penalties import PenaltiesMixin
+from cnnlab.nn.conv import WeightedLayer, validate_identifiers
 
 Array = jax.Array
 
 
-class Dense(PenaltiesMixin, nn.Module):
+class Dense(WeightedLayer):
     """Keras ``Dense``: ``activation(x @ kernel + bias)`` on the last axis; ``kernel [in, units]``."""
+
+    op = staticmethod(F.dense)
 
     units: int
     activation: Any = None
@@ -42,35 +44,10 @@ class Dense(PenaltiesMixin, nn.Module):
 
     def __post_init__(self) -> None:
         check_positive_int(self.units, "units")
-        validate_identifiers(self)
         super().__post_init__()
 
-    def _weight_specs(self):
-        return {
-            "kernel": (self.kernel_regularizer, self.kernel_constraint),
-            "bias": (self.bias_regularizer, self.bias_constraint),
-        }
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        params = {
-            "kernel": self.param(
-                "kernel",
-                initializers.get(self.kernel_initializer),
-                (x.shape[-1], self.units),
-                self.param_dtype,
-            )
-        }
-        if self.use_bias:
-            params["bias"] = self.param(
-                "bias", initializers.get(self.bias_initializer), (self.units,), self.param_dtype
-            )
-        self.sow_weight_penalties(params)
-        y = F.dense(
-            x, params["kernel"], params.get("bias"), activation=self.activation, dtype=self.dtype
-        )
-        self.sow_activity_penalty(self.activity_regularizer, y)
-        return y
+    def weight_shapes(self, x: Array) -> dict[str, tuple[int, ...]]:
+        return {"kernel": (x.shape[-1], self.units), "bias": (self.units,)}
 
 
 class Activation(nn.Module):
@@ -124,13 +101,15 @@ class Flatten(nn.Module):
         return jnp.reshape(x, (x.shape[0], -1))
 
 
-class BatchNormalization(PenaltiesMixin, nn.Module):
+class BatchNormalization(WeightedLayer):
     """Keras ``BatchNormalization`` (momentum 0.99, epsilon 1e-3, ``axis=-1``).
 
     Parameters ``gamma``/``beta``; statistics ``moving_mean``/``moving_variance`` in the
     ``"batch_stats"`` collection, updated in training as
     ``moving = moving * momentum + batch * (1 - momentum)``. Computes in at least float32.
     """
+
+    weight_fields: ClassVar[dict[str, str]] = {"gamma": "gamma", "beta": "beta"}
 
     axis: int = -1
     momentum: float = 0.99
@@ -152,14 +131,7 @@ class BatchNormalization(PenaltiesMixin, nn.Module):
             raise ValueError(f"Invalid momentum={self.momentum!r}: expected a float in [0, 1].")
         if float(self.epsilon) <= 0:
             raise ValueError(f"Invalid epsilon={self.epsilon!r}: expected a positive float.")
-        validate_identifiers(self)
         super().__post_init__()
-
-    def _weight_specs(self):
-        return {
-            "gamma": (self.gamma_regularizer, self.gamma_constraint),
-            "beta": (self.beta_regularizer, self.beta_constraint),
-        }
 
     @nn.compact
     def __call__(self, x: Array, training: bool = False) -> Array:
@@ -167,30 +139,18 @@ class BatchNormalization(PenaltiesMixin, nn.Module):
         features = (x.shape[axis],)
         out_dtype = x.dtype
         x = x.astype(jnp.result_type(x.dtype, jnp.float32))
-        moving_mean = self.variable(
-            "batch_stats",
-            "moving_mean",
-            lambda: initializers.get(self.moving_mean_initializer)(
-                jax.random.key(0), features, self.param_dtype
-            ),
-        )
-        moving_var = self.variable(
-            "batch_stats",
-            "moving_variance",
-            lambda: initializers.get(self.moving_variance_initializer)(
-                jax.random.key(0), features, self.param_dtype
-            ),
-        )
-        params = {}
-        if self.scale:
-            params["gamma"] = self.param(
-                "gamma", initializers.get(self.gamma_initializer), features, self.param_dtype
+        moving_mean, moving_var = (
+            self.variable(
+                "batch_stats",
+                name,
+                lambda name=name: initializers.get(getattr(self, f"{name}_initializer"))(
+                    jax.random.key(0), features, self.param_dtype
+                ),
             )
-        if self.center:
-            params["beta"] = self.param(
-                "beta", initializers.get(self.beta_initializer), features, self.param_dtype
-            )
-        self.sow_weight_penalties(params)
+            for name in ("moving_mean", "moving_variance")
+        )
+        wanted = {"gamma": self.scale, "beta": self.center}
+        params = self.create_weights({name: features for name, on in wanted.items() if on})
         if training:
             mean, variance = F.moments(x, [a for a in range(x.ndim) if a != axis])
             if not self.is_initializing():
@@ -212,6 +172,10 @@ class BatchNormalization(PenaltiesMixin, nn.Module):
 
 
 class _Pooling(nn.Module):
+    """The windowed pooling layers: ``op(x, pool_size, strides, padding=, data_format=)``."""
+
+    op: ClassVar[Callable[..., Array]]
+
     pool_size: Any = (2, 2)
     strides: Any = None
     padding: str = "valid"
@@ -227,23 +191,22 @@ class _Pooling(nn.Module):
         backend.standardize_data_format(self.data_format)
         super().__post_init__()
 
+    def __call__(self, x: Array) -> Array:
+        return self.op(
+            x, self.pool_size, self.strides, padding=self.padding, data_format=self.data_format
+        )
+
 
 class MaxPooling2D(_Pooling):
     """Keras ``MaxPooling2D`` (``strides`` defaults to ``pool_size``)."""
 
-    def __call__(self, x: Array) -> Array:
-        return F.max_pool(
-            x, self.pool_size, self.strides, padding=self.padding, data_format=self.data_format
-        )
+    op = staticmethod(F.max_pool)
 
 
 class AveragePooling2D(_Pooling):
     """Keras ``AveragePooling2D``; ``"same"`` averages over the unpadded pixels only."""
 
-    def __call__(self, x: Array) -> Array:
-        return F.avg_pool(
-            x, self.pool_size, self.strides, padding=self.padding, data_format=self.data_format
-        )
+    op = staticmethod(F.avg_pool)
 
 
 class GlobalAveragePooling2D(nn.Module):
