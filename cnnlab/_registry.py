@@ -38,25 +38,31 @@ class Registry:
     def __init__(self, kind: str, entries: Mapping[str, Any]) -> None:
         self.kind = kind
         self._entries: dict[str, Any] = dict(entries)
+        self._modules: dict[str, str | None] = {k: getattr(v, "__module__", None) for k, v in entries.items()}
 
-    def register(self, name: str, obj: Any = _MISSING) -> Any:
+    def register(self, name: str, obj: Any = _MISSING, *, module: str | None = None) -> Any:
         """Adds ``obj`` under ``name``; without ``obj``, a decorator that adds what it decorates.
 
         The extension point for users: ``@REGISTRY.register("my_thing")`` in their own module,
         imported by their config file. Re-registering a name replaces the entry (so a module
-        reloaded in a notebook does not fail).
+        reloaded in a notebook does not fail). ``module`` names where the entry was defined
+        (default: the object's ``__module__``), so a run can re-import a user's module.
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"A {self.kind} name must be a non-empty string, got {name!r}.")
         if obj is not _MISSING:
             self._entries[name] = obj
+            self._modules[name] = module or getattr(obj, "__module__", None)
             return obj
 
         def decorator(target: Any) -> Any:
-            self._entries[name] = target
-            return target
+            return self.register(name, target, module=module)
 
         return decorator
+
+    def module_of(self, name: str) -> str | None:
+        """The module that registered ``name``."""
+        return self._modules.get(name)
 
     def items(self) -> list[tuple[str, Any]]:
         """``(name, object)`` pairs in registration order."""

@@ -11,6 +11,7 @@ ml_collections configs).
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cnnlab: unknown command {given!r}.\n{_USAGE}", file=sys.stderr)
         sys.exit(2)
     command = argv.pop(1)
+    # A user's config file imports their own modules (models, ops, metrics) from beside it.
+    for path in [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     if command == "train":
         _define_train_flags()
         if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):

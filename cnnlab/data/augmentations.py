@@ -56,7 +56,7 @@ def register_augment(name: str, **fields: Field) -> Callable[[Callable], Callabl
         raise ValueError("'ops' is the op list's key, not an op name")
 
     def decorator(fn: Callable) -> Callable:
-        AUGMENT_OPS.register(name, AugmentOp(fn, dict(fields)))
+        AUGMENT_OPS.register(name, AugmentOp(fn, dict(fields)), module=fn.__module__)
         return fn
 
     return decorator

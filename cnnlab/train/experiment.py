@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -15,9 +18,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cnnlab import data as data_lib
 from cnnlab import models
+from cnnlab.data.augmentations import AUGMENT_OPS
+from cnnlab.train import optim
 from cnnlab.train.config import validate_config
 from cnnlab.train.distributed import is_main_process
-from cnnlab.train.optim import make_optimizer
+from cnnlab.train.metrics import METRICS
 from cnnlab.train.steps import TrainState, create_train_state
 
 
@@ -43,7 +48,7 @@ class Experiment:
         model and optimizer."""
         if config is self.config:
             return self
-        exp = dataclasses.replace(self, config=config, tx=make_optimizer(config, self.steps_per_epoch))
+        exp = dataclasses.replace(self, config=config, tx=optim.make_optimizer(config, self.steps_per_epoch))
         exp.model = exp.model_with()
         return exp
 
@@ -99,7 +104,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         config=config,
         dataset=dataset,
         model=None,
-        tx=make_optimizer(config, steps_per_epoch),
+        tx=optim.make_optimizer(config, steps_per_epoch),
         mesh=data_lib.data_mesh(jax.devices()),
         steps_per_epoch=steps_per_epoch,
         normalize=_make_normalize(config, dataset.train.images),
@@ -121,10 +126,48 @@ def initial_state(exp: Experiment) -> TrainState:
     )()
 
 
+EXTENSIONS_FILE = "extensions.json"
+
+
+def extension_modules(config: ml_collections.ConfigDict) -> list[dict[str, str]]:
+    """``[{"module", "file"}]`` of the modules outside cnnlab that registered what ``config``
+    names (model, optimizer, schedule, metrics, augmentation ops), so that ``cnnlab eval`` and
+    ``report`` can import them again."""
+    used = [(models.MODELS, config.model.name), (optim.OPTIMIZERS, config.optimizer.name),
+            (optim.SCHEDULES, config.schedule.name), *((METRICS, m) for m in config.metrics),
+            *((AUGMENT_OPS, op) for op in config.data.augment.ops)]
+    names = sorted({m for registry, name in used if (m := registry.module_of(name))} - {None})
+    return [{"module": m, "file": getattr(sys.modules.get(m), "__file__", None)}
+            for m in names if m.split(".")[0] != "cnnlab"]
+
+
+def import_extensions(workdir: str) -> None:
+    """Imports the user modules a run recorded in ``extensions.json`` (by name, else from file)."""
+    path = os.path.join(workdir, EXTENSIONS_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        for ext in json.load(f):
+            if ext["module"] in sys.modules:
+                continue
+            try:
+                importlib.import_module(ext["module"])
+            except ImportError:
+                if not ext.get("file") or not os.path.exists(ext["file"]):
+                    raise ImportError(
+                        f"The run in {workdir!r} uses {ext['module']!r} (from {ext.get('file')}), which "
+                        "can no longer be imported; put it back on the Python path.") from None
+                spec = importlib.util.spec_from_file_location(ext["module"], ext["file"])
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[ext["module"]] = module
+                spec.loader.exec_module(module)
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run saved in its workdir."""
+    """The resolved config a run saved in its workdir (its extension modules imported)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"No config.json in {workdir!r}: is it a cnnlab run directory?")
+    import_extensions(workdir)
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))

@@ -59,7 +59,7 @@ def register(name: str, *, value: Callable[[Mapping[str, Any]], float] | None = 
                 )
             return float(totals[keys[0]]) / max(float(totals["count"]), 1.0)
 
-        METRICS.register(name, Metric(sums=fn, value=value or mean_of_single_sum))
+        METRICS.register(name, Metric(sums=fn, value=value or mean_of_single_sum), module=fn.__module__)
         return fn
 
     return decorator

@@ -45,7 +45,7 @@ def register_optimizer(
     """Decorator registering ``build(o, learning_rate)`` as ``optimizer.name = name``."""
 
     def decorator(fn: OptimizerFn) -> OptimizerFn:
-        OPTIMIZERS.register(name, Optimizer(fn, tuple(traceable), applies_weight_decay))
+        OPTIMIZERS.register(name, Optimizer(fn, tuple(traceable), applies_weight_decay), module=fn.__module__)
         return fn
 
     return decorator

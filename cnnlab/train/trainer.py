@@ -28,8 +28,10 @@ from cnnlab.train import report as report_lib
 from cnnlab.train.checkpoint import Checkpoints
 from cnnlab.train.distributed import is_main_process, process_slice
 from cnnlab.train.experiment import (
+    EXTENSIONS_FILE,
     Experiment,
     build_experiment,
+    extension_modules,
     initial_state,
     load_run_config,
     resolve,
@@ -219,6 +221,7 @@ def _record_run(workdir: str, config, dataset, *, step: int, allow_config_change
     os.makedirs(workdir, exist_ok=True)
     rundir.record_config(workdir, config.to_dict(), step=step, allow_config_change=allow_config_change)
     write_json_atomic(os.path.join(workdir, "classes.json"), list(dataset.class_names))
+    write_json_atomic(os.path.join(workdir, EXTENSIONS_FILE), extension_modules(config))
     if step:
         rundir.check_split(workdir, dataset)
     rundir.write_split_record(workdir, dataset)
