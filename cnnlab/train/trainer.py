@@ -196,13 +196,16 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
     states = None
     try:
         for k in [k for k in range(K) if starts[k] >= total_steps]:  # finished: evaluate as is
-            outcomes[k].metrics = evaluate(None, workdirs[k], which="latest", exp=exp.for_config(resolved[k]))
+            outcomes[k].metrics = evaluate(None, workdirs[k], which="latest",
+                                           exp=exp.for_config(resolved[k]))
         for start in sorted({s for s in starts if s < total_steps}):
             group = [k for k in range(K) if starts[k] == start]
-            states = _run_group(exp.for_config(resolved[group[0]]), [resolved[k] for k in group], [workdirs[k] for k in group],
-                                [ckpts[k] for k in group], [outcomes[k] for k in group], start,
-                                on_epoch_end=on_epoch_end and (lambda i, e, r, g=group: on_epoch_end(g[i], e, r)),
-                                tag=lambda i, g=group: tag(g[i]), vmap_width=vmap_width, timings=timings)
+            pick = lambda items, g=group: [items[k] for k in g]  # noqa: E731
+            states = _run_group(
+                exp.for_config(resolved[group[0]]), pick(resolved), pick(workdirs), pick(ckpts),
+                pick(outcomes), start, tag=lambda i, g=group: tag(g[i]), vmap_width=vmap_width,
+                on_epoch_end=on_epoch_end and (lambda i, e, r, g=group: on_epoch_end(g[i], e, r)),
+                timings=timings)
     finally:
         for c in ckpts:
             c.close()

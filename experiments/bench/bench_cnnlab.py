@@ -82,7 +82,9 @@ def main() -> None:
     config.eval_batch_size = args.batch
     config.seed = args.seed
     config.data.source = "synthetic"  # validated only; the arrays below replace the loader
-    config.data.augment.preset = "none"
+    config.data.augment.ops = ()
+    config.data.val_fraction = 0.0  # the arrays below have no validation split
+    config.checkpoint.best_metric, config.checkpoint.best_mode = "train/loss", "min"
     config.schedule.name = "constant"
     config.schedule.decay = 0.0
     config.log_every_steps = args.window
@@ -100,7 +102,7 @@ def main() -> None:
     def load_dataset(cfg, verbose=True):
         return data_lib.Dataset(
             train=split(x_train, y_train), test=split(x_eval, y_eval), val=None,
-            class_names=names, manifest={"source": "bench"}, config=data_lib.resolve_config(cfg),
+            class_names=names, manifest={"source": "bench", "skipped": []}, config=data_lib.resolve_config(cfg),
         )
 
     data_lib.load_dataset = load_dataset

@@ -135,7 +135,8 @@ def main() -> None:
         res[f"iterator_b{bs}_img_per_s"] = round((len(labels) // bs) * bs / t)
 
     key = jax.random.PRNGKey(0)
-    aug = D.make_augment_fn(D.augment_preset("tutorial"))
+    pipeline = D.augment_pipeline(D.augment_preset("tutorial"), 2)
+    aug = jax.jit(lambda k, v: pipeline(k, v, jnp.zeros(v.shape[0], jnp.int32))[0])
     norm = jax.jit(lambda v: D.normalize(v))
     for bs in (32, 128):
         x = jax.device_put(images[:bs])

@@ -39,7 +39,7 @@ LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]  # configs/sweeps/strided
 def _overrides(args) -> list[str]:
     out = [f"--config.num_epochs={args.epochs}", "--config.progress=False"]
     if args.augment == "none":
-        out.append("--config.data.augment.preset=none")
+        out.append("--config.data.augment.ops=()")
     return out
 
 
@@ -193,7 +193,7 @@ from cnnlab.train.group import build_program
 ks, augment, lrs, steps, width = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 base = sweep.config_from_file("configs/stridednet.py")
 if augment == "none":
-    base.data.augment.preset = "none"
+    base.data.augment.ops = ()
 
 def timed(fn, state, *rest):
     t = time.perf_counter(); state, _ = fn(state, *rest); jax.block_until_ready(state.step)
