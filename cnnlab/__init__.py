@@ -1,3 +1,8 @@
 """cnnlab: Keras-exact convolutional layers in JAX/Flax, config-driven training and sweeps."""
 
+from cnnlab._lazy import lazy_attributes
+
 __version__ = "0.1.0"
+
+# Loaded on first use, so that ``import cnnlab`` starts neither JAX nor the trainer.
+__getattr__, __dir__ = lazy_attributes(__name__, {"load_run": "cnnlab.inference", "Run": "cnnlab.inference"})
