@@ -32,25 +32,10 @@ from cnnlab.data import decode_images
 from cnnlab.data._decode import resize_image, to_rgb
 from cnnlab.data.config import image_hw
 
-PREPROCESSING_FILE = "preprocessing.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 # --------------------------------------------------------------------------- preprocessing
-
-
-def write_preprocessing(workdir: str, config: Any, train_images: np.ndarray) -> dict[str, Any]:
-    """Writes ``workdir/preprocessing.json``: the normalization and, for ``mean_std``, the
-    per-channel mean and std of ``train_images`` (uint8 [N, H, W, 3]) that training uses, which
-    inference cannot recompute without the data. Returns the record."""
-    from cnnlab import data as data_lib
-    from cnnlab.train.writers import write_json_atomic
-
-    record: dict[str, Any] = {"normalization": config.normalization}
-    if config.normalization == "mean_std":
-        record["mean"], record["std"] = data_lib.channel_mean_std(train_images)
-    write_json_atomic(os.path.join(workdir, PREPROCESSING_FILE), record)
-    return record
 
 
 def prepare_images(
@@ -173,6 +158,8 @@ class Run:
 
 
 def _normalization(workdir: str, config: Any) -> dict[str, Any]:
+    from cnnlab.train.experiment import PREPROCESSING_FILE
+
     path = os.path.join(workdir, PREPROCESSING_FILE)
     if os.path.exists(path):
         with open(path) as f:
@@ -197,10 +184,8 @@ def load_run(workdir: str, *, which: str = "best") -> Run:
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from cnnlab import data as data_lib
-    from cnnlab import models
     from cnnlab.train.checkpoint import Checkpoints
-    from cnnlab.train.experiment import load_run_config
+    from cnnlab.train.experiment import build_model, load_run_config, make_normalize
 
     if which not in ("best", "latest"):
         raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
@@ -214,10 +199,7 @@ def load_run(workdir: str, *, which: str = "best") -> Run:
         raise FileNotFoundError(f"No checkpoints in {workdir!r}: the run has not saved a step yet.")
     norm = _normalization(workdir, config)
 
-    kwargs = dict(config.model.kwargs.to_dict(), num_classes=len(class_names))
-    if config.mixed_precision:
-        kwargs["dtype"] = jnp.bfloat16
-    model = models.get_model(config.model.name, **kwargs)
+    model = build_model(config, len(class_names))
     h, w = image_hw(config.data.image_size)
     key = jax.random.PRNGKey(0)
     shapes = jax.eval_shape(lambda: model.init({"params": key, "dropout": key},
@@ -243,11 +225,11 @@ def load_run(workdir: str, *, which: str = "best") -> Run:
     finally:
         ckpt.close()
 
-    mode, mean, std = norm["normalization"], norm.get("mean"), norm.get("std")
+    normalize = make_normalize(norm)
 
     @jax.jit
     def forward(variables, images):
-        logits = model.apply(variables, data_lib.normalize(images, mode, mean, std), training=False)
+        logits = model.apply(variables, normalize(images), training=False)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
     preprocessing = {"image_size": [h, w], **{k: config.data[k] for k in ("resize", "resample", "pad_value")},

@@ -17,10 +17,17 @@ from PIL import Image
 
 import cnnlab
 from cnnlab.data import testing
-from cnnlab.inference import PREPROCESSING_FILE, predict_main, prepare_images, write_preprocessing
+from cnnlab.inference import predict_main, prepare_images
 from cnnlab.train import evaluate, train_and_evaluate
 from cnnlab.train.checkpoint import Checkpoints
-from cnnlab.train.experiment import build_experiment, initial_state, load_run_config
+from cnnlab.train.experiment import (
+    PREPROCESSING_FILE,
+    build_experiment,
+    initial_state,
+    load_run_config,
+    normalization_record,
+)
+from cnnlab.train.writers import write_json_atomic
 
 
 def _reference(exp, state, images):
@@ -155,10 +162,9 @@ def test_mean_std_runs_use_the_recorded_training_statistics(trained, tmp_path):
     (copy / PREPROCESSING_FILE).unlink(missing_ok=True)
     with pytest.raises(ValueError, match=PREPROCESSING_FILE):
         cnnlab.load_run(str(copy))
-    record = write_preprocessing(str(copy), trained["mean_std_config"], trained["train_images"])
+    record = normalization_record(trained["mean_std_config"], trained["train_images"])
     assert len(record["mean"]) == len(record["std"]) == 3
-    assert json.loads((copy / PREPROCESSING_FILE).read_text()) == record
-    assert (copy / PREPROCESSING_FILE).stat().st_mode & 0o044 == 0o044
+    write_json_atomic(str(copy / PREPROCESSING_FILE), record)
     probs = cnnlab.load_run(str(copy)).predict(trained["test_images"])
     np.testing.assert_allclose(probs, trained["mean_std_probs"], rtol=1e-5, atol=1e-6)
     assert not np.allclose(probs, trained["probs"], atol=1e-3)  # the statistics are applied

@@ -249,6 +249,7 @@ def test_a_run_records_its_split_and_environment_and_eval_refuses_a_changed_spli
     assert sorted(files) == ["test", "train", "val"]
     assert not files["train"] & files["test"] and not files["val"] & (files["train"] | files["test"])
     assert sum(map(len, files.values())) == 24
+    assert json.loads((run / "preprocessing.json").read_text()) == {"normalization": "scale"}
     env = json.loads((run / "environment.json").read_text())
     assert env["jax"] == jax.__version__ and env["devices"]
     for path in run.iterdir():

@@ -38,6 +38,7 @@ class Experiment:
     steps_per_epoch: int
     normalize: Any
     image_shape: tuple[int, ...]
+    normalization: dict[str, Any]
 
     @property
     def num_classes(self) -> int:
@@ -54,20 +55,33 @@ class Experiment:
 
     def model_with(self, **overrides: Any) -> Any:
         """The config's model with some fields replaced (e.g. traced dropout rates)."""
-        return models.get_model(self.config.model.name, **{**self._model_kwargs(), **overrides})
-
-    def _model_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(self.config.model.kwargs.to_dict(), num_classes=self.num_classes)
-        if self.config.mixed_precision:
-            kwargs["dtype"] = jnp.bfloat16
-        return kwargs
+        return build_model(self.config, self.num_classes, **overrides)
 
 
-def _make_normalize(config: ml_collections.ConfigDict, train_images: np.ndarray):
-    if config.normalization == "scale":
-        return lambda images: data_lib.normalize(images, "scale")
-    mean, std = data_lib.channel_mean_std(train_images)
-    return lambda images: data_lib.normalize(images, "mean_std", mean, std)
+def build_model(config: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> Any:
+    """The config's model for ``num_classes`` (bfloat16 compute with ``mixed_precision``)."""
+    kwargs = dict(config.model.kwargs.to_dict(), num_classes=num_classes)
+    if config.mixed_precision:
+        kwargs["dtype"] = jnp.bfloat16
+    return models.get_model(config.model.name, **{**kwargs, **overrides})
+
+
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+def normalization_record(config: ml_collections.ConfigDict, train_images: np.ndarray) -> dict[str, Any]:
+    """``{"normalization", "mean"?, "std"?}``: what normalizing needs, recorded in the run
+    (``preprocessing.json``) because inference cannot recompute the training images' statistics."""
+    record: dict[str, Any] = {"normalization": config.normalization}
+    if config.normalization == "mean_std":
+        record["mean"], record["std"] = data_lib.channel_mean_std(train_images)
+    return record
+
+
+def make_normalize(record: dict[str, Any]):
+    """``images uint8 -> float32`` as training normalizes them, from :func:`normalization_record`."""
+    return lambda images: data_lib.normalize(images, record["normalization"], record.get("mean"),
+                                             record.get("std"))
 
 
 def resolve_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
@@ -100,6 +114,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
             f"batch_size={config.batch_size} exceeds the {n_train} training images; lower it."
         )
     steps_per_epoch = n_train // config.batch_size
+    normalization = normalization_record(config, dataset.train.images)
     exp = Experiment(
         config=config,
         dataset=dataset,
@@ -107,8 +122,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         tx=optim.make_optimizer(config, steps_per_epoch),
         mesh=data_lib.data_mesh(jax.devices()),
         steps_per_epoch=steps_per_epoch,
-        normalize=_make_normalize(config, dataset.train.images),
+        normalize=make_normalize(normalization),
         image_shape=tuple(dataset.train.images.shape[1:]),
+        normalization=normalization,
     )
     exp.model = exp.model_with()
     return exp

@@ -29,6 +29,7 @@ from cnnlab.train.checkpoint import Checkpoints
 from cnnlab.train.distributed import is_main_process, process_slice
 from cnnlab.train.experiment import (
     EXTENSIONS_FILE,
+    PREPROCESSING_FILE,
     Experiment,
     build_experiment,
     extension_modules,
@@ -38,7 +39,8 @@ from cnnlab.train.experiment import (
 )
 from cnnlab.train.group import NotPackable, Program, TrialOutcome, build_program, pack_key
 from cnnlab.train.metrics import split_values
-from cnnlab.train.writers import MetricWriter, write_json_atomic
+from cnnlab.train.optim import learning_rate_at
+from cnnlab.train.writers import MetricWriter, image_grid, write_json_atomic
 
 # Fault injection for the kill-and-resume tests: SIGKILL this process right after this global
 # step (after any checkpoint of that step), exactly as an external `kill -9` would.
@@ -47,6 +49,10 @@ _FAULT_KILL_AT_STEP = "CNNLAB_FAULT_KILL_AT_STEP"
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss becomes NaN or infinite; names the step."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the step, the last checkpoint and how to resume."""
 
 
 class StopTraining(Exception):
@@ -188,7 +194,7 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
     starts = [c.latest_step() or 0 for c in ckpts]
     if is_main_process():
         for c, wd, start in zip(resolved, workdirs, starts):
-            _record_run(wd, c, exp.dataset, step=start, allow_config_change=allow_config_change)
+            _record_run(wd, c, exp, step=start, allow_config_change=allow_config_change)
     outcomes = [TrialOutcome(metrics={}) for _ in range(K)]
     timings = {"setup": time.perf_counter() - t_start, "first_step": 0.0, "steps": 0.0, "eval": 0.0,
                "save": 0.0}
@@ -216,15 +222,17 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
     return outcomes, states, timings
 
 
-def _record_run(workdir: str, config, dataset, *, step: int, allow_config_change: bool) -> None:
+def _record_run(workdir: str, config, exp: Experiment, *, step: int, allow_config_change: bool) -> None:
     """The run directory's records: config (refusing an unannounced change on resume), classes,
-    split and environment."""
+    extensions, preprocessing, split and environment."""
     from cnnlab.train import rundir
 
+    dataset = exp.dataset
     os.makedirs(workdir, exist_ok=True)
     rundir.record_config(workdir, config.to_dict(), step=step, allow_config_change=allow_config_change)
     write_json_atomic(os.path.join(workdir, "classes.json"), list(dataset.class_names))
     write_json_atomic(os.path.join(workdir, EXTENSIONS_FILE), extension_modules(config))
+    write_json_atomic(os.path.join(workdir, PREPROCESSING_FILE), exp.normalization)
     if step:
         rundir.check_split(workdir, dataset)
     rundir.write_split_record(workdir, dataset)
@@ -245,6 +253,9 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
         say(f"Resuming {'' if K == 1 else f'{K} packed trials '}from step {start_step} "
             f"({ckpts[0].latest.directory if K == 1 else 'their checkpoints'}).")
     writers = [MetricWriter(wd, resume_step=start_step, enabled=is_main_process()) for wd in workdirs]
+    if start_step == 0 and is_main_process():
+        for k, grid in enumerate(_augmented_grids(exp, configs)):
+            writers[k].write_image("augmented_batch", grid, 0)
     total_steps = config.num_epochs * exp.steps_per_epoch
     varying = sorted(prog.h) + ([] if prog.shared else ["seed"])
     say(
@@ -335,7 +346,9 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
                 t_window, n_window = time.perf_counter(), 0
                 for k in range(K):
                     if active[k]:
-                        writers[k].write("train", step, {**prog.take(metrics, k), "images_per_sec": rate})
+                        writers[k].write("train", step, {
+                            **prog.take(metrics, k), "images_per_sec": rate,
+                            "learning_rate": learning_rate_at(configs[k], exp.steps_per_epoch, step - 1)})
                 if K == 1:
                     bar.set_postfix(epoch=epoch + (step_in_epoch > 0), loss=f"{float(metrics['loss']):.3f}",
                                     acc=f"{float(metrics['accuracy']):.3f}", img_s=f"{rate:.0f}")
@@ -360,6 +373,13 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
                 break
             if previous < kill_at <= step:
                 os.kill(os.getpid(), signal.SIGKILL)
+    except KeyboardInterrupt:
+        last = ckpts[0].latest_step()
+        raise TrainingInterrupted(
+            f"interrupted at step {step} of {total_steps}; "
+            + (f"the last checkpoint is step {last}. Run the same command again to resume from it."
+               if last is not None else "no checkpoint was written yet; the same command starts over.")
+        ) from None
     finally:
         bar.close()
         for w in writers:
@@ -369,6 +389,19 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
     for o in outcomes:
         o.metrics = {m: v for m, v in o.metrics.items() if m != "confusion"}
     return states
+
+
+def _augmented_grids(exp: Experiment, configs) -> list[np.ndarray]:
+    """Per trial, a grid of the first 16 images of its first training batch after its
+    augmentation pipeline (with a fixed key): what the model is shown."""
+    train, grids = exp.dataset.train, {}
+    for c in configs:
+        if (c.seed, str(c.data.augment)) not in grids:
+            batch = next(data_lib.iterate_train(train.images, train.labels, c.batch_size, seed=c.seed))
+            pipeline = data_lib.augment_pipeline(c.data.augment, exp.num_classes)
+            images, _ = pipeline(jax.random.PRNGKey(0), batch["image"][:16], batch["label"][:16])
+            grids[c.seed, str(c.data.augment)] = image_grid(jax.device_get(images))
+    return [grids[c.seed, str(c.data.augment)] for c in configs]
 
 
 def _host_chunks(exp: Experiment, prog: Program, start_step: int):
@@ -403,10 +436,13 @@ def evaluate(
     *,
     which: str = "best",
     exp: Experiment | None = None,
+    output_dir: str | None = None,
 ) -> dict[str, Any]:
     """Evaluates the ``best`` (by ``checkpoint.best_metric``, a validation metric by default) or
-    ``latest`` checkpoint of ``workdir`` on every eval split and writes ``eval_<which>.json``;
-    returns the metrics. Refuses when the data on disk no longer gives the run's recorded split."""
+    ``latest`` checkpoint of ``workdir`` on every eval split and writes ``eval_<which>.json`` and
+    ``confusion_<split>_<which>.npy`` to ``output_dir`` (default ``workdir``; skipped with a note
+    when that is not writable, so a read-only run can be evaluated); returns the metrics.
+    Refuses when the data on disk no longer gives the run's recorded split."""
     if exp is None:
         exp = build_experiment(config if config is not None else load_run_config(workdir))
     from cnnlab.train import rundir
@@ -423,8 +459,9 @@ def evaluate(
     prog = build_program(exp, [exp.config])
     results = evaluate_trials(exp, prog, state)[0]
     out: dict[str, Any] = {"checkpoint": which, "step": step, **_flat(results)}
-    if is_main_process():
+    target = report_lib.output_dir_for(workdir, output_dir) if is_main_process() else None
+    if target is not None:
         for name, res in results.items():
-            np.save(os.path.join(workdir, f"confusion_{name}_{which}.npy"), res["confusion"])
-        write_json_atomic(os.path.join(workdir, f"eval_{which}.json"), out)
+            np.save(os.path.join(target, f"confusion_{name}_{which}.npy"), res["confusion"])
+        write_json_atomic(os.path.join(target, f"eval_{which}.json"), out)
     return out
