@@ -1,29 +1,62 @@
-"""The ``cnnlab`` command: ``train``, ``eval``, ``report`` and ``sweep`` (absl flags,
-ml_collections configs).
+"""The ``cnnlab`` command (absl flags, ml_collections configs). ``cnnlab --help`` lists the
+commands, ``cnnlab <command> --help`` that command's flags (and, for train/sweep, every config
+field from the schema).
 
     cnnlab train --config=configs/stridednet.py --workdir=runs/stridednet \\
         --config.optimizer.learning_rate=3e-4
-    cnnlab eval --workdir=runs/stridednet [--which=best|latest]
-    cnnlab report --workdir=runs/stridednet
+    cnnlab eval --workdir=runs/stridednet [--which=best|latest] [--output_dir=DIR]
+    cnnlab report --workdir=runs/stridednet [--output_dir=DIR]
     cnnlab sweep --config=configs/sweeps/smoke_grid.py --workdir=runs/smoke_grid [--workers=2]
     cnnlab sweep report --workdir=runs/smoke_grid
+
+Every command goes through :func:`_run_command`: a user error (bad config, missing data, a
+read-only or full disk, a changed run record, ...) ends as a short message on stderr and a
+non-zero exit; ``--verbose`` or ``CNNLAB_VERBOSE=1`` adds the traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
 import sys
+import traceback
+from collections.abc import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-COMMANDS = ("train", "eval", "report", "sweep")
 
-_USAGE = f"usage: cnnlab {{{','.join(COMMANDS)}}} [flags]   (cnnlab <command> --help for flags)"
+#: Each command and its one-line summary (``cnnlab --help``).
+COMMANDS = {
+    "train": "train a config in a run directory; running it again resumes",
+    "eval": "evaluate a run's best or latest checkpoint on its val/test splits",
+    "report": "print a run's classification report and redraw its plots",
+    "sweep": "run a hyperparameter sweep (`cnnlab sweep report` summarizes one)",
+    "predict": "classify image files and folders with a trained run",
+    "export": "write a trained run in another format (a Keras model)",
+}
+_USAGE = "usage: cnnlab <command> [flags]   (cnnlab <command> --help lists its flags)"
+_HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+_VERBOSE_ENV = "CNNLAB_VERBOSE"
+_USAGE_EXIT, _ERROR_EXIT, _INTERRUPT_EXIT = 2, 1, 130
 
 
-def _define_distributed_flags() -> None:
+class _UsageError(Exception):
+    """A bad command line (flag or config override): exit code 2."""
+
+
+
+
+def _define_train_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Config file with get_config(); override fields "
+                                    "as --config.<key>=<value>.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, reports).")
+    flags.DEFINE_bool(
+        "allow_config_change", False,
+        "Resume a run whose recorded config differs from --config (the change is recorded).",
+    )
     flags.DEFINE_string(
         "coordinator_address", None,
         "host:port of process 0 for a multi-process run (else $CNNLAB_COORDINATOR_ADDRESS).",
@@ -32,48 +65,12 @@ def _define_distributed_flags() -> None:
     flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
-def _define_train_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, reports).")
-    flags.DEFINE_bool(
-        "allow_config_change", False,
-        "Resume a run whose recorded config differs from --config (the change is recorded).",
-    )
-    flags.mark_flags_as_required(["config", "workdir"])
-    _define_distributed_flags()
-
-
-_TRAIN_FLAGS = ("config", "workdir", "allow_config_change", "coordinator_address", "num_processes",
-                "process_id")
-
-
-def _train_help(argv: list[str]) -> str:
-    """``cnnlab train``'s flags and every config field (type, default, doc) from the schema,
-    including what the ``--config`` file registers (its module is run first)."""
-    import importlib.util
-
-    from cnnlab.train.config import config_help
-
-    for path in [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]:
-        spec = importlib.util.spec_from_file_location("cnnlab_help_config", path)
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
-
-    lines = ["usage: cnnlab train --config=<file.py> --workdir=<dir> [--config.<key>=<value> ...]", ""]
-    lines += [f"  --{n}: {FLAGS[n].help} (default: {FLAGS[n].default!r})" for n in _TRAIN_FLAGS]
-    lines += ["", "Config fields (--config.<key>=<value>), as key (type, default): doc:", ""]
-    return "\n".join(lines + ["  " + line for line in config_help().splitlines()])
-
-
-def _define_eval_flags() -> None:
-    flags.DEFINE_string("workdir", None, "Run directory written by `cnnlab train`.")
-    flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
-    flags.mark_flags_as_required(["workdir"])
-
-
-def _initialize_distributed() -> None:
-    from cnnlab.train.distributed import initialize
-
-    initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+def _define_report_flags(*, which: bool = False) -> None:
+    flags.DEFINE_string("workdir", None, "Run directory written by `cnnlab train` (may be read-only).")
+    flags.DEFINE_string("output_dir", None, "Where to write the outputs (default: --workdir; "
+                        "skipped with a note when it is not writable).")
+    if which:
+        flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
 
 
 def _quiet_libraries() -> None:
@@ -83,72 +80,238 @@ def _quiet_libraries() -> None:
         logging.set_verbosity(logging.WARNING)
 
 
-def _train(argv) -> None:
-    del argv
-    _quiet_libraries()
-    _initialize_distributed()
-    from cnnlab.train import train_and_evaluate
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parse, with its errors and ml_collections' override errors as :class:`_UsageError`."""
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        raise _UsageError(str(e)) from e
+    except KeyError as e:  # an override naming no field; ml_collections adds "Did you mean"
+        raise _UsageError(_key_error_message(e, argv)) from e
+    if "config" in FLAGS and FLAGS["config"].present:
+        path = config_flags.get_config_filename(FLAGS["config"])
+        if not os.path.isfile(path):
+            raise _UsageError(f"config file {path!r} not found (--config=<path to a .py file "
+                              "with get_config()>)")
+        try:
+            FLAGS.config.get  # noqa: B018 - a config that failed to load raises its error here
+        except OSError as e:
+            raise (e.__cause__ or e) from None
+    return rest
 
-    final = train_and_evaluate(
-        FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
-    )
+
+def _key_error_message(error: KeyError, argv: list[str]) -> str:
+    lines = str(error.args[0] if error.args else error).splitlines()
+    key = lines[0].strip("'\"") if lines else ""
+    used = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and key in a.split("=", 1)[0]]
+    where = f" in {used[0]}" if used else ""
+    return " ".join([f"unknown config key {key!r}{where}.", *lines[1:]])
+
+
+
+
+def _train(argv: list[str]) -> None:
+    del argv
+    from cnnlab.train import train_and_evaluate
+    from cnnlab.train.distributed import initialize
+
+    initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    final = train_and_evaluate(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
     print("final:", "  ".join(f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float)))
 
 
-def _eval(argv) -> None:
+def _eval(argv: list[str]) -> None:
     del argv
-    _quiet_libraries()
     from cnnlab.train import evaluate
 
-    out = evaluate(None, FLAGS.workdir, which=FLAGS.which)
+    out = evaluate(None, FLAGS.workdir, which=FLAGS.which, output_dir=FLAGS.output_dir)
     print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
 
 
-def _report(argv) -> None:
+def _report(argv: list[str]) -> None:
     del argv
+    import json
+
     from cnnlab.train.report import format_report, write_reports
-    from cnnlab.train.trainer import load_run_config  # noqa: F401  (validates the workdir)
+    from cnnlab.train.trainer import load_run_config
 
-    load_run_config(FLAGS.workdir)
-    report = write_reports(FLAGS.workdir)
+    load_run_config(FLAGS.workdir)  # validates the run directory
+    with open(os.path.join(FLAGS.workdir, "classes.json")) as f:
+        class_names = json.load(f)
+    report = write_reports(FLAGS.workdir, class_names, output_dir=FLAGS.output_dir)
     if report:
-        import json
-        import os
+        print(format_report(report, class_names))
 
-        with open(os.path.join(FLAGS.workdir, "classes.json")) as f:
-            print(format_report(report, json.load(f)))
-    print(f"Reports written to {FLAGS.workdir}.")
+
+def _predict(argv: list[str]) -> None:
+    from cnnlab.inference import predict_main
+
+    predict_main(argv[1:])
+
+
+def _export(argv: list[str]) -> None:
+    from cnnlab.interop import export_main
+
+    export_main(argv[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    usage: str
+    run: Callable[[list[str]], None]
+    define: Callable[[], None] | None = None  # None: ``run`` parses its own argv and --help
+    required: tuple[str, ...] = ()
+    config_fields: bool = False  # --help lists the config schema
+
+
+def _commands() -> dict[str, _Command]:
+    from cnnlab.sweep import cli as sweep_cli
+
+    return {
+        "train": _Command("cnnlab train --config=<file.py> --workdir=<dir> [--config.<key>=<value> ...]",
+                          _train, _define_train_flags, ("config", "workdir"), config_fields=True),
+        "eval": _Command("cnnlab eval --workdir=<run dir> [--which=best|latest] [--output_dir=<dir>]",
+                         _eval, lambda: _define_report_flags(which=True), ("workdir",)),
+        "report": _Command("cnnlab report --workdir=<run dir> [--output_dir=<dir>]",
+                           _report, _define_report_flags, ("workdir",)),
+        "sweep": _Command("cnnlab sweep --config=<sweep file.py> --workdir=<dir> [--workers=N] "
+                          "[--config.<key>=<value> ...]", sweep_cli.sweep, sweep_cli.define_sweep_flags,
+                          ("config", "workdir"), config_fields=True),
+        "sweep report": _Command("cnnlab sweep report --workdir=<sweep dir>", sweep_cli.report,
+                                 sweep_cli.define_report_flags, ("workdir",)),
+        "predict": _Command("cnnlab predict --workdir=<run dir> PATH...", _predict),
+        "export": _Command("cnnlab export --workdir=<run dir> --format=keras OUT.keras", _export),
+    }
+
+
+def _command_help(name: str, command: _Command, own: list[str], argv: list[str]) -> str:
+    """The command's own flags (never absl's globals) and, for train/sweep, every config field
+    with type, default and doc, including what the ``--config`` file registers (it is run first)."""
+    lines = [f"usage: {command.usage}", "", COMMANDS[name.split()[0]].capitalize() + ".", "", "flags:"]
+    for n in own:
+        tail = "required" if n in command.required else f"default: {FLAGS[n].default!r}"
+        lines.append(f"  --{n}: {FLAGS[n].help} ({tail})")
+    lines.append(f"  --verbose: on an error, also print the traceback (or set {_VERBOSE_ENV}=1)")
+    if command.config_fields:
+        import importlib.util
+
+        from cnnlab.train.config import config_help
+
+        for path in [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]:
+            spec = importlib.util.spec_from_file_location("cnnlab_help_config", path)
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        lines += ["", "config fields (--config.<key>=<value>), as key (type, default): doc:", ""]
+        lines += ["  " + line for line in config_help().splitlines()]
+    return "\n".join(lines)
+
+
+def _run_command(name: str, command: _Command, argv: list[str]) -> None:
+    if command.define is None:
+        command.run(argv)
+        return
+    before = set(FLAGS)
+    command.define()
+    own = [n for n in FLAGS if n not in before]
+    if any(a in _HELP for a in argv[1:]):
+        print(_command_help(name, command, own, argv))
+        return
+    flags.mark_flags_as_required(list(command.required))
+
+    def run(rest: list[str]) -> None:
+        _quiet_libraries()
+        command.run(rest)
+
+    app.run(run, argv=argv, flags_parser=_parse_flags)
+
+
+_DISK_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_message(e: OSError, command: str) -> str:
+    path = e.filename or "a file"
+    elsewhere = "--output_dir=<dir>" if command in ("eval", "report") else "another --workdir"
+    if e.errno == errno.EROFS:
+        return f"cannot write {path}: the file system is read-only. Write elsewhere ({elsewhere})."
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device writing {path}. Free some space (or lower "
+                f"checkpoint.keep) or write elsewhere ({elsewhere}); running the same command "
+                "again resumes from the last checkpoint.")
+    return (f"permission denied: {path}. Make it accessible to this user (chmod/chown) or use "
+            f"another location ({elsewhere}).")
+
+
+def _raised_in_cnnlab(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    here = os.path.dirname(os.path.abspath(__file__))
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here + os.sep)
+
+
+def _user_error(e: BaseException, command: str) -> tuple[str, int] | None:
+    """``(message, exit code)`` when ``e`` is the user's to fix, else None (a bug: traceback).
+
+    User errors are bad command lines, OS errors (missing or unreadable files, read-only or full
+    disks, also when a library wrapped them) and the ValueErrors cnnlab raises to name a bad
+    setting (ConfigError, ConfigChangedError, SplitChangedError, a bad sweep space, ...).
+    """
+    if isinstance(e, _UsageError):
+        return str(e), _USAGE_EXIT
+    chain, cause = [], e
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for c in chain:
+        if isinstance(c, OSError) and c.errno in _DISK_ERRNOS:
+            return _disk_message(c, command), _ERROR_EXIT
+    if isinstance(e, OSError):
+        return (str(e) if e.filename is None or e.filename in str(e) else f"{e}: {e.filename}"), _ERROR_EXIT
+    if isinstance(e, (ValueError, FloatingPointError, ImportError)) and _raised_in_cnnlab(e):
+        from cnnlab.schema import ConfigError
+
+        return str(e), (_USAGE_EXIT if isinstance(e, ConfigError) else _ERROR_EXIT)
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] not in COMMANDS:
-        given = argv[1] if len(argv) > 1 else None
-        if given in ("-h", "--help", "help", None):
-            print(_USAGE)
-            sys.exit(0 if given else 2)
+    verbose = os.environ.get(_VERBOSE_ENV, "") not in ("", "0")
+    for flag in [a for a in argv[1:] if a in ("--verbose", "--verbose=true", "--verbose=1")]:
+        argv.remove(flag)
+        verbose = True
+    given = argv[1] if len(argv) > 1 else None
+    if given not in COMMANDS:
+        if given in (None, "help", *_HELP):
+            width = max(map(len, COMMANDS))
+            print("\n".join([_USAGE, "", "commands:"]
+                            + [f"  {n:<{width}}  {doc}" for n, doc in COMMANDS.items()]))
+            sys.exit(0)
         print(f"cnnlab: unknown command {given!r}.\n{_USAGE}", file=sys.stderr)
-        sys.exit(2)
-    command = argv.pop(1)
+        sys.exit(_USAGE_EXIT)
+    name = argv.pop(1)
+    if name == "sweep" and len(argv) > 1 and argv[1] == "report":
+        name += " " + argv.pop(1)
     # A user's config file imports their own modules (models, ops, metrics) from beside it.
     for path in [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]:
         sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    if command == "train":
-        _define_train_flags()
-        if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
-            print(_train_help(argv))
-            sys.exit(0)
-        app.run(_train, argv=argv)
-    elif command == "eval":
-        _define_eval_flags()
-        app.run(_eval, argv=argv)
-    elif command == "sweep":
-        from cnnlab.sweep.cli import main as sweep_main
-
-        sweep_main(argv)
-    else:
-        _define_eval_flags()
-        app.run(_report, argv=argv)
+    argv[0] = f"cnnlab {name}"
+    try:
+        _run_command(name, _commands()[name], argv)
+    except KeyboardInterrupt as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"cnnlab {name}: {e or 'interrupted.'}", file=sys.stderr)
+        sys.exit(_INTERRUPT_EXIT)
+    except Exception as e:
+        found = _user_error(e, name)
+        if found is None:
+            raise
+        if verbose:
+            traceback.print_exc()
+        message, code = found
+        hint = "--help lists the flags and config fields" if code == _USAGE_EXIT else "--verbose shows the traceback"
+        print(f"cnnlab {name}: error: {message}" + ("" if verbose else f"\n(cnnlab {name} {hint})"), file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

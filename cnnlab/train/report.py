@@ -1,7 +1,7 @@
 """What a finished run leaves for a person: curves, a confusion matrix, a classification report.
 
-``plot.png`` (loss and accuracy, train vs test, per epoch, as the tutorial's),
-``confusion_matrix.png``, and ``classification_report.txt``/``.json`` with precision, recall,
+``plot.png`` (loss and accuracy per epoch, train, val and test, as the tutorial's),
+``confusion_matrix.png`` (counts and row-normalized), and ``classification_report.txt``/``.json`` with precision, recall,
 F1 and support per class (scikit-learn's layout), all regenerated from the files the run
 wrote (``metrics.jsonl``, ``confusion_last.npy``), so ``cnnlab report`` can redo them.
 """
@@ -11,10 +11,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cnnlab.train.writers import read_metrics, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def classification_report(confusion: np.ndarray, class_names: Sequence[str]) -> dict:
@@ -56,43 +60,63 @@ def format_report(report: dict, class_names: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(records: list[dict], path: str) -> None:
-    """Loss and accuracy per epoch, train vs test (and val), in one figure."""
+def plot_curves(records: list[dict], path: str) -> Figure:
+    """Loss and accuracy per epoch (integer ticks): train (the epoch's running mean over its
+    augmented batches) and each evaluated split (val, test) at the epoch's end. Returns the
+    (closed) figure."""
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    fig, (ax_loss, ax_acc) = _pyplot().subplots(1, 2, figsize=(11, 4))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     x = [r["epoch"] for r in epochs]
-    for split, style in (("train", "-"), ("test", "--"), ("val", ":")):
+    marker = "o" if len(x) <= 30 else None
+    for split, style, label in (("train", "-", "train (epoch mean)"), ("val", "--", "val"),
+                                ("test", ":", "test")):
         if any(f"{split}/loss" in r for r in epochs):
-            ax_loss.plot(x, [r.get(f"{split}/loss", np.nan) for r in epochs], style, label=f"{split} loss")
-            ax_acc.plot(x, [r.get(f"{split}/accuracy", np.nan) for r in epochs], style, label=f"{split} acc")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
+            for ax, m in zip(axes, ("loss", "accuracy")):
+                ax.plot(x, [r.get(f"{split}/{m}", np.nan) for r in epochs], style, marker=marker, ms=4,
+                        label=label)
+    for ax, m in zip(axes, ("loss", "accuracy")):
+        ax.set(xlabel="epoch", ylabel=m, title=m.capitalize())
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
+    axes[1].set_ylim(0, 1.02)
     _save_figure(fig, path)
+    return fig
 
 
-def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str) -> None:
-    """Row-normalized confusion matrix; class names are shown when there are few enough."""
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str, *, split: str = "test",
+                   checkpoint: str = "latest") -> Figure:
+    """The ``[true, predicted]`` confusion matrix of ``split`` at ``checkpoint``, in two panels:
+    counts, and row-normalized (each true class's fractions, so the diagonal is its recall).
+    Cells hold their values up to 30 classes, class names label the axes up to 120. Returns
+    the (closed) figure."""
     confusion = np.asarray(confusion, np.float64)
     rows = confusion.sum(axis=1, keepdims=True)
     norm = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
     n = len(class_names)
-    size = min(max(4, n * 0.25 + 3), 24)
-    fig, ax = _pyplot().subplots(figsize=(size, size))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (row-normalized)")
-    if n <= 40:
-        ax.set_xticks(range(n), class_names, rotation=90, fontsize=8)
-        ax.set_yticks(range(n), class_names, fontsize=8)
-    if n <= 12:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, int(confusion[i, j]), ha="center", va="center",
-                        color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    size = float(np.clip(0.14 * n + 3, 4.5, 18))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(2 * size + 1.5, size + 0.6))
+    fig.suptitle(f"Confusion matrix: {split} split, {checkpoint} checkpoint "
+                 f"({int(confusion.sum())} images, {n} classes)")
+    panels = ((confusion, "Counts (images)", confusion.max() or 1),
+              (100 * norm, "Row-normalized (% of each true class)", 100))
+    for ax, (values, title, vmax) in zip(axes, panels):
+        im = ax.imshow(values, cmap="Blues", vmin=0, vmax=vmax)
+        ax.set(xlabel="predicted", ylabel="true", title=title)
+        if n <= 120:
+            font = 8 if n <= 30 else 5
+            ax.set_xticks(range(n), class_names, rotation=90, fontsize=font)
+            ax.set_yticks(range(n), class_names, fontsize=font)
+        if n <= 30:
+            for i in range(n):
+                for j in range(n):
+                    if values[i, j]:  # zeros left blank: the colour says it
+                        ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center",
+                                fontsize=max(5, 9 - n // 8), color="white" if values[i, j] > 0.5 * vmax else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046).locator = _pyplot().MaxNLocator(integer=True)
     _save_figure(fig, path)
+    return fig
 
 
 def _pyplot():

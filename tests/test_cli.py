@@ -1,0 +1,199 @@
+"""The ``cnnlab`` command end to end: help, clean user errors, Ctrl-C, read-only run directories."""
+
+import errno
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, SMOKE
+
+from cnnlab import cli
+
+TINY = ["--config.num_epochs=30", "--config.data.image_size=16", "--config.data.synthetic_per_class=40",
+        "--config.model.kwargs.widths=(8,)", "--config.model.kwargs.dense_units=16",
+        "--config.progress=False", "--config.checkpoint.every_steps=2"]
+
+
+def cnnlab(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "cnnlab", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def train_args(workdir, *extra):
+    return ["train", f"--config={SMOKE}", f"--workdir={workdir}", *TINY, *extra]
+
+
+def assert_clean_error(proc, *needles, code):
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 4, proc.stderr  # a few lines after any data table
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("args", [["--help"], [], ["help"]])
+def test_top_level_help_lists_every_command(args):
+    proc = cnnlab(*args)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("train", "eval", "report", "sweep", "predict", "export"):
+        assert re.search(rf"^  {name} +\S", proc.stdout, re.M), proc.stdout
+
+
+def test_command_help_lists_its_own_flags_and_the_config_fields():
+    for args, needles in [
+        (["train", "--help"], ["--workdir", "--allow_config_change", "--verbose",
+                               "optimizer.learning_rate (float, 0.001): peak learning rate"]),
+        (["sweep", f"--config={ROOT / 'configs' / 'sweeps' / 'smoke_grid.py'}", "--help"],
+         ["--workers: Local worker processes. (default: 1)", "--pack", "schedule.name (str, 'constant')"]),
+        (["sweep", "report", "--help"], ["--study_name", "--storage"]),
+        (["eval", "--help"], ["--which: <best|latest>: Checkpoint to evaluate. (default: 'best')",
+                              "--output_dir", "--workdir"]),
+        (["report", "-h"], ["--output_dir", "--workdir"]),
+    ]:
+        proc = cnnlab(*args)
+        assert proc.returncode == 0, proc.stderr
+        for needle in needles:
+            assert needle in proc.stdout, (args, needle, proc.stdout)
+        for absl_global in ("--flagfile", "--logtostderr", "--helpfull", "--only_check_args", "jax_"):
+            assert absl_global not in proc.stdout, (args, absl_global)
+        assert ("config fields" in proc.stdout) == (args[0] in ("train", "sweep") and "report" not in args)
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def test_a_typo_override_is_one_clean_line_and_verbose_shows_the_traceback(tmp_path):
+    args = train_args(tmp_path / "run", "--config.optimzer.learning_rate=0.1")
+    proc = cnnlab(*args)
+    assert_clean_error(proc, "unknown config key 'optimzer' in --config.optimzer.learning_rate",
+                       'Did you mean "optimizer" instead of "optimzer"?', code=2)
+    assert "\\n" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+    for verbose in (cnnlab(*args, "--verbose"), cnnlab(*args, env={"CNNLAB_VERBOSE": "1"})):
+        assert verbose.returncode == 2 and "Traceback (most recent call last)" in verbose.stderr
+
+
+def test_bad_values_a_missing_config_and_missing_data_are_clean_errors(tmp_path):
+    assert_clean_error(cnnlab(*train_args(tmp_path, "--config.num_epochs=0")),
+                       "config key 'num_epochs': invalid value 0 (must be >= 1)", code=2)
+    assert_clean_error(cnnlab("train", f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path}"),
+                       "config file", "nope.py", "not found", code=2)
+    assert_clean_error(cnnlab("eval"), "--workdir", code=2)
+    (tmp_path / "bad_sweep.py").write_text(
+        f"from cnnlab import sweep\ndef get_config():\n    return sweep.config_from_file({SMOKE!r})\n"
+        "def get_sweep():\n    return sweep.Sweep(grid=sweep.product({'optimizer.learning_rate': []}), metric='val/accuracy')\n")
+    assert_clean_error(cnnlab("sweep", f"--config={tmp_path / 'bad_sweep.py'}", f"--workdir={tmp_path / 'sw'}"),
+                       "Grid values for 'optimizer.learning_rate' are an empty list", code=1)
+    missing = tmp_path / "no_such_data"
+    assert_clean_error(cnnlab(*train_args(tmp_path / "run", "--config.data.source=folder",
+                                          f"--config.data.data_dir={missing}")),
+                       f"{missing} does not exist", code=1)
+
+
+def test_disk_errors_name_the_path_and_what_to_do():
+    full = RuntimeError("checkpoint save failed")
+    full.__cause__ = OSError(errno.ENOSPC, "No space left on device", "/runs/a/checkpoints/6")
+    message, code = cli._user_error(full, "train")
+    assert code == 1 and "no space left" in message and "/runs/a/checkpoints/6" in message
+    assert "resumes" in message
+    message, _ = cli._user_error(OSError(errno.EROFS, "Read-only file system", "/ro/run/x.npy"), "eval")
+    assert "read-only" in message and "/ro/run/x.npy" in message and "--output_dir" in message
+    assert cli._user_error(KeyError("a bug"), "train") is None  # internal errors keep their traceback
+    assert cli._user_error(ValueError("raised outside cnnlab"), "train") is None
+
+
+# --------------------------------------------------------------------------- Ctrl-C and resume
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """A tiny run stopped by SIGINT after its first epoch, then resumed to the end."""
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", *train_args(workdir)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("epoch   1/30"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    first = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + out, err)
+    steps = int(re.search(r"epochs x (\d+) steps", first.stdout).group(1))
+    found = re.search(r"the last checkpoint is step (\d+)", err)
+    last = int(found.group(1)) if found else None
+    kept = sorted(int(p.name) for p in (workdir / "checkpoints" / "latest").iterdir() if p.name.isdigit())
+    epochs = (last or 0) // steps + 2
+    resumed = cnnlab(*train_args(workdir, f"--config.num_epochs={epochs}", "--allow_config_change"))
+    return workdir, first, last, kept, resumed
+
+
+def test_ctrl_c_names_the_step_and_the_checkpoint_and_resumes(interrupted_run):
+    workdir, first, last, kept, resumed = interrupted_run
+    assert_clean_error(first, "cnnlab train: interrupted at step", code=130)
+    step = int(re.search(r"interrupted at step (\d+) of", first.stderr).group(1))
+    assert last is not None and 2 <= last <= step, first.stderr  # checkpoints every 2 steps
+    assert "Run the same command again to resume" in first.stderr
+    assert kept[-1] == last  # the checkpoint the message names is on disk
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from step {last}" in resumed.stdout and "final:" in resumed.stdout
+
+
+def test_a_changed_config_on_resume_is_a_clean_error(interrupted_run):
+    workdir = interrupted_run[0]
+    proc = cnnlab(*train_args(workdir, "--config.optimizer.learning_rate=0.5"))
+    assert_clean_error(proc, "optimizer.learning_rate", "--allow_config_change", code=1)
+
+
+# --------------------------------------------------------------------------- read-only runs
+
+
+def _snapshot(root):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_eval_and_report_work_on_a_read_only_run(interrupted_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(interrupted_run[0], run)
+    for name in ("eval_best.json", "confusion_test_best.npy", "plot.png"):
+        (run / name).unlink(missing_ok=True)
+    before = _snapshot(run)
+    if os.geteuid() != 0:
+        prefix, env = [], None
+        subprocess.run(["chmod", "-R", "a-w", str(run)], check=True)
+    else:  # root writes through chmod: the run directory reports itself not writable instead
+        prefix = ["-c", "import os, sys; real, ro = os.access, sys.argv.pop(1); os.access = lambda p, m, "
+                  "**k: not (m & os.W_OK and os.path.abspath(p).startswith(ro)) and real(p, m, **k); "
+                  "sys.argv[0] = 'cnnlab'; from cnnlab.cli import main; main()", str(run)]
+        env = None
+    try:
+        def run_cli(*args):
+            argv = [sys.executable, *(prefix or ["-m", "cnnlab"]), *args]
+            return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+        proc = run_cli("eval", f"--workdir={run}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "checkpoint=best" in proc.stdout and "test/accuracy=" in proc.stdout
+        assert f"note: {run} is not writable" in proc.stderr and "--output_dir" in proc.stderr
+        proc = run_cli("report", f"--workdir={run}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "macro avg" in proc.stdout and "not writable" in proc.stderr
+        assert _snapshot(run) == before  # nothing written, nothing touched
+
+        out = tmp_path / "out"
+        proc = run_cli("eval", f"--workdir={run}", f"--output_dir={out}", "--which=latest")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert {"eval_latest.json", "confusion_test_latest.npy"} <= {p.name for p in out.iterdir()}
+        proc = run_cli("report", f"--workdir={run}", f"--output_dir={out}")
+        assert proc.returncode == 0 and (out / "plot.png").exists() and (out / "classification_report.txt").exists()
+        assert _snapshot(run) == before
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(run)], check=True)
