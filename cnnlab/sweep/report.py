@@ -3,11 +3,13 @@
 Written to the sweep's workdir:
 
 * ``trials.csv`` and ``trials.md``: one row per trial (slot), sorted by the target metric: its
-  state, the metric and the other val/test/train metrics, every swept field's value, pack size,
+  state, the metric, every swept field's value, the other val/test/train metrics, pack size,
   duration, retries, error, and its run directory.
 * ``params.png``: the metric against each swept field (log axes for log ranges; categories as
-  labels), pruned trials hollow.
-* ``curves.png``: every trial's metric per epoch on one figure, the best in bold.
+  labels; a grid's values as the ticks), pruned trials hollow, each point labelled with the
+  trial's other swept values when there are few.
+* ``curves.png``: every trial's metric per epoch on one figure, the best in bold, each labelled
+  with its swept values (:func:`format_values`) and trial number.
 * ``best_config.py``: the best trial's full config as a runnable config file.
 * ``importances.json`` (and a section of ``trials.md``): Optuna's parameter importances
   (PED-ANOVA) over the completed trials, when there are enough of them.
@@ -65,9 +67,9 @@ def _rows(info: dict[str, Any], study) -> list[dict[str, Any]]:
         values = attrs.get(study_lib.VALUES) or {}
         rows.append({
             "trial": t.number, "slot": slot, "state": t.state.name, metric: value,
+            **{f: values.get(f, t.params.get(f)) for f in info["fields"]},
             **{m: metrics[m] for m in recorded if m != metric and m in metrics},
             "epochs": len(t.intermediate_values),
-            **{f: values.get(f, t.params.get(f)) for f in info["fields"]},
             "pack": attrs.get(study_lib.PACKED), "duration_s": attrs.get(study_lib.DURATION),
             "retries": len(trials) - 1, "error": attrs.get(study_lib.ERROR, ""),
             "workdir": attrs.get(study_lib.WORKDIR, ""),
@@ -81,6 +83,16 @@ def _rows(info: dict[str, Any], study) -> list[dict[str, Any]]:
         return (r["state"] != "COMPLETE", not ok, sign * v if ok else 0.0, r["slot"])
 
     return sorted(rows, key=key)
+
+
+def format_values(values: dict[str, Any]) -> str:
+    """A trial's swept values as one short label: ``learning_rate=0.003, seed=1`` (the last part
+    of each dotted name, all of it after ``model.kwargs.``)."""
+    def short(k: str) -> str:
+        return k.split(".")[-1] if not k.startswith("model.kwargs") else k.split(".", 2)[-1]
+
+    return ", ".join(f"{short(k)}={v:.3g}" if isinstance(v, float) else f"{short(k)}={v}"
+                     for k, v in values.items())
 
 
 def _fmt(v: Any) -> str:
@@ -141,6 +153,10 @@ def _plot_params(path: str, rows, info) -> None:
             if spec.get("type") == "LogUniform" or spec.get("log") or (min(xs) > 0 and max(xs) / min(xs) >= 100):
                 ax.set_xscale("log")
             pos = xs
+            grid = sorted(set(xs))
+            if len(grid) <= 8:  # a grid's values as the ticks (no fractional seeds)
+                ax.set_xticks(grid, [_fmt(x) for x in grid], fontsize=8)
+                ax.minorticks_off()
         else:
             labels = list(dict.fromkeys(_fmt(x) for x in xs))
             pos = [labels.index(_fmt(x)) for x in xs]
@@ -149,11 +165,17 @@ def _plot_params(path: str, rows, info) -> None:
         for x, r in zip(pos, points):
             ax.scatter([x], [r[metric]], s=36, facecolors="none" if r["state"] == "PRUNED" else "C0",
                        edgecolors="C0")
+            others = {k: v for k, v in r["_values"].items() if k != field}
+            if others and len(points) <= 12:
+                ax.annotate(format_values(others), (x, r[metric]), xytext=(5, 3), textcoords="offset points",
+                            fontsize=7, color="0.3")
+                ax.margins(x=0.35)  # room for the labels of the rightmost points
         ax.set_xlabel(field, fontsize=9)
         ax.set_ylabel(metric, fontsize=9)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(fields):]:
         ax.axis("off")
+    fig.suptitle(f"{metric} of each trial against each swept field", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -179,12 +201,13 @@ def _plot_curves(path: str, rows, info, best) -> None:
         is_best = r is best
         ax.plot(xs, ys, lw=2.6 if is_best else 1.0, alpha=1.0 if is_best else 0.6,
                 ls="--" if r["state"] == "PRUNED" else "-",
-                label=f"#{r['trial']}" + (" (best)" if is_best else ""))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
+                label=f"{format_values(r['_values']) or 'base config'} (trial {r['trial']}"
+                      + (", best)" if is_best else ", pruned)" if r["state"] == "PRUNED" else ")"))
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch, one line per trial")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if 0 < len(rows) <= 16:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=1 if len(rows) <= 8 else 2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

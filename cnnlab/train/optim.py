@@ -92,6 +92,14 @@ def make_schedule(
     return lambda count: lr * unit(count)
 
 
+def learning_rate_at(config: ml_collections.ConfigDict, steps_per_epoch: int, step: int) -> float:
+    """The learning rate that the update of batch ``step`` (0-based global step) uses under
+    :func:`make_optimizer` for ``config`` (``grad_accum_steps`` batches share one update)."""
+    accum = config.grad_accum_steps
+    schedule = make_schedule(config, max(steps_per_epoch // accum, 1))
+    return float(schedule(int(step) // accum))
+
+
 def traceable_optimizer_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The ``optimizer`` fields that may be traced (differ between packed trials) for this
     config: ``learning_rate``, the optimizer's declared fields, and ``weight_decay`` /

@@ -1,8 +1,18 @@
-"""Run outputs: metrics as JSON lines plus TensorBoard events, and atomic JSON files.
+"""Run outputs: metrics as JSON lines plus TensorBoard events, images, and atomic JSON files.
 
-``metrics.jsonl`` holds one record per logged step (``"kind": "train"``) and per evaluation
-(``"kind": "epoch"``). When a run resumes from step ``s``, records after ``s`` (written by the
-killed run past its last checkpoint) are dropped first, so the file reads as one clean run.
+``metrics.jsonl`` holds one record per logged step (``"kind": "train"``: the last batch's
+``loss``, ``accuracy``..., the ``learning_rate`` of its update and ``images_per_sec`` since the
+previous log step) and per evaluation (``"kind": "epoch"``: ``epoch``, ``train/loss`` (the
+epoch's mean), ``val/accuracy``, ``test/loss``...). When a run resumes from step ``s``, records
+after ``s`` (written by the killed run past its last checkpoint) are dropped first, so the file
+reads as one clean run.
+
+TensorBoard tags (:func:`tensorboard_tag`) keep the two kinds apart, so no tag mixes per-batch
+values with epoch means: per-step values are ``step/<name>`` (``step/loss``,
+``step/learning_rate``, ``step/images_per_sec``); per-epoch values keep their record key
+(``train/loss``, ``val/accuracy``, ``test/loss``; the epoch number is ``epoch``). The x axis
+is always the global step. Images (``augmented_batch``) go to TensorBoard's image tab and to
+``<name>.png`` in the run directory.
 """
 
 from __future__ import annotations
@@ -12,6 +22,8 @@ import math
 import os
 import tempfile
 from typing import Any
+
+import numpy as np
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -69,8 +81,35 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     return records
 
 
+def tensorboard_tag(kind: str, key: str) -> str:
+    """The TensorBoard tag of value ``key`` of a ``kind`` record: ``step/<key>`` for per-step
+    (``"train"``) records, the key itself (``train/loss``, ``epoch``) for ``"epoch"`` records,
+    ``<kind>/<key>`` for a bare key of any other kind."""
+    if kind == "train":
+        return f"step/{key}"
+    return key if kind == "epoch" or "/" in key else f"{kind}/{key}"
+
+
+def image_grid(images: np.ndarray, *, columns: int = 4, pad: int = 2, min_tile: int = 64) -> np.ndarray:
+    """Tiles images ``[N, H, W, C]`` (any range-[0, 255] dtype) into one uint8 ``[rows * (h + pad)
+    + pad, columns * (w + pad) + pad, C]`` grid on white; each image is enlarged by an integer
+    factor (nearest neighbour, pixels stay exact) to at least ``min_tile`` pixels a side."""
+    images = np.clip(np.rint(np.asarray(images, np.float32)), 0, 255).astype(np.uint8)
+    n, h, w, c = images.shape
+    scale = max(1, -(-min_tile // max(h, w)))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = h * scale, w * scale
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, columns)
+        grid[pad + r * (h + pad):(r + 1) * (h + pad), pad + q * (w + pad):(q + 1) * (w + pad)] = image
+    return grid
+
+
 class MetricWriter:
-    """Appends JSON lines to ``metrics.jsonl`` and scalars to TensorBoard (``tb/``)."""
+    """Appends JSON lines to ``metrics.jsonl`` and scalars and images to TensorBoard (``tb/``)."""
 
     def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -97,7 +136,21 @@ class MetricWriter:
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("kind", "step") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key if "/" in key else f"{kind}/{key}", value, step)
+                    self._tb.add_scalar(tensorboard_tag(kind, key), value, step)
+
+    def write_image(self, name: str, image: np.ndarray, step: int) -> None:
+        """Writes a uint8 ``[H, W, C]`` image as ``<workdir>/<name>.png`` and as TensorBoard
+        image ``name`` at ``step``."""
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        path = os.path.join(os.path.dirname(self.path), f"{name}.png")
+        tmp = path + ".tmp.png"
+        Image.fromarray(image).save(tmp)
+        os.replace(tmp, path)
+        if self._tb is not None:
+            self._tb.add_image(name, image, step, dataformats="HWC")
 
     def close(self) -> None:
         if not self.enabled:
