@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -136,20 +137,38 @@ def _save_figure(fig, path: str) -> None:
     _pyplot().close(fig)
 
 
-def write_reports(workdir: str, class_names: Sequence[str] | None = None) -> dict:
-    """(Re)generates every report of ``workdir``; returns the classification report."""
+def output_dir_for(workdir: str, output_dir: str | None = None) -> str | None:
+    """Where a run's derived files go: ``output_dir`` (created) when given, else ``workdir``, or
+    None (with a note on stderr) when ``workdir`` is not writable, e.g. a read-only copy."""
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        return output_dir
+    if os.access(workdir, os.W_OK):
+        return workdir
+    print(f"note: {workdir} is not writable, so nothing is written there "
+          "(--output_dir=DIR writes the files elsewhere).", file=sys.stderr)
+    return None
+
+
+def write_reports(workdir: str, class_names: Sequence[str] | None = None, *,
+                  output_dir: str | None = None) -> dict:
+    """(Re)generates every report of ``workdir`` into ``output_dir`` (see :func:`output_dir_for`:
+    default ``workdir``, nothing written when that is read-only); returns the classification
+    report."""
     if class_names is None:
         with open(os.path.join(workdir, "classes.json")) as f:
             class_names = json.load(f)
+    target = output_dir_for(workdir, output_dir)
     records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    if records:
-        plot_curves(records, os.path.join(workdir, "plot.png"))
+    if records and target is not None:
+        plot_curves(records, os.path.join(target, "plot.png"))
     confusion_path = os.path.join(workdir, "confusion_last.npy")
     if not os.path.exists(confusion_path):
         return {}
     confusion = np.load(confusion_path)
     report = classification_report(confusion, class_names)
-    write_json_atomic(os.path.join(workdir, "classification_report.json"), report)
-    write_text_atomic(os.path.join(workdir, "classification_report.txt"), format_report(report, class_names))
-    plot_confusion(confusion, class_names, os.path.join(workdir, "confusion_matrix.png"))
+    if target is not None:
+        write_json_atomic(os.path.join(target, "classification_report.json"), report)
+        write_text_atomic(os.path.join(target, "classification_report.txt"), format_report(report, class_names))
+        plot_confusion(confusion, class_names, os.path.join(target, "confusion_matrix.png"))
     return report
