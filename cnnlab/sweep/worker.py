@@ -27,6 +27,7 @@ from cnnlab.sweep import study as study_lib
 from cnnlab.sweep._optuna_adapter import load as load_optuna
 from cnnlab.sweep._optuna_adapter import pop_waiting
 from cnnlab.sweep.files import write_config_file
+from cnnlab.sweep.report import format_values
 from cnnlab.sweep.space import Sweep, apply_point
 from cnnlab.sweep.study import DUPLICATE, ERROR, OWNER, SLOT, VALUES, WORKDIR, StorageOptions, log
 
@@ -41,14 +42,6 @@ class _Claim:
     config: ml_collections.ConfigDict
     workdir: str
     start: float
-
-
-def _format_values(values: dict[str, Any]) -> str:
-    def short(k):
-        return k.split(".")[-1] if not k.startswith("model.kwargs") else k.split(".", 2)[-1]
-
-    return ", ".join(f"{short(k)}={v:.3g}" if isinstance(v, float) else f"{short(k)}={v}"
-                     for k, v in values.items())
 
 
 class Worker:
@@ -109,7 +102,7 @@ class Worker:
         write_config_file(
             c.config, os.path.join(c.workdir, "config.py"),
             docstring=(f"Trial {c.trial.number} (slot {c.slot}) of the sweep in {self.workdir}: "
-                       f"{_format_values(c.values)}.\n\n    cnnlab train --config={c.workdir}/config.py "
+                       f"{format_values(c.values)}.\n\n    cnnlab train --config={c.workdir}/config.py "
                        f"--workdir={c.workdir}"),
         )
         with open(os.path.join(c.workdir, "sweep_attempts.jsonl"), "a") as f:
@@ -147,7 +140,7 @@ class Worker:
                                   f"(eval_every_epochs?): {sorted(metrics)}")
             else:
                 self.study.tell(trial, float(value))
-                log(f"trial {trial.number} (slot {c.slot}) {_format_values(c.values)}: "
+                log(f"trial {trial.number} (slot {c.slot}) {format_values(c.values)}: "
                     f"{self.sweep.metric}={value:.4f} ({duration:.1f} s"
                     f"{f', packed x{pack_size}' if pack_size > 1 else ''}).")
         except load_optuna().exceptions.UpdateFinishedTrialError:
@@ -170,7 +163,7 @@ class Worker:
             log(f"packing trials {[c.trial.number for c in group]} into one program.")
         else:
             log(f"trial {group[0].trial.number} (slot {group[0].slot}) "
-                f"{_format_values(group[0].values)} -> {group[0].workdir}")
+                f"{format_values(group[0].values)} -> {group[0].workdir}")
         try:
             outcomes, timings = train_lib.train_trials(
                 [c.config for c in group], [c.workdir for c in group],
