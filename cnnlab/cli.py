@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -73,11 +74,21 @@ def _define_report_flags(*, which: bool = False) -> None:
         flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(verbose: bool) -> None:
     """Orbax logs every checkpoint step at INFO; keep the console for our own output unless
-    the user asked for a verbosity (``-v``/``--verbosity``)."""
+    the user asked for a verbosity (``-v``/``--verbosity``). Orbax also logs the traceback of a
+    failed background write that the main thread then raises again: unless ``verbose``, keep
+    only its one-line message."""
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    if not verbose:
+        logging.get_absl_logger().addFilter(_drop_library_tracebacks)
+
+
+def _drop_library_tracebacks(record) -> bool:
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -205,7 +216,7 @@ def _command_help(name: str, command: _Command, own: list[str], argv: list[str])
     return "\n".join(lines)
 
 
-def _run_command(name: str, command: _Command, argv: list[str]) -> None:
+def _run_command(name: str, command: _Command, argv: list[str], *, verbose: bool) -> None:
     if command.define is None:
         command.run(argv)
         return
@@ -218,7 +229,7 @@ def _run_command(name: str, command: _Command, argv: list[str]) -> None:
     flags.mark_flags_as_required(list(command.required))
 
     def run(rest: list[str]) -> None:
-        _quiet_libraries()
+        _quiet_libraries(verbose)
         command.run(rest)
 
     app.run(run, argv=argv, flags_parser=_parse_flags)
@@ -262,6 +273,11 @@ def _user_error(e: BaseException, command: str) -> tuple[str, int] | None:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
     for c in chain:
+        # tensorstore (under orbax) reports an OS error as text: ... "<path>": ... [os_error_code='28']
+        code = re.search(r"\[os_error_code='(\d+)'\]", str(c)) if not isinstance(c, OSError) else None
+        if code:
+            path = re.findall(r'"(/[^"]+)"', str(c))
+            c = OSError(int(code.group(1)), os.strerror(int(code.group(1))), path[-1] if path else None)
         if isinstance(c, OSError) and c.errno in _DISK_ERRNOS:
             return _disk_message(c, command), _ERROR_EXIT
     if isinstance(e, OSError):
@@ -296,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     argv[0] = f"cnnlab {name}"
     try:
-        _run_command(name, _commands()[name], argv)
+        _run_command(name, _commands()[name], argv, verbose=verbose)
     except KeyboardInterrupt as e:
         if verbose:
             traceback.print_exc()

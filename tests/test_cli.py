@@ -103,6 +103,11 @@ def test_disk_errors_name_the_path_and_what_to_do():
     message, code = cli._user_error(full, "train")
     assert code == 1 and "no space left" in message and "/runs/a/checkpoints/6" in message
     assert "resumes" in message
+    orbax = ValueError('RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database at local file "/r/ckpt/": Failed '
+                       'writing: "/r/ckpt/d/e38": Failed to write 41559 bytes to file 21: No space left on '
+                       "device [os_error_code='28']")
+    message, code = cli._user_error(orbax, "train")
+    assert code == 1 and message.startswith("no space left on the device writing /r/ckpt/d/e38.")
     message, _ = cli._user_error(OSError(errno.EROFS, "Read-only file system", "/ro/run/x.npy"), "eval")
     assert "read-only" in message and "/ro/run/x.npy" in message and "--output_dir" in message
     assert cli._user_error(KeyError("a bug"), "train") is None  # internal errors keep their traceback
