@@ -1,8 +1,9 @@
 """The Keras Conv2D tutorial, exactly: StridedNet on the 4 tutorial classes of CALTECH-101.
 
 96x96 inputs, classes Faces/Leopards/Motorbikes/airplanes, stratified 75/25 split with seed
-42, Adam lr 1e-4 with Keras' legacy decay 1e-4/epochs per step, L2 5e-4 on conv kernels,
-he_normal, the tutorial's ImageDataGenerator augmentation, batch 32, 50 epochs. The best
+42, Adam lr 1e-4 with Keras' legacy decay 1e-4/epochs per step (the epochs of
+``--config.num_epochs``), L2 5e-4 on conv kernels, he_normal, the tutorial's ImageDataGenerator
+augmentation, batch 32, 50 epochs. The best
 checkpoint is chosen on a validation split (10% of the training images); the test metrics are
 reported as the tutorial reports them.
 
@@ -12,10 +13,13 @@ reported as the tutorial reports them.
 Quick check: ``--config.num_epochs=2``.
 """
 
+from ml_collections import FieldReference
+
 from cnnlab.data import augment_preset
 from cnnlab.train import default_config
 
 EPOCHS = 50
+INIT_LR = 1e-4
 
 
 def get_config():
@@ -43,9 +47,13 @@ def get_config():
     config.model.kwargs.weight_decay = 5e-4
 
     config.optimizer.name = "adam"
-    config.optimizer.learning_rate = 1e-4
+    config.optimizer.learning_rate = INIT_LR
     config.schedule.name = "keras_decay"
-    config.schedule.decay = 1e-4 / EPOCHS
+    # The tutorial's INIT_LR / EPOCHS with EPOCHS read when the config is resolved, so that
+    # --config.num_epochs (or a sweep file) changes it too (a float reference: `1e-4 / ref`
+    # would take the int type of num_epochs). INIT_LR stays a constant: the trials of a
+    # learning-rate sweep then share one decay and still pack into one program.
+    config.schedule.decay = FieldReference(INIT_LR) / config.get_ref("num_epochs")
     config.normalization = "scale"
     config.checkpoint.best_metric = "val/accuracy"
     return config

@@ -186,7 +186,10 @@ def test_conv2d_transpose_matches_keras(padding, strides, output_padding, kernel
     np.testing.assert_allclose(np.asarray(got), expected, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("pool,strides,padding", [(2, None, "valid"), (3, 2, "same"), ((2, 3), (1, 2), "same")])
+@pytest.mark.parametrize(
+    "pool,strides,padding",
+    [(2, None, "valid"), (3, 2, "same"), ((2, 3), (1, 2), "same"), (2, (2, 1), "valid"), (3, (1, 2), "same")],
+)
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_pooling_matches_keras(pool, strides, padding, data_format):
     rng = np.random.default_rng(3)
@@ -329,7 +332,8 @@ def test_jit_and_vmap():
 
 BAD_ARGS = [
     (dict(strides=0), "strides"),
-    (dict(strides=(2, 2), dilation_rate=(2, 1)), "dilation_rate"),
+    (dict(dilation_rate=4), "zero or negative"),
+    (dict(padding_mode="reflect", dilation_rate=(1, 4)), "zero or negative"),
     (dict(padding="full"), "padding"),
     (dict(padding=-1), "padding"),
     (dict(padding="causal"), "causal"),
@@ -348,6 +352,38 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, needle):
     k = jnp.ones((3, 3, 6, 4))
     with pytest.raises(ValueError, match=needle):
         F.conv2d(x, k, **kwargs)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_strides_with_dilation_match_keras_ops(padding):
+    # keras.ops.conv (unlike keras.layers.Conv2D) accepts strides > 1 with dilation_rate > 1;
+    # the depthwise and separable layers rely on it.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 13, 12, 4)).astype(np.float32)
+    k = rng.standard_normal((3, 2, 4, 5)).astype(np.float32)
+    kwargs = dict(strides=(2, 3), padding=padding, dilation_rate=(2, 2))
+    np.testing.assert_allclose(
+        np.asarray(F.conv2d(jnp.asarray(x), jnp.asarray(k), **kwargs)),
+        np.asarray(keras.ops.conv(x, k, **kwargs)),
+        atol=ATOL,
+        rtol=RTOL,
+    )
+
+
+def test_windows_larger_than_the_input_raise_as_keras_does():
+    x = np.ones((2, 16, 16, 3), np.float32)
+    with pytest.raises(ValueError, match="empty output"):
+        keras.ops.conv(x, np.ones((32, 32, 3, 8), np.float32))
+    with pytest.raises(ValueError, match=r"zero or negative.*\(2, 16, 16, 3\).*\(-15, -15\)"):
+        F.conv2d(jnp.asarray(x), jnp.ones((32, 32, 3, 8)))
+    assert F.conv2d(jnp.asarray(x), jnp.ones((16, 16, 3, 8))).shape == (2, 1, 1, 8)
+    assert F.conv2d(jnp.asarray(x), jnp.ones((32, 32, 3, 8)), padding="same").shape == (2, 16, 16, 8)
+    with pytest.raises(ValueError, match="zero or negative"):
+        keras.layers.MaxPooling2D(17)(keras.Input((16, 16, 3)))
+    for pool in (F.max_pool, F.avg_pool):
+        with pytest.raises(ValueError, match=r"zero or negative.*pool_size=\(17, 17\)"):
+            pool(jnp.asarray(x), 17)
+        assert pool(jnp.asarray(x), 17, padding="same").shape == (2, 1, 1, 3)
 
 
 def test_kernel_input_channel_mismatch_is_clear():

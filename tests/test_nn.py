@@ -242,3 +242,145 @@ def test_dropout_with_a_traced_rate_gives_the_same_bits_as_the_python_rate(rate)
         lambda y: nn.Dropout(r).apply({}, y, training=True, rngs=rngs).sum())(x))(jnp.float32(rate))
     assert np.all(np.isfinite(np.asarray(grad)))
     assert (np.asarray(grad) == 0).all() == (rate == 1.0)
+
+
+X4 = (2, 16, 16, 3)
+# (layer name, args, kwargs, input shape, needle): Keras 3 itself (an eager call on a real
+# array) is the reference. needle=None: both accept, with equal outputs for equal weights;
+# otherwise both raise, cnnlab with a ValueError whose message contains the needle.
+KERAS_CASES = [
+    ("MaxPooling2D", (2,), dict(strides=(2, 1)), X4, None),
+    ("AveragePooling2D", (2,), dict(strides=(2, 1)), X4, None),
+    ("AveragePooling2D", (3,), dict(strides=(1, 2), padding="same"), X4, None),
+    ("MaxPooling2D", ((3, 2),), dict(strides=2, padding="same"), X4, None),
+    ("MaxPooling2D", (2,), dict(padding="SAME"), X4, None),
+    ("MaxPooling2D", (2,), dict(data_format="Channels_First"), (2, 3, 16, 16), None),
+    ("MaxPooling2D", ((2, 2, 2),), {}, X4, "pool_size"),
+    ("MaxPooling2D", (2,), dict(strides=(2, 2, 2)), X4, "strides"),
+    ("MaxPooling2D", (0,), {}, X4, "pool_size"),
+    ("MaxPooling2D", (3.0,), {}, X4, "pool_size"),
+    ("MaxPooling2D", (2,), dict(strides=0), X4, "strides"),
+    ("MaxPooling2D", (2,), dict(strides=-1), X4, "strides"),
+    ("MaxPooling2D", (2,), dict(padding="full"), X4, "padding"),
+    ("MaxPooling2D", (2,), dict(data_format="NCHW"), X4, "data_format"),
+    ("MaxPooling2D", (2,), {}, (16, 16, 3), "dimensions"),
+    ("AveragePooling2D", (2,), {}, (1, 2, 16, 16, 3), "dimensions"),
+    ("GlobalAveragePooling2D", (), dict(keepdims=True), X4, None),
+    ("GlobalAveragePooling2D", (), {}, (16, 16, 3), "dimensions"),
+    ("GlobalMaxPooling2D", (), dict(data_format="bad"), X4, "data_format"),
+    ("Conv2D", (8, 32), {}, X4, r"Conv2D: Computed output size .*\(2, 16, 16, 3\).*\(-15, -15\)"),
+    ("Conv2D", (8, 3), dict(dilation_rate=8), X4, "zero or negative"),
+    ("Conv2D", (8, 3), dict(dilation_rate=7), X4, None),
+    ("Conv2D", (8, 16), {}, X4, None),
+    ("Conv2D", (8, 17), dict(padding="same"), X4, None),
+    ("Conv2D", (8, 3), dict(padding="SAME", data_format="CHANNELS_LAST"), X4, None),
+    ("Conv2D", (np.int64(8), (np.int64(3), 3)), {}, X4, None),
+    ("Conv2D", (8, 3), dict(strides=2, dilation_rate=2), X4, "dilation_rate"),
+    ("Conv2D", (8, 3), dict(strides=(2, 1), dilation_rate=(1, 2)), X4, "dilation_rate"),
+    ("Conv2D", (8, 3), dict(strides=0), X4, "strides"),
+    ("Conv2D", (8, (3, 0)), {}, X4, "kernel_size"),
+    ("Conv2D", (8, 3.0), {}, X4, "kernel_size"),
+    ("Conv2D", (8, 3), dict(dilation_rate=0), X4, "dilation_rate"),
+    ("Conv2D", (0, 3), {}, X4, "filters"),
+    ("Conv2D", (8, 3), dict(groups=0), X4, "groups"),
+    ("Conv2D", (8, 3), dict(groups=3), X4, "groups"),
+    ("Conv2D", (8, 3), dict(groups=2), X4, "groups"),
+    ("Conv2D", (8, 3), dict(padding="causal"), X4, "causal"),
+    ("Conv2D", (8, 3), {}, (16, 16, 3), "dimensions"),
+    ("Conv2D", (8, 3), {}, (1, 2, 16, 16, 3), "dimensions"),
+    ("Conv1D", (8, 32), dict(padding="causal"), (2, 16, 3), None),
+    ("Conv1D", (8, 17), {}, (2, 16, 3), "zero or negative"),
+    ("DepthwiseConv2D", (3,), dict(strides=2, dilation_rate=2), X4, None),
+    ("DepthwiseConv2D", (3,), dict(strides=2, dilation_rate=2, padding="same"), X4, None),
+    ("DepthwiseConv2D", (32,), {}, X4, r"DepthwiseConv2D: Computed output size"),
+    ("DepthwiseConv2D", (3,), dict(depth_multiplier=0), X4, "depth_multiplier"),
+    ("DepthwiseConv2D", (3,), dict(padding="causal"), X4, "causal"),
+    ("SeparableConv2D", (4, 3), dict(strides=2, dilation_rate=2), X4, None),
+    ("SeparableConv2D", (4, 32), {}, X4, "SeparableConv2D: Computed output size"),
+    ("SeparableConv2D", (0, 3), {}, X4, "filters"),
+    ("Conv2DTranspose", (4, 40), {}, X4, None),
+    ("Conv2DTranspose", (4, 3), dict(strides=2, output_padding=1), X4, None),
+    ("Conv2DTranspose", (4, 3), dict(strides=2, output_padding=1, padding="same"), X4, None),
+    ("Conv2DTranspose", (4, 3), dict(padding="SAME"), X4, None),
+    ("Conv2DTranspose", (4, 3), dict(strides=2, dilation_rate=2), X4, "dilation_rate"),
+    ("Conv2DTranspose", (4, 3), dict(strides=2, output_padding=2), X4, "output_padding"),
+    ("Conv2DTranspose", (4, 3), dict(strides=2, output_padding=-1), X4, "output_padding"),
+    ("Conv2DTranspose", (4, 3), dict(padding="causal"), X4, "padding"),
+    ("Conv2DTranspose", (4, 3), dict(strides=0), X4, "strides"),
+    ("Conv2DTranspose", (0, 3), {}, X4, "filters"),
+    ("Dense", (5,), {}, X4, None),
+    ("Dense", (0,), {}, X4, "units"),
+    ("Dense", (3.0,), {}, X4, "units"),
+    ("Dense", (5,), {}, (3,), "dimensions"),
+    ("Dropout", (1.0,), {}, X4, None),
+    ("Dropout", (0,), {}, X4, None),
+    ("Dropout", (0.5,), dict(noise_shape=(None, 1, 1, 3)), X4, None),
+    ("Dropout", (0.5,), dict(noise_shape=(None, 0, 1, 3)), X4, "noise_shape"),
+    ("Dropout", (0.5,), dict(noise_shape="abc"), X4, "noise_shape"),
+    ("Dropout", (1.5,), {}, X4, "rate"),
+    ("Dropout", (-0.1,), {}, X4, "rate"),
+    ("Dropout", ("0.5",), {}, X4, "rate"),
+    ("Flatten", (), {}, (3,), None),
+    ("Flatten", (), dict(data_format="bad"), X4, "data_format"),
+    ("Flatten", (), {}, (), "dimensions"),
+    ("BatchNormalization", (), dict(epsilon=0.0), X4, None),
+    ("BatchNormalization", (), dict(momentum=1.5), X4, None),
+    ("BatchNormalization", (), dict(axis=1), X4, None),
+    ("BatchNormalization", (), dict(axis=0), X4, None),
+    ("BatchNormalization", (), dict(axis=4), X4, "axis"),
+    ("BatchNormalization", (), dict(axis=-5), X4, "axis"),
+    ("BatchNormalization", (), dict(axis=[1, 2]), X4, "axis"),
+    ("Activation", ("relu7",), {}, X4, "relu7"),
+]
+
+
+def _keras_output(name, args, kwargs, x, rng):
+    layer = getattr(keras.layers, name)(*args, **kwargs)
+    layer(x)
+    # Positive weights keep BatchNormalization's variance valid whatever epsilon is.
+    layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32) for w in layer.get_weights()])
+    return layer.get_weights(), np.asarray(layer(x))
+
+
+@pytest.mark.parametrize(
+    "name,args,kwargs,shape,needle", KERAS_CASES,
+    ids=[f"{c[0]}-{i}-{'rejects' if c[4] else 'accepts'}" for i, c in enumerate(KERAS_CASES)],
+)
+def test_layers_accept_and_reject_what_keras_does(name, args, kwargs, shape, needle):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    if needle is not None:
+        with pytest.raises((ValueError, TypeError, IndexError)):  # what Keras raises varies
+            _keras_output(name, args, kwargs, x, rng)
+        with pytest.raises(ValueError, match=needle):
+            getattr(nn, name)(*args, **kwargs).init(jax.random.key(0), jnp.asarray(x))
+        return
+    weights, expected = _keras_output(name, args, kwargs, x, rng)
+    layer = getattr(nn, name)(*args, **kwargs)
+    variables = layer.init(jax.random.key(0), jnp.asarray(x))
+    names = [(c, n) for c in ("params", "batch_stats") for n in variables.get(c, {})]
+    assert [variables[c][n].shape for c, n in names] == [w.shape for w in weights]
+    variables = {c: {n: w for (c2, n), w in zip(names, weights) if c2 == c} for c in variables}
+    got = layer.apply(variables, jnp.asarray(x))
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pooling_larger_than_the_input_raises_as_keras_shape_inference_does():
+    # Keras' eager call returns an empty (2, 0, 0, 3) array, but its shape inference (any
+    # Sequential or functional model) raises; cnnlab always raises, naming the layer.
+    with pytest.raises(ValueError, match="zero or negative"):
+        keras.layers.MaxPooling2D(32)(keras.Input((16, 16, 3)))
+    for cls in (nn.MaxPooling2D, nn.AveragePooling2D):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: Computed output size .*\(2, 16, 16, 3\)"):
+            cls(32).init(jax.random.key(0), jnp.ones(X4))
+
+
+def test_dropout_noise_shape_of_the_wrong_rank_raises_in_training_as_keras():
+    x = np.ones(X4, np.float32)
+    with pytest.raises((ValueError, TypeError)):  # Keras: a broadcasting error
+        keras.layers.Dropout(0.5, noise_shape=(None, 1))(x, training=True)
+    with pytest.raises(ValueError, match="noise_shape"):
+        nn.Dropout(0.5, noise_shape=(None, 1)).apply(
+            {}, jnp.asarray(x), training=True, rngs={"dropout": jax.random.key(0)}
+        )

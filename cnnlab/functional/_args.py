@@ -7,6 +7,7 @@ layer argument is reported at the boundary, before any compute.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 from cnnlab import backend
@@ -26,11 +27,16 @@ STRING_PADDINGS = ("valid", "same", "causal")
 Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
 def normalize_tuple(value: Any, n: int, name: str, *, allow_zero: bool = False) -> tuple[int, ...]:
-    """Turns an int or a length-``n`` sequence of ints into an ``n``-tuple of positive ints."""
+    """Turns an int or a length-``n`` sequence of ints (NumPy ints too, as Keras' entries) into
+    an ``n``-tuple of positive ints."""
     if isinstance(value, bool):
         raise ValueError(f"Invalid {name}={value!r}: expected an int or a tuple of {n} ints.")
-    if isinstance(value, int):
+    if isinstance(value, Integral):
         values = (value,) * n
     else:
         try:
@@ -46,17 +52,17 @@ def normalize_tuple(value: Any, n: int, name: str, *, allow_zero: bool = False) 
             )
     lowest = 0 if allow_zero else 1
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
+        if not _is_int(v) or v < lowest:
             kind = "non-negative" if allow_zero else "positive"
             raise ValueError(f"Invalid {name}={value!r}: every entry must be a {kind} int.")
-    return values
+    return tuple(int(v) for v in values)
 
 
 def check_positive_int(value: Any, name: str) -> int:
     """Validates a strictly positive int (filters, groups, depth_multiplier...)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not _is_int(value) or value <= 0:
         raise ValueError(f"Invalid {name}={value!r}: expected a strictly positive int.")
-    return value
+    return int(value)
 
 
 def check_padding(padding: Padding, n: int) -> str | tuple[tuple[int, int], ...]:
@@ -115,11 +121,48 @@ def check_padding_mode(padding_mode: str) -> str:
 
 
 def check_strides_dilation(strides: tuple[int, ...], dilation_rate: tuple[int, ...]) -> None:
-    """Keras rejects ``strides > 1`` together with ``dilation_rate > 1``; so do we."""
+    """Keras' ``Conv*D``/``Conv*DTranspose`` layers (not its ops, nor its depthwise and separable
+    layers) reject ``strides > 1`` together with ``dilation_rate > 1``."""
     if max(strides) > 1 and max(dilation_rate) > 1:
         raise ValueError(
             "`strides > 1` is not supported together with `dilation_rate > 1`. Received: "
             f"strides={strides} and dilation_rate={dilation_rate}."
+        )
+
+
+def check_transpose_padding(
+    padding: Any, output_padding: Any, strides: tuple[int, ...]
+) -> tuple[str, tuple[int, ...] | None]:
+    """``padding`` (``valid``/``same``) and ``output_padding`` (``None`` or non-negative ints,
+    each below its stride) of a transposed convolution, normalized as Keras does."""
+    n = len(strides)
+    mode = check_padding(padding, n)
+    if mode not in ("valid", "same"):
+        raise ValueError(
+            f"Invalid padding={padding!r} for a transposed convolution: expected 'valid' or 'same'."
+        )
+    if output_padding is None:
+        return mode, None
+    output_padding = normalize_tuple(output_padding, n, "output_padding", allow_zero=True)
+    if any(op >= s for op, s in zip(output_padding, strides)):
+        raise ValueError(
+            f"Invalid output_padding={output_padding}: each entry must be smaller than its "
+            f"stride, strides={strides}."
+        )
+    return mode, output_padding
+
+
+def check_output_size(
+    input_shape: tuple[int, ...], sizes: Sequence[int], windows: Sequence[int],
+    strides: Sequence[int], detail: str,
+) -> None:
+    """Raises, as Keras' shape inference does, when a VALID window of (dilated) size ``windows``
+    does not fit in the (padded) spatial ``sizes``."""
+    out = tuple((s - w) // st + 1 for s, w, st in zip(sizes, windows, strides))
+    if min(out) <= 0:
+        raise ValueError(
+            f"Computed output size would be zero or negative: input shape {tuple(input_shape)} "
+            f"with {detail} gives spatial size {out}."
         )
 
 

@@ -11,6 +11,9 @@ Semantics (matching ``keras/src/backend/jax/nn.py``):
   convolutions the extra pixel goes bottom/right, as TensorFlow does.
 * ``data_format="channels_first"`` changes only the input/output dimension numbers.
 * ``groups`` maps to ``feature_group_count``.
+* ``strides > 1`` with ``dilation_rate > 1`` is allowed, as in ``keras.ops.conv`` (the
+  ``cnnlab.nn`` layers reject it where Keras' layers do); a ``valid`` kernel larger than the
+  (padded) input raises "Computed output size would be zero or negative", as Keras does.
 * The inputs are cast to the compute dtype, which is the kernel's dtype unless ``dtype`` is
   given (e.g. ``jnp.bfloat16`` for mixed precision with float32 parameters).
 
@@ -32,10 +35,11 @@ from cnnlab import backend
 from cnnlab import initializers as initializers_lib
 from cnnlab.functional._args import (
     Padding,
+    check_output_size,
     check_padding,
     check_padding_mode,
     check_positive_int,
-    check_strides_dilation,
+    check_transpose_padding,
     normalize_tuple,
     same_padding,
     spatial_axes,
@@ -170,7 +174,6 @@ def conv(
     data_format = backend.standardize_data_format(data_format)
     strides = normalize_tuple(strides, n, "strides")
     dilation_rate = normalize_tuple(dilation_rate, n, "dilation_rate")
-    check_strides_dilation(strides, dilation_rate)
     groups = check_positive_int(groups, "groups")
     in_channels = x.shape[_channel_axis(data_format)]
     filters = kernel.shape[-1]
@@ -187,6 +190,7 @@ def conv(
             f"(input shape {x.shape}, data_format={data_format!r})."
         )
     compute_dtype = kernel.dtype if dtype is None else jnp.dtype(dtype)
+    input_shape = x.shape
     x = jnp.asarray(x, compute_dtype)
     kernel = jnp.asarray(kernel, compute_dtype)
     x, xla_padding = _resolve_padding(
@@ -198,6 +202,16 @@ def conv(
         dilation_rate=dilation_rate,
         data_format=data_format,
     )
+    if xla_padding != "SAME":
+        pads = ((0, 0),) * n if xla_padding == "VALID" else xla_padding
+        check_output_size(
+            input_shape,
+            [x.shape[a] + lo + hi for a, (lo, hi) in zip(spatial_axes(n, data_format), pads)],
+            [(k - 1) * d + 1 for k, d in zip(kernel.shape[:n], dilation_rate)],
+            strides,
+            f"kernel_size={kernel.shape[:n]}, strides={strides}, dilation_rate={dilation_rate}, "
+            f"padding={padding!r}",
+        )
     y = lax.conv_general_dilated(
         x,
         kernel,
@@ -387,18 +401,7 @@ def conv_transpose(
     data_format = backend.standardize_data_format(data_format)
     strides = normalize_tuple(strides, n, "strides")
     dilation_rate = normalize_tuple(dilation_rate, n, "dilation_rate")
-    mode = check_padding(padding, n)
-    if mode not in ("valid", "same"):
-        raise ValueError(
-            f"Invalid padding={padding!r} for a transposed convolution: expected 'valid' or 'same'."
-        )
-    if output_padding is not None:
-        output_padding = normalize_tuple(output_padding, n, "output_padding", allow_zero=True)
-        for op, s in zip(output_padding, strides):
-            if op >= s:
-                raise ValueError(
-                    f"output_padding={output_padding} must be smaller than strides={strides}."
-                )
+    mode, output_padding = check_transpose_padding(padding, output_padding, strides)
     _kernel_channels(x, kernel, -1, data_format, "Transposed")
     pads = []
     for i in range(n):

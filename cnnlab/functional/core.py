@@ -73,6 +73,11 @@ def dropout(
         raise ValueError("dropout needs a PRNG key when deterministic=False and rate > 0.")
     shape = x.shape
     if noise_shape is not None:
+        if len(noise_shape) != x.ndim:
+            raise ValueError(
+                f"noise_shape={tuple(noise_shape)} needs one entry per input dimension, but the "
+                f"input has shape {x.shape}."
+            )
         shape = tuple(s if n is None else n for s, n in zip(x.shape, noise_shape))
     keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
     keep = jax.random.bernoulli(key, keep_prob, shape)

@@ -1,8 +1,10 @@
 """Keras-exact pooling as pure JAX functions on ``jax.lax.reduce_window``.
 
-``max_pool``/``avg_pool`` take ``[N, *spatial, C]`` (or channels-first) inputs. ``strides``
-defaults to ``pool_size`` as in Keras; ``"same"`` average pooling divides by the number of
-real (unpadded) pixels in each window, as Keras' JAX backend does.
+``max_pool``/``avg_pool`` take ``[N, *spatial, C]`` (or channels-first) inputs. ``pool_size``
+and ``strides`` are each an int or one int per spatial dimension; ``strides`` defaults to
+``pool_size`` as in Keras; a ``valid`` window larger than the input raises, as Keras' shape
+inference does. ``"same"`` average pooling divides by the number of real (unpadded) pixels in
+each window, as Keras' JAX backend does.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cnnlab import backend
-from cnnlab.functional._args import normalize_tuple, spatial_axes
+from cnnlab.functional._args import check_output_size, normalize_tuple, spatial_axes
 
 Array = jax.Array
 
@@ -32,6 +34,9 @@ def _window(
     mode = str(padding).lower()
     if mode not in ("valid", "same"):
         raise ValueError(f"Invalid padding={padding!r} for pooling: expected 'valid' or 'same'.")
+    if mode == "valid":
+        sizes = [x.shape[a] for a in spatial_axes(n, data_format)]
+        check_output_size(x.shape, sizes, pool, stride, f"pool_size={pool}, strides={stride}")
     if data_format == "channels_last":
         dims, strides_full = (1, *pool, 1), (1, *stride, 1)
     else:

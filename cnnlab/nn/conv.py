@@ -34,6 +34,7 @@ from cnnlab.functional._args import (
     check_padding_mode,
     check_positive_int,
     check_strides_dilation,
+    check_transpose_padding,
     normalize_tuple,
 )
 from cnnlab.nn.penalties import PenaltiesMixin
@@ -67,6 +68,15 @@ def validate_identifiers(layer: Any) -> None:
             ) from None
 
 
+def check_input_ndim(layer: Any, x: Array, ndim: int, *, at_least: bool = False) -> None:
+    """Keras' ``InputSpec(ndim=...)`` (or ``min_ndim`` with ``at_least``), checked at the call."""
+    if x.ndim < ndim if at_least else x.ndim != ndim:
+        want = f"at least {ndim}" if at_least else ndim
+        raise ValueError(
+            f"{type(layer).__name__} expects inputs with {want} dimensions, got shape {x.shape}."
+        )
+
+
 def channels_of(x: Array, data_format: str | None) -> int:
     """The channel count of ``x`` under ``data_format`` (``None``: the package default)."""
     fmt = backend.standardize_data_format(data_format)
@@ -81,7 +91,8 @@ class WeightedLayer(PenaltiesMixin, nn.Module):
     ``<prefix>_constraint``, and ``bias`` exists only with ``use_bias``. The default
     ``__call__`` creates the weights of ``weight_shapes(x)`` and returns
     ``op(x, *weights, **options)``, where the options are the layer's fields that ``op`` takes by
-    the same keyword (``strides``, ``padding``, ``activation``, ``dtype``...).
+    the same keyword (``strides``, ``padding``, ``activation``, ``dtype``...); its errors are
+    prefixed by the layer's class name.
     """
 
     weight_fields: ClassVar[dict[str, str]] = {"kernel": "kernel", "bias": "bias"}
@@ -122,7 +133,10 @@ class WeightedLayer(PenaltiesMixin, nn.Module):
             for f in dataclasses.fields(self)
             if f.name in keywords and keywords[f.name].kind is inspect.Parameter.KEYWORD_ONLY
         }
-        y = self.op(x, *(params.get(name) for name in self.weight_fields), **options)
+        try:
+            y = self.op(x, *(params.get(name) for name in self.weight_fields), **options)
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from None
         self.sow_activity_penalty(self.activity_regularizer, y)
         return y
 
@@ -132,6 +146,8 @@ class _ConvLayer(WeightedLayer):
     weight shapes from the input's channels and the kernel size."""
 
     rank: ClassVar[int] = 2
+    # Keras' depthwise and separable layers accept strides > 1 with dilation_rate > 1.
+    strided_dilation: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for name in ("filters", "groups", "depth_multiplier"):
@@ -146,19 +162,30 @@ class _ConvLayer(WeightedLayer):
 
     def check_geometry(self) -> None:
         """Checks the window arguments (kernel_size, strides, dilation_rate, padding,
-        padding_mode, data_format), naming the bad one."""
+        padding_mode or output_padding, data_format) as Keras' constructors do, naming the bad
+        one."""
         normalize_tuple(self.kernel_size, self.rank, "kernel_size")
-        check_strides_dilation(
-            normalize_tuple(self.strides, self.rank, "strides"),
-            normalize_tuple(self.dilation_rate, self.rank, "dilation_rate"),
-        )
-        check_padding(self.padding, self.rank)
-        check_padding_mode(self.padding_mode)
+        strides = normalize_tuple(self.strides, self.rank, "strides")
+        dilation_rate = normalize_tuple(self.dilation_rate, self.rank, "dilation_rate")
+        if not self.strided_dilation:
+            check_strides_dilation(strides, dilation_rate)
         backend.standardize_data_format(self.data_format)
+        if hasattr(self, "output_padding"):
+            check_transpose_padding(self.padding, self.output_padding, strides)
+        else:
+            check_padding(self.padding, self.rank)
+            check_padding_mode(self.padding_mode)
 
     def weight_shapes(self, x: Array) -> dict[str, tuple[int, ...]]:
+        check_input_ndim(self, x, self.rank + 2)
+        channels, groups = channels_of(x, self.data_format), getattr(self, "groups", 1)
+        if channels % groups:
+            raise ValueError(
+                f"{type(self).__name__}: the number of input channels ({channels}) must be "
+                f"divisible by groups={groups} (input shape {x.shape})."
+            )
         kernel_size = normalize_tuple(self.kernel_size, self.rank, "kernel_size")
-        return self.conv_weight_shapes(channels_of(x, self.data_format), kernel_size)
+        return self.conv_weight_shapes(channels, kernel_size)
 
     def conv_weight_shapes(
         self, channels: int, kernel_size: tuple[int, ...]
@@ -192,20 +219,6 @@ class _Conv(_ConvLayer):
     padding_mode: str = "zeros"
     dtype: Any = None
     param_dtype: Any = jnp.float32
-
-    def weight_shapes(self, x: Array) -> dict[str, tuple[int, ...]]:
-        if x.ndim != self.rank + 2:
-            raise ValueError(
-                f"{type(self).__name__} expects inputs with {self.rank + 2} dimensions, got shape "
-                f"{x.shape}."
-            )
-        in_channels = channels_of(x, self.data_format)
-        if in_channels % self.groups:
-            raise ValueError(
-                f"The number of input channels ({in_channels}) must be divisible by "
-                f"groups={self.groups} (input shape {x.shape})."
-            )
-        return super().weight_shapes(x)
 
     def conv_weight_shapes(self, channels, kernel_size):
         return {
@@ -248,6 +261,7 @@ class DepthwiseConv2D(_ConvLayer):
 
     weight_fields: ClassVar[dict[str, str]] = {"kernel": "depthwise", "bias": "bias"}
     op = staticmethod(F.depthwise_conv)
+    strided_dilation: ClassVar[bool] = True
 
     kernel_size: Any
     strides: Any = (1, 1)
@@ -284,6 +298,7 @@ class SeparableConv2D(_ConvLayer):
         "bias": "bias",
     }
     op = staticmethod(F.separable_conv)
+    strided_dilation: ClassVar[bool] = True
 
     filters: int
     kernel_size: Any
@@ -340,16 +355,6 @@ class Conv2DTranspose(_ConvLayer):
     bias_constraint: Any = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
-
-    def check_geometry(self) -> None:
-        normalize_tuple(self.kernel_size, 2, "kernel_size")
-        normalize_tuple(self.strides, 2, "strides")
-        normalize_tuple(self.dilation_rate, 2, "dilation_rate")
-        if check_padding(self.padding, 2) not in ("valid", "same"):
-            raise ValueError(
-                f"Invalid padding={self.padding!r} for Conv2DTranspose: expected 'valid' or 'same'."
-            )
-        backend.standardize_data_format(self.data_format)
 
     def conv_weight_shapes(self, channels, kernel_size):
         return {"kernel": (*kernel_size, self.filters, channels), "bias": (self.filters,)}

@@ -9,7 +9,7 @@ as ``moving_mean``/``moving_variance`` (Keras' names).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from cnnlab import activations, backend, initializers
 from cnnlab import functional as F
 from cnnlab.functional._args import check_positive_int, normalize_tuple
-from cnnlab.nn.conv import WeightedLayer, validate_identifiers
+from cnnlab.nn.conv import WeightedLayer, check_input_ndim, validate_identifiers
 
 Array = jax.Array
 
@@ -47,6 +47,7 @@ class Dense(WeightedLayer):
         super().__post_init__()
 
     def weight_shapes(self, x: Array) -> dict[str, tuple[int, ...]]:
+        check_input_ndim(self, x, 2, at_least=True)
         return {"kernel": (x.shape[-1], self.units), "bias": (self.units,)}
 
 
@@ -80,6 +81,16 @@ class Dropout(nn.Module):
             not isinstance(self.rate, (int, float)) or not 0.0 <= float(self.rate) <= 1.0
         ):
             raise ValueError(f"Invalid rate={self.rate!r} for Dropout: expected a float in [0, 1].")
+        shape = self.noise_shape
+        if shape is not None and (
+            isinstance(shape, str)
+            or not isinstance(shape, Iterable)
+            or any(d is not None and (not isinstance(d, int) or d <= 0) for d in shape)
+        ):
+            raise ValueError(
+                f"Invalid noise_shape={shape!r} for Dropout: expected a tuple of positive ints "
+                "or None."
+            )
         super().__post_init__()
 
     @nn.compact
@@ -95,7 +106,12 @@ class Flatten(nn.Module):
 
     data_format: str | None = None
 
+    def __post_init__(self) -> None:
+        backend.standardize_data_format(self.data_format)
+        super().__post_init__()
+
     def __call__(self, x: Array) -> Array:
+        check_input_ndim(self, x, 1, at_least=True)
         if backend.standardize_data_format(self.data_format) == "channels_first" and x.ndim > 2:
             x = jnp.transpose(x, (0, *range(2, x.ndim), 1))
         return jnp.reshape(x, (x.shape[0], -1))
@@ -126,15 +142,14 @@ class BatchNormalization(WeightedLayer):
     gamma_constraint: Any = None
     param_dtype: Any = jnp.float32
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= float(self.momentum) <= 1.0:
-            raise ValueError(f"Invalid momentum={self.momentum!r}: expected a float in [0, 1].")
-        if float(self.epsilon) <= 0:
-            raise ValueError(f"Invalid epsilon={self.epsilon!r}: expected a positive float.")
-        super().__post_init__()
-
     @nn.compact
     def __call__(self, x: Array, training: bool = False) -> Array:
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int) or not (
+            -x.ndim <= self.axis < x.ndim
+        ):
+            raise ValueError(
+                f"BatchNormalization: invalid axis={self.axis!r} for an input of shape {x.shape}."
+            )
         axis = self.axis % x.ndim
         features = (x.shape[axis],)
         out_dtype = x.dtype
@@ -172,9 +187,11 @@ class BatchNormalization(WeightedLayer):
 
 
 class _Pooling(nn.Module):
-    """The windowed pooling layers: ``op(x, pool_size, strides, padding=, data_format=)``."""
+    """The windowed pooling layers: ``op(x, pool_size, strides, padding=, data_format=)``, with
+    ``pool_size`` and ``strides`` each an int or ``rank`` ints (Keras' ``BasePooling``)."""
 
     op: ClassVar[Callable[..., Array]]
+    rank: ClassVar[int] = 2
 
     pool_size: Any = (2, 2)
     strides: Any = None
@@ -182,19 +199,22 @@ class _Pooling(nn.Module):
     data_format: str | None = None
 
     def __post_init__(self) -> None:
-        n = len(self.pool_size) if isinstance(self.pool_size, (tuple, list)) else 1
-        normalize_tuple(self.pool_size, n, "pool_size")
+        normalize_tuple(self.pool_size, self.rank, "pool_size")
         if self.strides is not None:
-            normalize_tuple(self.strides, n, "strides")
+            normalize_tuple(self.strides, self.rank, "strides")
         if str(self.padding).lower() not in ("valid", "same"):
             raise ValueError(f"Invalid padding={self.padding!r}: expected 'valid' or 'same'.")
         backend.standardize_data_format(self.data_format)
         super().__post_init__()
 
     def __call__(self, x: Array) -> Array:
-        return self.op(
-            x, self.pool_size, self.strides, padding=self.padding, data_format=self.data_format
-        )
+        check_input_ndim(self, x, self.rank + 2)
+        try:
+            return self.op(
+                x, self.pool_size, self.strides, padding=self.padding, data_format=self.data_format
+            )
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from None
 
 
 class MaxPooling2D(_Pooling):
@@ -209,21 +229,30 @@ class AveragePooling2D(_Pooling):
     op = staticmethod(F.avg_pool)
 
 
-class GlobalAveragePooling2D(nn.Module):
+class _GlobalPooling(nn.Module):
+    """Keras' ``BaseGlobalPooling``: ``op`` over every spatial axis of a 4-D input."""
+
+    op: ClassVar[Callable[..., Array]]
+
+    data_format: str | None = None
+    keepdims: bool = False
+
+    def __post_init__(self) -> None:
+        backend.standardize_data_format(self.data_format)
+        super().__post_init__()
+
+    def __call__(self, x: Array) -> Array:
+        check_input_ndim(self, x, 4)
+        return self.op(x, data_format=self.data_format, keepdims=self.keepdims)
+
+
+class GlobalAveragePooling2D(_GlobalPooling):
     """Keras ``GlobalAveragePooling2D``: mean over H and W."""
 
-    data_format: str | None = None
-    keepdims: bool = False
-
-    def __call__(self, x: Array) -> Array:
-        return F.global_avg_pool(x, data_format=self.data_format, keepdims=self.keepdims)
+    op = staticmethod(F.global_avg_pool)
 
 
-class GlobalMaxPooling2D(nn.Module):
+class GlobalMaxPooling2D(_GlobalPooling):
     """Keras ``GlobalMaxPooling2D``: max over H and W."""
 
-    data_format: str | None = None
-    keepdims: bool = False
-
-    def __call__(self, x: Array) -> Array:
-        return F.global_max_pool(x, data_format=self.data_format, keepdims=self.keepdims)
+    op = staticmethod(F.global_max_pool)
