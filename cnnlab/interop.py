@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,12 +46,15 @@ class InteropError(ValueError):
 
 
 def _keras():
+    """Keras, on the JAX backend unless ``KERAS_BACKEND`` (read at Keras' import) says otherwise."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
     try:
         import keras
-    except ImportError:
-        raise ImportError(
-            'cnnlab.interop needs Keras 3: pip install "cnnlab[keras]" (and set KERAS_BACKEND=jax).'
-        ) from None
+    except ImportError as err:
+        if err.name != "keras":
+            raise ImportError(f"importing Keras failed: {err} (KERAS_BACKEND="
+                              f"{os.environ['KERAS_BACKEND']!r}; cnnlab uses 'jax').") from None
+        raise ImportError('cnnlab.interop needs Keras 3: pip install "cnnlab[keras]".') from None
     return keras
 
 
@@ -232,10 +236,13 @@ def _keras_layers(module, variables, input_shape) -> list[tuple[Any, dict[str, A
     keras = _keras()
     out = []
     for call in _trace(module, variables, input_shape):
-        kind = type(call.layer).__name__
-        keras_cls = getattr(keras.layers, kind)
-        out.append((keras_cls(**_keras_arguments(call.layer, keras_cls, f"to_keras: {call.where}")),
-                     _layer_weights(variables, call.path)))
+        where = f"to_keras: {call.where}"
+        keras_cls = getattr(keras.layers, type(call.layer).__name__)
+        try:
+            layer = keras_cls(**_keras_arguments(call.layer, keras_cls, where))
+        except (TypeError, ValueError) as err:
+            raise InteropError(f"{where}: Keras refuses its arguments: {err}") from None
+        out.append((layer, _layer_weights(variables, call.path)))
     return out
 
 

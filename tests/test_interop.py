@@ -183,7 +183,7 @@ def test_importing_interop_does_not_import_keras_and_a_missing_keras_says_how_to
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 1 and "keras imported" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        'ImportError: cnnlab.interop needs Keras 3: pip install "cnnlab[keras]" (and set KERAS_BACKEND=jax).')
+        'ImportError: cnnlab.interop needs Keras 3: pip install "cnnlab[keras]".')
 
 
 def test_export_writes_a_keras_file_predicting_as_the_run(tmp_path):
