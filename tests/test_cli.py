@@ -56,6 +56,8 @@ def test_command_help_lists_its_own_flags_and_the_config_fields():
         (["eval", "--help"], ["--which: <best|latest>: Checkpoint to evaluate. (default: 'best')",
                               "--output_dir", "--workdir"]),
         (["report", "-h"], ["--output_dir", "--workdir"]),
+        (["predict", "--help"], ["usage: cnnlab predict", "--workdir", "--top_k"]),
+        (["export", "--help"], ["usage: cnnlab export", "--workdir", "--format"]),
     ]:
         proc = cnnlab(*args)
         assert proc.returncode == 0, proc.stderr
