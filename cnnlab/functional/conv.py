@@ -24,6 +24,7 @@ Beyond Keras: explicit padding (``int``, per-dimension ints or ``(low, high)`` p
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -235,63 +236,17 @@ def _rank_checked(rank: int, name: str) -> Callable[..., Array]:
         return conv(x, kernel, bias, **kwargs)
 
     fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = f"{rank}-D convolution: :func:`conv` with the kernel rank checked."
+    fn.__signature__ = inspect.signature(conv)
+    fn.__doc__ = (
+        f"{rank}-D convolution equal to Keras 3's ``Conv{rank}D`` forward pass: :func:`conv` with "
+        "the kernel rank checked."
+    )
     return fn
 
 
 conv1d = _rank_checked(1, "conv1d")
+conv2d = _rank_checked(2, "conv2d")
 conv3d = _rank_checked(3, "conv3d")
-
-
-def conv2d(
-    x: Array,
-    kernel: Array,
-    bias: Array | None = None,
-    *,
-    strides: int | Sequence[int] = (1, 1),
-    padding: Padding = "valid",
-    data_format: str | None = None,
-    dilation_rate: int | Sequence[int] = (1, 1),
-    groups: int = 1,
-    activation: ActivationLike = None,
-    padding_mode: str = "zeros",
-    dtype: Any = None,
-    precision: Any = None,
-) -> Array:
-    """2-D convolution equal to Keras 3's ``Conv2D`` forward pass.
-
-    ``x`` is ``[N, H, W, C]`` (or ``[N, C, H, W]``), ``kernel`` is
-    ``[kh, kw, C // groups, filters]``, ``bias`` is ``[filters]``; see :func:`conv` for every
-    argument.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from cnnlab import functional as F
-      >>> params = F.init_conv(jax.random.key(0), in_channels=3, filters=16, kernel_size=3)
-      >>> y = F.conv2d(jnp.ones((1, 32, 32, 3)), params["kernel"], params["bias"],
-      ...              strides=2, padding="same", activation="relu")
-      >>> y.shape
-      (1, 16, 16, 16)
-    """
-    if kernel.ndim != 4:
-        raise ValueError(
-            f"conv2d expects a kernel [kh, kw, in_channels // groups, filters], got shape "
-            f"{kernel.shape}."
-        )
-    return conv(
-        x,
-        kernel,
-        bias,
-        strides=strides,
-        padding=padding,
-        data_format=data_format,
-        dilation_rate=dilation_rate,
-        groups=groups,
-        activation=activation,
-        padding_mode=padding_mode,
-        dtype=dtype,
-        precision=precision,
-    )
 
 
 def depthwise_conv(
