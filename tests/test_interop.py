@@ -93,7 +93,7 @@ def test_keras_stridednet_imports_with_equal_outputs():
 
 
 @pytest.mark.parametrize("name,kwargs", [
-    ("stridednet", dict(widths=(8, 16), stem_filters=4, dense_units=16)),
+    ("stridednet", dict(widths=(8,), stem_filters=4, dense_units=16)),
     ("simple_cnn", dict(widths=(8, 16), dense_units=16)),
     ("simple_cnn", dict(widths=(8,), dense_units=16, global_pool=True, padding="valid")),
 ])
