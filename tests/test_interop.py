@@ -26,21 +26,22 @@ from cnnlab import nn as cnn  # noqa: E402
 RTOL, ATOL = 1e-4, 1e-5
 
 
+def _draw(rng, name, shape):
+    """A random weight by its name: kernels at He scale, biases and BatchNormalization
+    statistics far from 0/1."""
+    if name == "moving_variance":
+        return rng.uniform(0.5, 2.0, shape).astype("float32")
+    if name == "gamma":
+        return rng.uniform(0.5, 1.5, shape).astype("float32")
+    if len(shape) == 1:
+        return rng.normal(0.0, 0.5, shape).astype("float32")
+    return rng.normal(0.0, (2.0 / np.prod(shape[:-1])) ** 0.5, shape).astype("float32")
+
+
 def _randomize(keras_model, seed=0):
-    """Random weights everywhere, BatchNormalization statistics far from (0, 1)."""
     rng = np.random.default_rng(seed)
-    for layer in keras_model.layers:
-        for w in layer.weights:
-            shape = tuple(w.shape)
-            if w.name == "moving_variance":
-                value = rng.uniform(0.5, 2.0, shape)
-            elif w.name in ("moving_mean", "beta", "bias"):
-                value = rng.normal(0.0, 0.5, shape)
-            elif w.name == "gamma":
-                value = rng.uniform(0.5, 1.5, shape)
-            else:
-                value = rng.normal(0.0, (2.0 / np.prod(shape[:-1])) ** 0.5, shape)
-            w.assign(value.astype("float32"))
+    for w in keras_model.weights:
+        w.assign(_draw(rng, w.name, tuple(w.shape)))
 
 
 def _keras_out(keras_model, x):
@@ -52,23 +53,11 @@ def _out(module, variables, x):
 
 
 def _init(module, shape, seed=0):
-    """Random variables of ``module`` for inputs ``shape``, drawn in NumPy from the shapes alone
-    (no compile): kernels at He scale, biases and BatchNormalization statistics far from 0/1."""
+    """Random variables of ``module`` for inputs ``shape``, drawn in NumPy (no compile)."""
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape))
-
-    def draw(path, a):
-        name = str(path[-1].key)
-        if name == "moving_variance":
-            return rng.uniform(0.5, 2.0, a.shape).astype("float32")
-        if name == "gamma":
-            return rng.uniform(0.5, 1.5, a.shape).astype("float32")
-        if len(a.shape) == 1:
-            return rng.normal(0.0, 0.5, a.shape).astype("float32")
-        return rng.normal(0.0, (2.0 / np.prod(a.shape[:-1])) ** 0.5, a.shape).astype("float32")
-
     shapes = {k: flax.core.unfreeze(v) for k, v in shapes.items() if k in ("params", "batch_stats")}
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    return jax.tree_util.tree_map_with_path(lambda path, a: _draw(rng, str(path[-1].key), a.shape), shapes)
 
 
 def _images(shape, seed=1):
@@ -90,6 +79,10 @@ def test_keras_stridednet_imports_with_equal_outputs():
     assert got.shape == (3, 4)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
     assert not np.allclose(expected, expected[:1])  # the inputs are told apart
+    # The logits too (the softmax could hide differences).
+    logits = keras.Model(keras_model.inputs, keras_model.layers[-2].output)
+    np.testing.assert_allclose(_out(interop.Sequential(module.layers[:-1]), variables, x),
+                               _keras_out(logits, x), rtol=RTOL, atol=1e-4)
 
 
 @pytest.mark.parametrize("name,kwargs", [
