@@ -144,7 +144,8 @@ def train(
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     allow_config_change: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
-    """:func:`train_and_evaluate`, also returning the final train state (on the mesh)."""
+    """:func:`train_and_evaluate`, also returning the final train state (on the mesh; ``None``
+    when the run had finished already and was only re-evaluated)."""
     callback = None if on_epoch_end is None else (lambda _k, epoch, record: on_epoch_end(epoch, record))
     (outcome,), states, _ = _train_trials([config], [workdir], on_epoch_end=callback,
                                           allow_config_change=allow_config_change)
