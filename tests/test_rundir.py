@@ -220,3 +220,18 @@ def test_record_config_allowed_change_keeps_history(tmp_path):
     files = _all_files(tmp_path)
     assert all(_mode(p) == 0o644 for p in files)
     assert not [p for p in files if p.name.startswith(".tmp")]
+
+
+def test_record_config_check_only_refuses_alike_and_writes_nothing(tmp_path):
+    config = {"seed": 0, "optimizer": {"learning_rate": 1e-3}}
+    assert rundir.record_config(tmp_path, config, step=0, check_only=True) == {}
+    assert not (tmp_path / rundir.CONFIG_FILE).exists()  # a fresh run: nothing written
+    rundir.record_config(tmp_path, config, step=0)
+    changed = {"seed": 0, "optimizer": {"learning_rate": 1.0}}
+    with pytest.raises(rundir.ConfigChangedError, match="optimizer.learning_rate: 0.001 -> 1.0"):
+        rundir.record_config(tmp_path, changed, step=5, check_only=True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert rundir.record_config(tmp_path, changed, step=5, allow_config_change=True, check_only=True) == {
+        "optimizer.learning_rate": (0.001, 1.0)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no history, no change log
+    assert json.loads((tmp_path / rundir.CONFIG_FILE).read_text()) == config

@@ -215,6 +215,7 @@ def record_config(
     *,
     step: int,
     allow_config_change: bool = False,
+    check_only: bool = False,
 ) -> dict[str, tuple[Any, Any]]:
     """Records the resolved ``config`` of a run starting or resuming at ``step``.
 
@@ -224,12 +225,14 @@ def record_config(
     ``allow_config_change``: then the old file is kept as ``config_history/config.NNNN.json``,
     ``{"step", "changes": {key: [old, new]}, "time", "previous"}`` is appended to
     ``config_changes.jsonl`` and ``config.json`` is replaced. Returns the changes
-    (``{key: (old, new)}``, empty when none).
+    (``{key: (old, new)}``, empty when none). ``check_only`` refuses the same way but writes
+    nothing (the processes of a multi-process run that do not write the run's files).
     """
     new = _plain(config)
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
-        write_json_atomic(path, new)
+        if not check_only:
+            write_json_atomic(path, new)
         return {}
     with open(path) as f:
         old = json.load(f)
@@ -247,6 +250,8 @@ def record_config(
             "Pass --allow_config_change to resume with the new values (the change and its step "
             f"are then recorded in {CONFIG_CHANGES_FILE}), or use a fresh run directory"
         )
+    if check_only:
+        return changes
     if changes:
         previous = _history_path(workdir, "config_history", "config")
         write_json_atomic(previous, old)

@@ -193,9 +193,14 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
     ckpts = [Checkpoints(wd, keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
                          best_mode=config.checkpoint.best_mode) for wd in workdirs]
     starts = [c.latest_step() or 0 for c in ckpts]
-    if is_main_process():
-        for c, wd, start in zip(resolved, workdirs, starts):
+    for c, wd, start in zip(resolved, workdirs, starts):
+        if is_main_process():
             _record_run(wd, c, exp, step=start, allow_config_change=allow_config_change)
+        else:  # refuse a changed config in every process, not only in the one that writes
+            from cnnlab.train import rundir
+
+            rundir.record_config(wd, c.to_dict(), step=start, allow_config_change=allow_config_change,
+                                 check_only=True)
     outcomes = [TrialOutcome(metrics={}) for _ in range(K)]
     timings = {"setup": time.perf_counter() - t_start, "first_step": 0.0, "steps": 0.0, "eval": 0.0,
                "save": 0.0}
