@@ -6,7 +6,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -22,28 +21,30 @@ from cnnlab.train.writers import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Trains the smoke config in-process and prints the final metrics and a parameter digest.
-_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import numpy as np
-    sys.path.insert(0, {configs!r})
-    from cnnlab.train import distributed
-    distributed.initialize({address!r}, {nproc}, {pid})
-    import jax
-    import smoke
-    from cnnlab.train.trainer import train
-    config = smoke.get_config()
-    config.progress = False
-    config.num_epochs = 2
-    {overrides}
-    state, final = train(config, {workdir!r})
-    leaves = jax.tree_util.tree_leaves(state.params)
-    digest = [float(np.abs(np.asarray(x.addressable_data(0))).sum()) for x in leaves]
-    print("RESULT " + json.dumps({{"final": final, "digest": digest,
-                                  "devices": jax.device_count(), "processes": jax.process_count()}}))
-    """
-)
+# The smoke config in a fresh process (joined to others when given an address), overridden.
+_PRELUDE = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {configs!r})
+from cnnlab.train import distributed
+distributed.initialize({address!r}, {nproc}, {pid})
+import jax
+import smoke
+config = smoke.get_config()
+config.progress = False
+config.num_epochs = 2
+{overrides}
+"""
+
+# Trains it and prints the final metrics and a parameter digest.
+_SCRIPT = _PRELUDE + """
+from cnnlab.train.trainer import train
+state, final = train(config, {workdir!r})
+leaves = jax.tree_util.tree_leaves(state.params)
+digest = [float(np.abs(np.asarray(x.addressable_data(0))).sum()) for x in leaves]
+print("RESULT " + json.dumps({{"final": final, "digest": digest,
+                              "devices": jax.device_count(), "processes": jax.process_count()}}))
+"""
 
 
 # SGD keeps float-level differences between device layouts float-level (Adam's normalized
@@ -53,8 +54,8 @@ _SCRIPT = textwrap.dedent(
 _SGD = 'config.optimizer.name = "sgd"; config.optimizer.learning_rate = 0.02'
 
 
-def _launch(workdir, *, env_extra=None, address=None, nproc=1, pid=0, overrides=_SGD):
-    code = _SCRIPT.format(
+def _launch(workdir, *, env_extra=None, address=None, nproc=1, pid=0, overrides=_SGD, script=_SCRIPT):
+    code = script.format(
         configs=str(ROOT / "configs"), address=address, nproc=nproc, pid=pid,
         workdir=str(workdir), overrides=overrides,
     )
@@ -120,45 +121,26 @@ def test_two_processes_train_one_model_and_agree_on_its_parameters(tmp_path):
 
 
 # Two packed trials (learning rates 0.02 and 0.01) trained by one or two processes.
-_PACK_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    sys.path.insert(0, {configs!r})
-    from cnnlab.train import distributed
-    distributed.initialize({address!r}, {nproc}, {pid})
-    import jax
-    import smoke
-    from cnnlab.schema import copy_config
-    from cnnlab.train import train_trials
-    config = smoke.get_config()
-    config.progress = False
-    config.num_epochs = 2
-    config.optimizer.name = "sgd"
-    config.optimizer.learning_rate = 0.02
-    other = copy_config(config)
-    other.optimizer.learning_rate = 0.01
-    outcomes, _ = train_trials([config, other], [{workdir!r} + "/t0", {workdir!r} + "/t1"])
-    print("RESULT " + json.dumps({{"final": [o.metrics for o in outcomes],
-                                  "errors": [repr(o.error) for o in outcomes if o.error],
-                                  "processes": jax.process_count()}}))
-    """
-)
+_PACK_SCRIPT = _PRELUDE + """
+from cnnlab.schema import copy_config
+from cnnlab.train import train_trials
+other = copy_config(config)
+other.optimizer.learning_rate = 0.01
+outcomes, _ = train_trials([config, other], [{workdir!r} + "/t0", {workdir!r} + "/t1"])
+print("RESULT " + json.dumps({{"final": [o.metrics for o in outcomes],
+                              "errors": [repr(o.error) for o in outcomes if o.error],
+                              "processes": jax.process_count()}}))
+"""
 
 
 def test_two_processes_train_a_pack_and_match_one_process(tmp_path):
     """Packs work with several processes: the batch axis is split over them as in a single run."""
     address = f"127.0.0.1:{_free_port()}"
-
-    def launch(workdir, **kw):
-        code = _PACK_SCRIPT.format(configs=str(ROOT / "configs"), workdir=str(workdir),
-                                   **{"address": None, "nproc": 1, "pid": 0, **kw})
-        return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    procs = [launch(tmp_path / "two", address=address, nproc=2, pid=i) for i in range(2)]
+    procs = [_launch(tmp_path / "two", address=address, nproc=2, pid=i, script=_PACK_SCRIPT)
+             for i in range(2)]
     r0, r1 = [_result(p) for p in procs]
     assert r0["processes"] == 2 and not r0["errors"] and r0["final"] == r1["final"]
-    single = _result(launch(tmp_path / "one"))
+    single = _result(_launch(tmp_path / "one", script=_PACK_SCRIPT))
     for t in ("t0", "t1"):
         _assert_close_records(_epochs(tmp_path / "one" / t), _epochs(tmp_path / "two" / t), rtol=2e-3)
     assert r0["final"][0] != r0["final"][1]  # the two trials really differ

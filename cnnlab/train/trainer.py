@@ -25,6 +25,7 @@ import numpy as np
 
 from cnnlab import data as data_lib
 from cnnlab.train import report as report_lib
+from cnnlab.train import rundir
 from cnnlab.train.checkpoint import Checkpoints
 from cnnlab.train.distributed import is_main_process, process_slice
 from cnnlab.train.experiment import (
@@ -197,8 +198,6 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
         if is_main_process():
             _record_run(wd, c, exp, step=start, allow_config_change=allow_config_change)
         else:  # refuse a changed config in every process, not only in the one that writes
-            from cnnlab.train import rundir
-
             rundir.record_config(wd, c.to_dict(), step=start, allow_config_change=allow_config_change,
                                  check_only=True)
     outcomes = [TrialOutcome(metrics={}) for _ in range(K)]
@@ -231,8 +230,6 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
 def _record_run(workdir: str, config, exp: Experiment, *, step: int, allow_config_change: bool) -> None:
     """The run directory's records: config (refusing an unannounced change on resume), classes,
     extensions, preprocessing, split and environment."""
-    from cnnlab.train import rundir
-
     dataset = exp.dataset
     os.makedirs(workdir, exist_ok=True)
     rundir.record_config(workdir, config.to_dict(), step=step, allow_config_change=allow_config_change)
@@ -451,8 +448,6 @@ def evaluate(
     Refuses when the data on disk no longer gives the run's recorded split."""
     if exp is None:
         exp = build_experiment(config if config is not None else load_run_config(workdir))
-    from cnnlab.train import rundir
-
     rundir.check_split(workdir, exp.dataset)
     ckpt = Checkpoints(workdir, keep=exp.config.checkpoint.keep, best_metric=exp.config.checkpoint.best_metric,
                        best_mode=exp.config.checkpoint.best_mode)
