@@ -75,6 +75,15 @@ class Field:
 Schema = Mapping[str, "Field | Schema"]
 
 
+class Section(dict):
+    """A schema group whose resolved dict is passed through ``finalize(resolved, path)``: for a
+    group whose parts apply only when chosen (the parameters of the augmentation ops listed)."""
+
+    def __init__(self, fields: Schema, finalize: Callable[[dict[str, Any], str], dict[str, Any]]):
+        super().__init__(fields)
+        self.finalize = finalize
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -201,7 +210,7 @@ def resolve(schema: Schema, config: Any, *, prefix: str = "") -> dict[str, Any]:
             if not isinstance(sub, Mapping):
                 raise invalid(path, sub, "must be a group of fields")
             out[key] = resolve(node, sub, prefix=path + ".")
-    return out
+    return schema.finalize(out, prefix.rstrip(".")) if isinstance(schema, Section) else out
 
 
 def _leaves(schema: Schema, prefix: str) -> list[str]:

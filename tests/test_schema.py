@@ -119,7 +119,12 @@ def test_default_config_validates_and_validation_is_idempotent():
     for config in (default_config(), smoke_config()):
         once = validate_config(config)
         assert validate_config(once).to_dict() == once.to_dict()
-        assert set(flatten(default_config())) - {"model.kwargs"} <= set(flatten(once))
+        listed = tuple(f"data.augment.{op}." for op in once.data.augment.ops)
+        unlisted = {k for k in flatten(default_config())
+                    if k.startswith("data.augment.") and k != "data.augment.ops" and not k.startswith(listed)}
+        assert unlisted, "some ops are not listed in these configs"
+        assert set(flatten(default_config())) - {"model.kwargs"} - unlisted <= set(flatten(once))
+        assert not unlisted & set(flatten(once))  # only the listed ops' parameters are kept
     defaults = validate_config(default_config())
     assert defaults.data.val_fraction == 0.1 and defaults.checkpoint.best_metric == "val/accuracy"
     assert defaults.checkpoint.select_on_test is False and defaults.data.augment.ops == ()
@@ -265,13 +270,21 @@ def test_unknown_data_fields_raise():
 
 def test_augment_forms_that_keras_accepts():
     ok = {"width_shift_range": [-2, 2], "height_shift_range": 3, "zoom_range": [0.8, 1.2]}
-    got = D.resolve_config({"augment": {"keras_affine": ok}})["augment"]["keras_affine"]
+    got = D.resolve_config({"augment": {"ops": ["keras_affine"], "keras_affine": ok}})["augment"]["keras_affine"]
     assert got["width_shift_range"] == (-2, 2) and got["height_shift_range"] == 3
     assert got["zoom_range"] == (0.8, 1.2)
     for bad in ({"zoom_range": [1.2, 0.8]}, {"zoom_range": 1.5}, {"width_shift_range": -0.1},
                 {"width_shift_range": []}):
         with pytest.raises(ConfigError, match=f"data.augment.keras_affine.{next(iter(bad))}"):
             D.resolve_config({"augment": {"keras_affine": bad}})
+
+
+def test_parameters_of_an_op_that_is_not_listed_warn_and_are_not_kept():
+    with pytest.warns(UserWarning, match=r"data.augment.mixup.alpha set, but 'mixup' is not in data.augment.ops"):
+        got = D.resolve_config({"augment": {"ops": ["keras_affine"], "mixup": {"alpha": 0.5}}})
+    assert set(got["augment"]) == {"ops", "keras_affine"}
+    with pytest.raises(ConfigError, match="data.augment.mixup.alpha"):  # still validated
+        D.resolve_config({"augment": {"mixup": {"alpha": -1.0}}})
 
 
 def test_warnings_are_not_issued_for_default_selection():

@@ -25,13 +25,23 @@ must be traceable; a traceable parameter may arrive as a traced scalar. The buil
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
 from cnnlab._registry import Registry
-from cnnlab.schema import Field, Schema, at_least, default_config, greater_than, one_of, resolve
+from cnnlab.schema import (
+    Field,
+    Schema,
+    Section,
+    at_least,
+    default_config,
+    greater_than,
+    one_of,
+    resolve,
+)
 
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")
 CROP_FILL_MODES = ("constant", "reflect", "edge")
@@ -64,14 +74,34 @@ def register_augment(name: str, **fields: Field) -> Callable[[Callable], Callabl
 
 def augment_schema() -> Schema:
     """``data.augment``: the op list and every registered op's parameters (read at call time,
-    so ops registered by a user's module are included)."""
+    so ops registered by a user's module are included). Resolved, it keeps only the listed ops'
+    sections (see :func:`_listed_ops_only`)."""
     ops = Field((), tuple, doc="augmentation ops applied in this order (each gets its own key)",
                 choices=lambda: AUGMENT_OPS)
-    return {"ops": ops, **{name: op.fields for name, op in AUGMENT_OPS.items()}}
+    return Section({"ops": ops, **{name: op.fields for name, op in AUGMENT_OPS.items()}},
+                   _listed_ops_only)
+
+
+def _listed_ops_only(resolved: dict[str, Any], path: str) -> dict[str, Any]:
+    """The ops list and the sections of the ops it lists: a run records what it uses, so its
+    ``config.json`` does not depend on which other ops happened to be registered (a process
+    that re-reads it need not have them). Parameters set for an op that is not listed would
+    have no effect: that is warned about."""
+    listed = set(resolved["ops"])
+    for name, params in resolved.items():
+        if name == "ops" or name in listed:
+            continue
+        defaults = {p: f.default for p, f in AUGMENT_OPS.lookup(name).fields.items()}
+        changed = sorted(p for p, v in params.items() if v != defaults[p])
+        if changed:
+            warnings.warn(f"{path}.{name}.{', '.join(changed)} set, but {name!r} is not in "
+                          f"{path}.ops {tuple(resolved['ops'])}: no effect", UserWarning,
+                          stacklevel=2)
+    return {k: v for k, v in resolved.items() if k == "ops" or k in listed}
 
 
 def resolve_augment(config: Any) -> dict[str, Any]:
-    """A validated plain-dict ``data.augment`` config (every registered op's section filled)."""
+    """A validated plain-dict ``data.augment`` config (the listed ops' sections filled)."""
     return resolve(augment_schema(), config, prefix="data.augment.")
 
 
