@@ -16,8 +16,10 @@ non-zero exit; ``--verbose`` or ``CNNLAB_VERBOSE=1`` adds the traceback.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import errno
+import functools
 import os
 import re
 import sys
@@ -91,14 +93,24 @@ def _drop_library_tracebacks(record) -> bool:
     return True
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parse, with its errors and ml_collections' override errors as :class:`_UsageError`."""
+def _parse_flags(argv: list[str], own: list[tuple[str, object]] = ()) -> list[str]:
+    """absl's parse, with its errors and ml_collections' override errors as :class:`_UsageError`;
+    then the ``own`` overrides (:func:`_own_overrides`) are applied to the loaded config."""
     try:
         rest = FLAGS(argv)
     except flags.Error as e:
         raise _UsageError(str(e)) from e
-    except KeyError as e:  # an override naming no field; ml_collections adds "Did you mean"
+    except (KeyError, AttributeError) as e:  # an override naming no field ("Did you mean" added)
         raise _UsageError(_key_error_message(e, argv)) from e
+    if own:
+        config = FLAGS.config
+        with config.unlocked(), config.ignore_type():
+            for key, value in own:
+                *groups, leaf = key.split(".")
+                node = config
+                for g in groups:
+                    node = node[g]
+                node[leaf] = value
     if "config" in FLAGS and FLAGS["config"].present:
         path = config_flags.get_config_filename(FLAGS["config"])
         if not os.path.isfile(path):
@@ -109,6 +121,34 @@ def _parse_flags(argv: list[str]) -> list[str]:
         except OSError as e:
             raise (e.__cause__ or e) from None
     return rest
+
+
+def _own_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, object]]]:
+    """Splits off the ``--config.<key>=<value>`` overrides that ml_collections, which parses a
+    value as the type of the config's current value, cannot handle: fields of several types
+    (``data.image_size=(64,48)`` where the default is an int) and the model's constructor
+    arguments (``model.kwargs.<name>``, an open group the config file may not have filled).
+    Their values are Python literals (``0.2``, ``(16,32)``, ``True``) or else plain strings;
+    :func:`cnnlab.train.validate_config` checks them like any other field."""
+    from cnnlab.schema import Field, flatten
+    from cnnlab.train.config import train_schema
+
+    multi = {k for k, f in flatten(train_schema()).items()
+             if isinstance(f, Field) and isinstance(f.type_, tuple) and len(f.type_) > 1}
+    keep, own, args = [], [], iter(argv)
+    for arg in args:
+        key, eq, text = arg[len("--config."):].partition("=") if arg.startswith("--config.") else ("", "", "")
+        if not key or not (key in multi or key.startswith("model.kwargs.")):
+            keep.append(arg)
+            continue
+        if not eq:
+            text = next(args, "")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        own.append((key, tuple(value) if isinstance(value, list) else value))
+    return keep, own
 
 
 def _key_error_message(error: KeyError, argv: list[str]) -> str:
@@ -227,12 +267,16 @@ def _run_command(name: str, command: _Command, argv: list[str], *, verbose: bool
         print(_command_help(name, command, own, argv))
         return
     flags.mark_flags_as_required(list(command.required))
+    own: list[tuple[str, object]] = []
+    if command.config_fields:
+        argv, own = _own_overrides(argv)
+        sys.argv = list(argv)  # ml_collections reads the overrides it parses from sys.argv
 
     def run(rest: list[str]) -> None:
         _quiet_libraries(verbose)
         command.run(rest)
 
-    app.run(run, argv=argv, flags_parser=_parse_flags)
+    app.run(run, argv=argv, flags_parser=functools.partial(_parse_flags, own=own))
 
 
 _DISK_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)

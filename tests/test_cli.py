@@ -1,6 +1,7 @@
 """The ``cnnlab`` command end to end: help, clean user errors, Ctrl-C, read-only run directories."""
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -80,6 +81,21 @@ def test_a_typo_override_is_one_clean_line_and_verbose_shows_the_traceback(tmp_p
     assert not (tmp_path / "run").exists()
     for verbose in (cnnlab(*args, "--verbose"), cnnlab(*args, env={"CNNLAB_VERBOSE": "1"})):
         assert verbose.returncode == 2 and "Traceback (most recent call last)" in verbose.stderr
+
+
+def test_model_arguments_and_several_typed_fields_are_overridable(tmp_path):
+    # head_dropout is not set by the smoke config; image_size is an int there, set to a pair here.
+    run = tmp_path / "run"
+    proc = cnnlab(*train_args(run, "--config.num_epochs=1", "--config.model.kwargs.head_dropout=0.25",
+                              "--config.data.image_size=(16,12)", "--config.model.kwargs.global_pool", "True"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["model"]["kwargs"]["head_dropout"] == 0.25 and recorded["model"]["kwargs"]["global_pool"] is True
+    assert recorded["data"]["image_size"] == [16, 12] and recorded["model"]["kwargs"]["widths"] == [8]
+    assert_clean_error(cnnlab(*train_args(tmp_path / "typo", "--config.model.kwargs.widthz=(8,)")),
+                       "unknown config key 'model.kwargs.widthz' (did you mean 'model.kwargs.widths'?)", code=2)
+    assert_clean_error(cnnlab(*train_args(tmp_path / "bad", "--config.data.image_size=(16,0)")),
+                       "config key 'data.image_size'", code=2)
 
 
 def test_bad_values_a_missing_config_and_missing_data_are_clean_errors(tmp_path):
