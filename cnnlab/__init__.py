@@ -1,6 +1,10 @@
 """cnnlab: Keras-exact convolutional layers in JAX/Flax, config-driven training and sweeps."""
 
+from cnnlab import backend as _backend
 from cnnlab._lazy import lazy_attributes
+
+#: XLA:CPU's convolution kernels, chosen before JAX starts (``cnnlab.backend.configure_xla_cpu``).
+CPU_CONVOLUTIONS = _backend.configure_xla_cpu()
 
 __version__ = "0.1.0"
 

@@ -1,14 +1,20 @@
-"""Package-wide defaults, named after their Keras counterparts.
+"""Package-wide defaults, named after their Keras counterparts, and XLA:CPU's settings.
 
 The only global state in cnnlab: the default image data format used when a layer or
 function receives ``data_format=None``. It starts as ``"channels_last"`` and can be
 changed with :func:`set_image_data_format` or the ``CNNLAB_IMAGE_DATA_FORMAT``
 environment variable (read once, at import).
+
+``import cnnlab`` also chooses XLA:CPU's convolution kernels (:func:`configure_xla_cpu`),
+before JAX starts its CPU backend.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
+from importlib import metadata
 
 _VALID_DATA_FORMATS = ("channels_last", "channels_first")
 
@@ -47,3 +53,60 @@ def standardize_data_format(data_format: str | None) -> str:
 def epsilon() -> float:
     """Keras' fuzz factor (1e-7), used by constraints and some activations."""
     return 1e-7
+
+
+# --------------------------------------------------------------------------- XLA:CPU
+
+#: ``eigen`` (cnnlab's default) or ``ynnpack`` (XLA's own default on jaxlib >= 0.10).
+CPU_CONVOLUTIONS_ENV = "CNNLAB_CPU_CONVOLUTIONS"
+CPU_CONVOLUTIONS = ("eigen", "ynnpack")
+_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+#: Keeps XLA's other YNNPACK fusions (dots, reductions) and takes its convolutions out of
+#: them, so that they run on XLA's Eigen kernels: on CPU their kernel gradients are several
+#: times faster there (experiments/bench/README.md measures both).
+EIGEN_CONVOLUTIONS_FLAG = f"{_YNN_FLAG}=-individual_convolution"
+
+
+def _jaxlib_has_ynnpack() -> bool:
+    # An XLA flag this jaxlib does not know aborts the process, so the flag is only set on the
+    # versions it was measured on.
+    try:
+        major, minor = (int(p) for p in metadata.version("jaxlib").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (0, 10)
+
+
+def _cpu_backend_started() -> bool:
+    """Whether JAX already runs on a CPU backend (JAX's one private name cnnlab reads)."""
+    xla_bridge = sys.modules.get("jax._src.xla_bridge")
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started and started()) and sys.modules["jax"].default_backend() == "cpu"
+
+
+def configure_xla_cpu(environ: dict[str, str] | None = None) -> str:
+    """Chooses XLA:CPU's convolution kernels before JAX starts its backend; returns the choice.
+
+    ``CNNLAB_CPU_CONVOLUTIONS=eigen`` (the default) adds :data:`EIGEN_CONVOLUTIONS_FLAG` to
+    ``XLA_FLAGS``; ``ynnpack`` leaves XLA's default. A ``XLA_FLAGS`` that already sets
+    ``--xla_cpu_experimental_ynn_fusion_type`` is the user's choice and is left as it is
+    (``"user"``); so is a jaxlib older than 0.10 (``"xla-default"``). Only CPU programs are
+    affected. When JAX's backend started before ``import cnnlab``, the flag can no longer
+    apply: a warning says so.
+    """
+    env = os.environ if environ is None else environ
+    mode = env.get(CPU_CONVOLUTIONS_ENV, "eigen").strip().lower() or "eigen"
+    if mode not in CPU_CONVOLUTIONS:
+        raise ValueError(f"{CPU_CONVOLUTIONS_ENV}={mode!r}: must be one of {', '.join(CPU_CONVOLUTIONS)}")
+    flags = env.get("XLA_FLAGS", "")
+    if _YNN_FLAG in flags:
+        return "user"
+    if mode == "ynnpack" or not _jaxlib_has_ynnpack():
+        return mode if mode == "ynnpack" else "xla-default"
+    env["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS_FLAG}".strip()
+    if _cpu_backend_started():
+        warnings.warn(
+            "cnnlab was imported after JAX started its backend, so XLA:CPU keeps its YNNPACK "
+            "convolutions (slower training on CPU): import cnnlab before running JAX code, or set "
+            f"XLA_FLAGS={EIGEN_CONVOLUTIONS_FLAG}", stacklevel=3)
+    return mode

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 
+import cnnlab
 from cnnlab.data.dataset import Dataset
 from cnnlab.schema import flatten
 from cnnlab.train.writers import write_json_atomic, write_text_atomic
@@ -176,6 +177,8 @@ def environment() -> dict[str, Any]:
         "devices": [str(d) for d in devices],
         "device_kinds": sorted({d.device_kind for d in devices}),
         "process_count": jax.process_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_convolutions": cnnlab.CPU_CONVOLUTIONS,
     }
 
 

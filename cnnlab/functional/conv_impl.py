@@ -1,0 +1,201 @@
+"""Formulations of a 2-D convolution's three parts: forward, input gradient, kernel gradient.
+
+XLA:CPU emits the kernel gradient of a convolution as a convolution whose window is the whole
+feature map, which its convolution library runs several times slower than the forward. The
+same sums can be written as matrix products, which XLA runs near its matmul speed:
+
+* kernel gradient ``"taps"``: one ``[C_in, N*Ho*Wo] x [N*Ho*Wo, C_out]`` product per kernel
+  tap, on the strided slice of the padded input under that tap;
+* kernel gradient ``"im2col"``: the taps' slices concatenated along channels, one product;
+* input gradient ``"col2im"``: ``dy @ kernel^T`` gives every tap's contribution at once, then
+  each tap's part is placed (interior padding for strides) and summed.
+
+:func:`conv2d` runs XLA's forward with the chosen backward formulations behind a
+``jax.custom_vjp``; ``"xla"`` in both is exactly ``lax.conv_general_dilated``'s autodiff.
+Only NHWC, ``groups == 1`` convolutions are covered; the caller falls back to XLA otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """A 2-D NHWC convolution's static geometry (explicit padding, groups == 1)."""
+
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    dilation: tuple[int, int]
+    in_hw: tuple[int, int]
+    in_channels: int
+    out_channels: int
+
+    @classmethod
+    def make(cls, x_shape: Sequence[int], kernel_shape: Sequence[int], *,
+             strides: Sequence[int], padding: str | Sequence[tuple[int, int]],
+             dilation: Sequence[int]) -> ConvSpec:
+        kh, kw, cin, cout = kernel_shape
+        hw = (int(x_shape[1]), int(x_shape[2]))
+        if isinstance(padding, str):
+            padding = lax.padtype_to_pads(
+                hw, ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1), strides, padding)
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        return cls((int(kh), int(kw)), tuple(map(int, strides)), pads, tuple(map(int, dilation)),
+                   hw, int(cin), int(cout))
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return tuple(
+            (n + lo + hi - (k - 1) * d - 1) // s + 1
+            for n, (lo, hi), k, d, s in zip(self.in_hw, self.padding, self.kernel_size,
+                                            self.dilation, self.strides)
+        )
+
+    def taps(self) -> list[tuple[int, int]]:
+        """(row, column) offsets of each kernel tap in the padded input, row-major."""
+        (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+        return [(i * dh, j * dw) for i in range(kh) for j in range(kw)]
+
+
+def xla_forward(x: Array, kernel: Array, spec: ConvSpec, precision=None) -> Array:
+    return lax.conv_general_dilated(x, kernel, spec.strides, spec.padding,
+                                    rhs_dilation=spec.dilation, dimension_numbers=_DN,
+                                    precision=precision)
+
+
+# --------------------------------------------------------------------------- input gradient
+
+
+def _xla_input_grad(g: Array, kernel: Array, spec: ConvSpec) -> Array:
+    x = jax.ShapeDtypeStruct((g.shape[0], *spec.in_hw, spec.in_channels), g.dtype)
+    return jax.linear_transpose(lambda x: xla_forward(x, kernel, spec), x)(g)[0]
+
+
+def _col2im_input_grad(g: Array, kernel: Array, spec: ConvSpec) -> Array:
+    n = g.shape[0]
+    (ho, wo), (sh, sw) = spec.out_hw, spec.strides
+    (plo, phi), (qlo, qhi) = spec.padding
+    hp, wp = spec.in_hw[0] + plo + phi, spec.in_hw[1] + qlo + qhi
+    kh, kw, cin, cout = kernel.shape
+    cols = jnp.dot(g.reshape(-1, cout), kernel.reshape(kh * kw * cin, cout).T)
+    cols = cols.reshape(n, ho, wo, kh * kw, cin)
+    zero = jnp.zeros((), g.dtype)
+    total = None
+    for t, (di, dj) in enumerate(spec.taps()):
+        part = lax.pad(cols[:, :, :, t], zero, (
+            (0, 0, 0),
+            (di, hp - di - (ho - 1) * sh - 1, sh - 1),
+            (dj, wp - dj - (wo - 1) * sw - 1, sw - 1),
+            (0, 0, 0),
+        ))
+        total = part if total is None else total + part
+    return total[:, plo:plo + spec.in_hw[0], qlo:qlo + spec.in_hw[1]]
+
+
+# --------------------------------------------------------------------------- kernel gradient
+
+
+def _xla_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
+    k = jax.ShapeDtypeStruct((*spec.kernel_size, spec.in_channels, spec.out_channels), x.dtype)
+    return jax.linear_transpose(lambda k: xla_forward(x, k, spec), k)(g)[0]
+
+
+def _tap_slices(x: Array, spec: ConvSpec) -> list[Array]:
+    (ho, wo), (sh, sw) = spec.out_hw, spec.strides
+    xp = jnp.pad(x, ((0, 0), *spec.padding, (0, 0)))
+    return [
+        lax.slice(xp, (0, di, dj, 0), (x.shape[0], di + (ho - 1) * sh + 1, dj + (wo - 1) * sw + 1,
+                                       x.shape[3]), (1, sh, sw, 1))
+        for di, dj in spec.taps()
+    ]
+
+
+def _taps_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
+    g2 = g.reshape(-1, g.shape[-1])
+    grads = [jnp.dot(s.reshape(-1, s.shape[-1]).T, g2) for s in _tap_slices(x, spec)]
+    return jnp.stack(grads).reshape(*spec.kernel_size, spec.in_channels, spec.out_channels)
+
+
+def _im2col_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
+    patches = jnp.concatenate(_tap_slices(x, spec), axis=-1)
+    grad = jnp.dot(patches.reshape(-1, patches.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+    return grad.reshape(*spec.kernel_size, spec.in_channels, spec.out_channels)
+
+
+def _phase_grid(spec: ConvSpec) -> tuple[int, int]:
+    """(Hq, Wq): the padded input split into ``strides`` phases, each an Hq x Wq grid."""
+    return tuple(-(-(n + lo + hi) // s) for n, (lo, hi), s in
+                 zip(spec.in_hw, spec.padding, spec.strides))
+
+
+def _shift_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
+    """Each tap's product on contiguous rows: the padded input, split into stride phases and
+    flattened to ``[N*Hq*Wq, C]``, is the tap's input shifted by one row offset
+    (``(di // sh) * Wq + dj // sw`` in phase ``(di % sh, dj % sw)``), and ``dy`` placed on the
+    same grid is zero wherever the shift runs past a row or image; no strided copies."""
+    n, c = x.shape[0], x.shape[3]
+    (sh, sw), (hq, wq), (ho, wo) = spec.strides, _phase_grid(spec), spec.out_hw
+    (plo, phi), (qlo, qhi) = spec.padding
+    xp = jnp.pad(x, ((0, 0), (plo, hq * sh - spec.in_hw[0] - plo), (qlo, wq * sw - spec.in_hw[1] - qlo), (0, 0)))
+    phases = xp.reshape(n, hq, sh, wq, sw, c).transpose(2, 4, 0, 1, 3, 5).reshape(sh, sw, -1, c)
+    taps = spec.taps()
+    offsets = [(di % sh, dj % sw, (di // sh) * wq + dj // sw) for di, dj in taps]
+    extra = max(o for *_, o in offsets)
+    phases = jnp.pad(phases, ((0, 0), (0, 0), (0, extra), (0, 0)))
+    rows = n * hq * wq
+    gq = jnp.pad(g, ((0, 0), (0, hq - ho), (0, wq - wo), (0, 0))).reshape(rows, -1)
+    grads = [jnp.dot(lax.dynamic_slice_in_dim(phases[a, b], o, rows).T, gq) for a, b, o in offsets]
+    return jnp.stack(grads).reshape(*spec.kernel_size, spec.in_channels, spec.out_channels)
+
+
+def _patches_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
+    """im2col by ``lax.conv_general_dilated_patches`` (a grouped one-hot convolution, which
+    XLA runs as a fast forward convolution), then one ``[C*kh*kw, P] x [P, C_out]`` product."""
+    patches = lax.conv_general_dilated_patches(
+        x, spec.kernel_size, spec.strides, spec.padding, rhs_dilation=spec.dilation,
+        dimension_numbers=_DN, precision=lax.Precision.HIGHEST)
+    grad = jnp.dot(patches.reshape(-1, patches.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+    kh, kw = spec.kernel_size
+    return grad.reshape(spec.in_channels, kh, kw, spec.out_channels).transpose(1, 2, 0, 3)
+
+
+INPUT_GRADS = {"xla": _xla_input_grad, "col2im": _col2im_input_grad}
+KERNEL_GRADS = {"xla": _xla_kernel_grad, "taps": _taps_kernel_grad, "im2col": _im2col_kernel_grad,
+                "shift": _shift_kernel_grad, "patches": _patches_kernel_grad}
+
+
+def applies(part: str, form: str, spec: ConvSpec) -> bool:
+    """Whether formulation ``form`` of ``part`` (``fwd``, ``dx``, ``dw``) handles ``spec``."""
+    return form == "xla" or part in ("dx", "dw")
+
+
+# --------------------------------------------------------------------------- the op
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x: Array, kernel: Array, spec: ConvSpec, input_grad: str, kernel_grad: str) -> Array:
+    """XLA's forward; gradients by ``INPUT_GRADS[input_grad]`` and ``KERNEL_GRADS[kernel_grad]``."""
+    return xla_forward(x, kernel, spec)
+
+
+def _fwd(x, kernel, spec, input_grad, kernel_grad):
+    return xla_forward(x, kernel, spec), (x, kernel)
+
+
+def _bwd(spec, input_grad, kernel_grad, res, g):
+    x, kernel = res
+    return INPUT_GRADS[input_grad](g, kernel, spec), KERNEL_GRADS[kernel_grad](x, g, spec)
+
+
+conv2d.defvjp(_fwd, _bwd)

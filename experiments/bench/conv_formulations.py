@@ -1,0 +1,100 @@
+"""Each StridedNet convolution's three parts (forward, input gradient, kernel gradient) timed
+alone, XLA's own formulation against the alternatives in ``cnnlab.functional.conv_impl``.
+
+    python experiments/bench/conv_formulations.py                    # batch 32 and 128
+    python experiments/bench/conv_formulations.py --batches 32 --repeats 7 --json out.json
+
+Per layer and batch: median ms of each part under each formulation (after a compiling call),
+and GFLOP/s (a multiply-add = 2 FLOPs; the kernel and input gradients cost what the forward
+does). XLA's kernel gradient is what ``jax.vjp`` of ``lax.conv_general_dilated`` emits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from cnnlab.functional import conv_impl  # noqa: E402
+
+# (name, H, W, C_in, C_out, kernel, stride, padding) for NHWC inputs: StridedNet at 96x96, and
+# the ResNet of configs/caltech101.py (its distinct shapes at 128x128).
+STRIDEDNET = [
+    ("stem 7x7/2", 96, 96, 3, 16, 7, 2, "VALID"),
+    ("b1 3x3", 45, 45, 16, 32, 3, 1, "SAME"),
+    ("b1 3x3/2", 45, 45, 32, 32, 3, 2, "SAME"),
+    ("b2 3x3", 23, 23, 32, 64, 3, 1, "SAME"),
+    ("b2 3x3/2", 23, 23, 64, 64, 3, 2, "SAME"),
+    ("b3 3x3", 12, 12, 64, 128, 3, 1, "SAME"),
+    ("b3 3x3/2", 12, 12, 128, 128, 3, 2, "SAME"),
+]
+
+
+def _time(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def measure(layer, batch: int, repeats: int) -> dict:
+    name, h, w, cin, cout, k, s, padding = layer
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, h, w, cin), np.float32))
+    kern = jnp.asarray(rng.standard_normal((k, k, cin, cout), np.float32) * 0.1)
+    spec = conv_impl.ConvSpec.make(x.shape, kern.shape, strides=(s, s), padding=padding,
+                                   dilation=(1, 1))
+    y = conv_impl.xla_forward(x, kern, spec)
+    g = jnp.asarray(rng.standard_normal(y.shape, np.float32))
+    flops = 2 * y.size * k * k * cin
+    row = {"layer": name, "batch": batch, "mflop": flops / 1e6}
+    parts = {
+        "fwd": {"xla": (conv_impl.xla_forward, x, kern)},
+        "dx": {f: (conv_impl.INPUT_GRADS[f], g, kern) for f in conv_impl.INPUT_GRADS},
+        "dw": {f: (conv_impl.KERNEL_GRADS[f], x, g) for f in conv_impl.KERNEL_GRADS},
+    }
+    for part, forms in parts.items():
+        for form, (fn, a, b) in forms.items():
+            if not conv_impl.applies(part, form, spec):
+                continue
+            jitted = jax.jit(lambda a, b, fn=fn: fn(a, b, spec))
+            ms = _time(jitted, a, b, repeats=repeats)
+            row[f"{part}/{form}"] = round(ms, 3)
+            row[f"{part}/{form}/gflops"] = round(flops / ms / 1e6, 1)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="32,128")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    rows = []
+    for batch in map(int, args.batches.split(",")):
+        for layer in STRIDEDNET:
+            row = measure(layer, batch, args.repeats)
+            rows.append(row)
+            cells = "  ".join(f"{k}={v}" for k, v in row.items() if k.count("/") == 1)
+            print(f"{row['layer']:<10} b{batch:<4} {cells}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"jax": jax.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

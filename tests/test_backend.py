@@ -1,0 +1,61 @@
+"""cnnlab.backend: XLA:CPU's convolution kernels chosen at ``import cnnlab``."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT
+
+from cnnlab import backend
+
+FLAG = backend.EIGEN_CONVOLUTIONS_FLAG
+
+
+def test_the_default_takes_convolutions_out_of_ynnpack_and_keeps_other_flags(monkeypatch):
+    monkeypatch.setattr(backend, "_jaxlib_has_ynnpack", lambda: True)
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert backend.configure_xla_cpu(env) == "eigen"
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {FLAG}"
+    env = {}
+    assert backend.configure_xla_cpu(env) == "eigen" and env["XLA_FLAGS"] == FLAG
+
+
+def test_the_users_own_choice_and_older_jaxlibs_are_left_alone(monkeypatch):
+    monkeypatch.setattr(backend, "_jaxlib_has_ynnpack", lambda: True)
+    own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
+    assert backend.configure_xla_cpu(own) == "user" and own["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+    xla = {"CNNLAB_CPU_CONVOLUTIONS": "ynnpack"}
+    assert backend.configure_xla_cpu(xla) == "ynnpack" and "XLA_FLAGS" not in xla
+    monkeypatch.setattr(backend, "_jaxlib_has_ynnpack", lambda: False)
+    old = {}
+    assert backend.configure_xla_cpu(old) == "xla-default" and "XLA_FLAGS" not in old
+    with pytest.raises(ValueError, match="CNNLAB_CPU_CONVOLUTIONS='mkl': must be one of eigen, ynnpack"):
+        backend.configure_xla_cpu({"CNNLAB_CPU_CONVOLUTIONS": "mkl"})
+
+
+_COMPILED = """
+import re, cnnlab, jax, jax.numpy as jnp
+from cnnlab import functional as F
+x, k = jnp.ones((4, 24, 24, 16)), jnp.ones((3, 3, 16, 32))
+grad = jax.jit(jax.grad(lambda k: jnp.sum(F.conv2d(x, k, padding="same") ** 2)))
+text = grad.lower(k).compile().as_text()
+# Each computation's name -> its body; a YNNPACK call is a fusion of kind __ynn_fusion.
+bodies = {m.group(1): m.group(0) for m in re.finditer(r"^%(\\S+) \\(.*?^}", text, re.M | re.S)}
+ynn = re.findall(r"calls=%([\\w.]+), .*__ynn_fusion", text)
+in_ynn = sum(" convolution(" in bodies.get(name, "") for name in ynn)
+print(cnnlab.CPU_CONVOLUTIONS, text.count(" convolution("), in_ynn)
+"""
+
+
+@pytest.mark.parametrize("mode", ["eigen", "ynnpack"])
+def test_the_choice_reaches_the_compiled_program(mode):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", _COMPILED], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**env, "CNNLAB_CPU_CONVOLUTIONS": mode, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    chosen, convs, convs_in_ynnpack = out.stdout.split()
+    if not backend._jaxlib_has_ynnpack():
+        pytest.skip("this jaxlib has no YNNPACK fusions")
+    assert chosen == mode and int(convs) == 2  # the forward and the kernel gradient
+    assert int(convs_in_ynnpack) == (0 if mode == "eigen" else 2)
