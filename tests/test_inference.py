@@ -1,12 +1,15 @@
 """cnnlab.load_run / Run.predict / cnnlab predict: a run directory alone classifies images as
 the trainer evaluates them (the data folder is deleted before any prediction)."""
 
+import ast
 import csv
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -239,3 +242,13 @@ def test_import_cnnlab_stays_light():
     code = ("import sys, cnnlab; assert 'cnnlab.inference' not in sys.modules; cnnlab.load_run; "
             "assert 'load_run' in dir(cnnlab) and not [m for m in sys.modules if m.startswith(('jax', 'flax'))]")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_readmes_python_example_runs(trained, capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(import numpy as np\n.*?)```", readme, re.S).group(1)
+    assert '"runs/smoke"' in block and "(32, 32, 3)" in block
+    code = block.replace('"runs/smoke"', repr(str(trained["run"]))).replace("(32, 32, 3)", "(16, 16, 3)")
+    exec(compile(code, "README.md", "exec"), {})
+    names = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(names) == 2 and set(names) <= set(cnnlab.load_run(str(trained["run"])).class_names)

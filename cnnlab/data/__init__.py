@@ -22,6 +22,7 @@ applied on device by the trainer through :func:`augment_pipeline`.
 
 from __future__ import annotations
 
+from cnnlab._files import ENV_CACHE_DIR, cache_root
 from cnnlab._lazy import lazy_attributes
 from cnnlab.data.augmentations import (
     AUGMENT_OPS,
@@ -30,7 +31,6 @@ from cnnlab.data.augmentations import (
     augment_preset,
     register_augment,
 )
-from cnnlab.data.cache import ENV_CACHE_DIR, cache_root
 from cnnlab.data.config import CLASS_PRESETS, default_data_config, resolve_config
 from cnnlab.data.dataset import Dataset, Split, decode_images, load_dataset
 from cnnlab.data.iterator import epoch_order, iterate_epoch, iterate_train, num_batches

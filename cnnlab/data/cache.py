@@ -32,18 +32,7 @@ from typing import Any
 import numpy as np
 
 FORMAT_VERSION = 2  # 2: unreadable files keep a (zero) row
-ENV_CACHE_DIR = "CNNLAB_CACHE_DIR"
 _CHUNK = 1 << 24
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache root: ``cache_dir``, else ``$CNNLAB_CACHE_DIR``, else ``~/.cache/cnnlab``."""
-    if cache_dir:
-        return Path(os.path.expanduser(str(cache_dir)))
-    env = os.environ.get(ENV_CACHE_DIR)
-    if env:
-        return Path(os.path.expanduser(env))
-    return Path.home() / ".cache" / "cnnlab"
 
 
 def compute_key(payload: Any) -> str:

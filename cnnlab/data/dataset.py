@@ -22,9 +22,10 @@ import numpy as np
 import PIL
 from PIL import Image
 
+from cnnlab._files import cache_root
 from cnnlab.data import sources
 from cnnlab.data._decode import load_image, resize_image, to_rgb
-from cnnlab.data.cache import FORMAT_VERSION, cache_root, compute_key, load_prepared, write_prepared
+from cnnlab.data.cache import FORMAT_VERSION, compute_key, load_prepared, write_prepared
 from cnnlab.data.config import CLASS_PRESETS, image_hw, resolve_config
 from cnnlab.data.iterator import Batch, iterate_epoch, iterate_train, num_batches
 from cnnlab.data.splits import assign_splits, class_count_table

@@ -34,6 +34,7 @@ from jax import lax
 
 from cnnlab import backend
 from cnnlab import initializers as initializers_lib
+from cnnlab.functional import conv_impl
 from cnnlab.functional._args import (
     Padding,
     check_output_size,
@@ -213,15 +214,16 @@ def conv(
             f"kernel_size={kernel.shape[:n]}, strides={strides}, dilation_rate={dilation_rate}, "
             f"padding={padding!r}",
         )
-    y = lax.conv_general_dilated(
+    y = conv_impl.convolve(
         x,
         kernel,
-        window_strides=strides,
+        strides=strides,
         padding=xla_padding,
-        rhs_dilation=dilation_rate,
-        dimension_numbers=_dimension_numbers(n, data_format),
-        feature_group_count=groups,
+        dilation=dilation_rate,
+        channels_last=data_format == "channels_last",
+        groups=groups,
         precision=precision,
+        dimension_numbers=_dimension_numbers(n, data_format),
     )
     return bias_activation(y, bias, activation, axis=_channel_axis(data_format))
 

@@ -12,18 +12,36 @@ same sums can be written as matrix products, which XLA runs near its matmul spee
 
 :func:`conv2d` runs XLA's forward with the chosen backward formulations behind a
 ``jax.custom_vjp``; ``"xla"`` in both is exactly ``lax.conv_general_dilated``'s autodiff.
-Only NHWC, ``groups == 1`` convolutions are covered; the caller falls back to XLA otherwise.
+
+Which formulation a convolution uses (:func:`choose`) is decided per shape by measurement, like
+cuDNN's benchmark mode: on the CPU backend, the first time a shape is traced each formulation
+of each gradient is compiled and timed, the fastest is kept if it beats XLA's by 10%, and the
+choice is cached per machine in ``<cache root>/conv_formulations.json``. On other backends XLA's
+formulation is used. ``CNNLAB_CONV_FORMULATION`` forces a choice: ``xla`` (XLA's own autodiff,
+no custom VJP), ``auto`` (the default) or ``<input grad>/<kernel grad>`` (``col2im/taps``).
+Covered: 2-D float32 convolutions with ``groups == 1`` and default precision, in either data
+format; anything else is XLA's. A custom VJP has no forward-mode derivative: under
+``jax.jvp``/``jax.jacfwd`` set ``CNNLAB_CONV_FORMULATION=xla``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import platform
+import statistics
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from cnnlab._files import cache_root, write_text_atomic
 
 Array = jax.Array
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -40,6 +58,7 @@ class ConvSpec:
     in_hw: tuple[int, int]
     in_channels: int
     out_channels: int
+    batch: int = 1
 
     @classmethod
     def make(cls, x_shape: Sequence[int], kernel_shape: Sequence[int], *,
@@ -52,7 +71,7 @@ class ConvSpec:
                 hw, ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1), strides, padding)
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
         return cls((int(kh), int(kw)), tuple(map(int, strides)), pads, tuple(map(int, dilation)),
-                   hw, int(cin), int(cout))
+                   hw, int(cin), int(cout), int(x_shape[0]))
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -177,25 +196,144 @@ KERNEL_GRADS = {"xla": _xla_kernel_grad, "taps": _taps_kernel_grad, "im2col": _i
 
 def applies(part: str, form: str, spec: ConvSpec) -> bool:
     """Whether formulation ``form`` of ``part`` (``fwd``, ``dx``, ``dw``) handles ``spec``."""
+    del spec  # every formulation handles every 2-D geometry
     return form == "xla" or part in ("dx", "dw")
 
 
 # --------------------------------------------------------------------------- the op
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv2d(x: Array, kernel: Array, spec: ConvSpec, input_grad: str, kernel_grad: str) -> Array:
-    """XLA's forward; gradients by ``INPUT_GRADS[input_grad]`` and ``KERNEL_GRADS[kernel_grad]``."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: Array, kernel: Array, spec: ConvSpec, formulation: str) -> Array:
+    """XLA's forward; the gradients by ``formulation``: ``"<input grad>/<kernel grad>"``
+    (names in :data:`INPUT_GRADS`, :data:`KERNEL_GRADS`) or ``"auto"`` (:func:`choose`, made
+    when the backward pass is traced, so a forward-only use never measures)."""
     return xla_forward(x, kernel, spec)
 
 
-def _fwd(x, kernel, spec, input_grad, kernel_grad):
+def _fwd(x, kernel, spec, formulation):
     return xla_forward(x, kernel, spec), (x, kernel)
 
 
-def _bwd(spec, input_grad, kernel_grad, res, g):
+def _bwd(spec, formulation, res, g):
     x, kernel = res
-    return INPUT_GRADS[input_grad](g, kernel, spec), KERNEL_GRADS[kernel_grad](x, g, spec)
+    dx, dw = choose(spec) if formulation == "auto" else formulation.split("/")
+    return INPUT_GRADS[dx](g, kernel, spec), KERNEL_GRADS[dw](x, g, spec)
 
 
 conv2d.defvjp(_fwd, _bwd)
+
+
+# --------------------------------------------------------------------------- choice
+
+FORMULATION_ENV = "CNNLAB_CONV_FORMULATION"
+CACHE_FILE = "conv_formulations.json"
+#: An alternative is kept only if its median time is below this fraction of XLA's.
+MARGIN = 0.9
+_XLA = ("xla", "xla")
+_memory: dict[str, tuple[str, str]] = {}
+
+
+def _forced() -> tuple[str, str] | None:
+    """The ``CNNLAB_CONV_FORMULATION`` setting: a pair, or None for ``auto``."""
+    mode = os.environ.get(FORMULATION_ENV, "auto").strip().lower() or "auto"
+    if mode == "auto":
+        return None
+    if mode == "xla":
+        return _XLA
+    dx, _, dw = mode.partition("/")
+    if dx not in INPUT_GRADS or dw not in KERNEL_GRADS:
+        raise ValueError(
+            f"{FORMULATION_ENV}={mode!r}: expected auto, xla or <input grad>/<kernel grad> with the "
+            f"input grad one of {', '.join(INPUT_GRADS)} and the kernel grad one of {', '.join(KERNEL_GRADS)}")
+    return dx, dw
+
+
+def _machine_key() -> str:
+    import jaxlib
+
+    return "|".join([jax.default_backend(), platform.machine(), platform.processor() or "?",
+                     f"jaxlib {jaxlib.__version__}", os.environ.get("XLA_FLAGS", "")])
+
+
+def _spec_key(spec: ConvSpec) -> str:
+    return json.dumps(dataclasses.astuple(spec))
+
+
+def _cache_path() -> str:
+    return str(cache_root() / CACHE_FILE)
+
+
+def _read_cache() -> dict[str, Any]:
+    try:
+        with open(_cache_path()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _median_ms(fn, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def measure(spec: ConvSpec) -> dict[str, dict[str, float]]:
+    """Median ms of every input- and kernel-gradient formulation of ``spec`` (float32)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((spec.batch, *spec.in_hw, spec.in_channels), np.float32))
+    kernel = jnp.asarray(rng.standard_normal((*spec.kernel_size, spec.in_channels, spec.out_channels),
+                                             np.float32))
+    g = jnp.asarray(rng.standard_normal((spec.batch, *spec.out_hw, spec.out_channels), np.float32))
+    out: dict[str, dict[str, float]] = {"dx": {}, "dw": {}}
+    for part, forms, a, b in (("dx", INPUT_GRADS, g, kernel), ("dw", KERNEL_GRADS, x, g)):
+        for name, fn in forms.items():
+            out[part][name] = round(_median_ms(jax.jit(functools.partial(fn, spec=spec)), a, b), 4)
+    return out
+
+
+def _fastest(times: dict[str, float]) -> str:
+    best = min(times, key=times.get)
+    return best if times[best] < MARGIN * times["xla"] else "xla"
+
+
+def choose(spec: ConvSpec) -> tuple[str, str]:
+    """``(input grad, kernel grad)`` for ``spec`` in ``auto`` mode: XLA's off the CPU backend;
+    on it, cached per machine, else measured now (:func:`measure`) and cached."""
+    if jax.default_backend() != "cpu":
+        return _XLA
+    key = f"{_machine_key()}|{_spec_key(spec)}"
+    if key not in _memory:
+        entry = _read_cache().get(key)
+        if entry is None:
+            times = measure(spec)
+            entry = {"dx": _fastest(times["dx"]), "dw": _fastest(times["dw"]), "ms": times}
+            cache = {**_read_cache(), key: entry}  # another process may have written meanwhile
+            try:
+                write_text_atomic(_cache_path(), json.dumps(cache, indent=1, sort_keys=True))
+            except OSError:
+                pass  # a read-only cache: the next process measures again
+        _memory[key] = (entry["dx"], entry["dw"])
+    return _memory[key]
+
+
+def convolve(x: Array, kernel: Array, *, strides: Sequence[int], padding: Any,
+             dilation: Sequence[int], channels_last: bool, groups: int, precision: Any,
+             dimension_numbers: Any) -> Array:
+    """``lax.conv_general_dilated`` (what cnnlab's convolutions call), with the gradient
+    formulations of ``CNNLAB_CONV_FORMULATION`` where covered; ``xla``: exactly lax's op."""
+    forced = _forced()
+    covered = (x.ndim == 4 and groups == 1 and precision is None and x.dtype == jnp.float32
+               and kernel.dtype == jnp.float32)
+    if not covered or forced == _XLA:
+        return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                        dimension_numbers=dimension_numbers,
+                                        feature_group_count=groups, precision=precision)
+    nhwc = x if channels_last else x.transpose(0, 2, 3, 1)
+    spec = ConvSpec.make(nhwc.shape, kernel.shape, strides=strides, padding=padding, dilation=dilation)
+    y = conv2d(nhwc, kernel, spec, "auto" if forced is None else "/".join(forced))
+    return y if channels_last else y.transpose(0, 3, 1, 2)

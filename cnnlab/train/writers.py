@@ -20,29 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to a temporary file in the same directory (mode 0644), then renames it
-    over ``path``, so a reader sees the old or the new file, never a torn one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from cnnlab._files import write_text_atomic
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -1,0 +1,161 @@
+"""cnnlab.functional.conv_impl: every gradient formulation equals lax.conv_general_dilated's
+autodiff; the per-shape choice is measured once, cached per machine and forced by the
+environment."""
+
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import cnnlab.functional as F
+from cnnlab.functional import conv_impl
+
+ATOL = RTOL = 2e-5
+GEOMETRIES = [  # kernel, strides, padding, dilation
+    ((3, 3), (1, 1), "SAME", (1, 1)),
+    ((3, 3), (2, 2), "SAME", (1, 1)),
+    ((7, 7), (2, 2), "VALID", (1, 1)),
+    ((2, 3), (2, 1), ((1, 2), (0, 1)), (1, 1)),
+    ((3, 3), (1, 1), "SAME", (2, 2)),
+    ((3, 2), (3, 2), "VALID", (2, 1)),
+    ((1, 1), (2, 2), "VALID", (1, 1)),
+    ((4, 4), (3, 3), "SAME", (1, 1)),
+]
+
+
+def _case(geometry, seed=0, batch=2, hw=(11, 9), cin=3, cout=4):
+    kernel_size, strides, padding, dilation = geometry
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, *hw, cin), np.float32))
+    k = jnp.asarray(rng.standard_normal((*kernel_size, cin, cout), np.float32))
+    spec = conv_impl.ConvSpec.make(x.shape, k.shape, strides=strides, padding=padding, dilation=dilation)
+    g = jnp.asarray(rng.standard_normal((batch, *spec.out_hw, cout), np.float32))
+    return x, k, g, spec
+
+
+def _lax_grads(x, k, g, spec):
+    def f(x, k):
+        return lax.conv_general_dilated(x, k, spec.strides, spec.padding, rhs_dilation=spec.dilation,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    y, vjp = jax.vjp(f, x, k)
+    assert y.shape == g.shape
+    return vjp(g)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_every_formulation_equals_lax_autodiff(geometry):
+    x, k, g, spec = _case(geometry)
+    dx, dk = _lax_grads(x, k, g, spec)
+    for name, fn in conv_impl.INPUT_GRADS.items():
+        np.testing.assert_allclose(fn(g, k, spec), dx, atol=ATOL, rtol=RTOL, err_msg=name)
+    for name, fn in conv_impl.KERNEL_GRADS.items():
+        np.testing.assert_allclose(fn(x, g, spec), dk, atol=ATOL, rtol=RTOL, err_msg=name)
+    np.testing.assert_array_equal(conv_impl.xla_forward(x, k, spec), lax.conv_general_dilated(
+        x, k, spec.strides, spec.padding, rhs_dilation=spec.dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+
+PAIRS = [f"{dx}/{dw}" for dx, dw in itertools.product(conv_impl.INPUT_GRADS, conv_impl.KERNEL_GRADS)]
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("layer", [
+    dict(strides=2, padding="same"),
+    dict(dilation_rate=2, padding="same", padding_mode="reflect"),
+    dict(strides=(2, 1), padding=((1, 2), (0, 1)), activation="relu"),
+    dict(padding="valid", groups=3),  # groups > 1: XLA's, whatever is forced
+], ids=str)
+def test_forced_formulations_through_conv2d_match_xla(monkeypatch, data_format, layer):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 10, 9, 6), np.float32))
+    k = jnp.asarray(rng.standard_normal((3, 3, 6 // layer.get("groups", 1), 6), np.float32))
+    b = jnp.asarray(rng.standard_normal((6,), np.float32))
+    if data_format == "channels_first":
+        x = x.transpose(0, 3, 1, 2)
+
+    def loss(x, k, b):
+        return jnp.sum(jnp.sin(F.conv2d(x, k, b, data_format=data_format, **layer)))
+
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "xla")
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, k, b)
+    for pair in PAIRS:
+        monkeypatch.setenv(conv_impl.FORMULATION_ENV, pair)
+        got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, k, b)  # retraced: new env
+        np.testing.assert_array_equal(got[0], want[0])  # the forward is XLA's in every case
+        for a, w in zip(got[1], want[1]):
+            np.testing.assert_allclose(a, w, atol=ATOL, rtol=RTOL, err_msg=pair)
+
+
+def test_a_bad_setting_names_the_choices(monkeypatch):
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "col2im/fft")
+    with pytest.raises(ValueError, match=r"CNNLAB_CONV_FORMULATION='col2im/fft': .*kernel grad one of xla, "):
+        F.conv2d(jnp.ones((1, 5, 5, 1)), jnp.ones((3, 3, 1, 1)))
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "auto")
+    monkeypatch.setattr(conv_impl, "_memory", {})
+    return tmp_path / conv_impl.CACHE_FILE
+
+
+def test_auto_measures_a_shape_once_and_caches_the_choice_per_machine(fresh_cache, monkeypatch):
+    x, k, g, spec = _case(GEOMETRIES[1])
+    calls = []
+    fake = {"dx": {"xla": 10.0, "col2im": 8.0}, "dw": {"xla": 10.0, "taps": 9.5, "shift": 12.0}}
+    monkeypatch.setattr(conv_impl, "measure", lambda s: calls.append(s) or fake)
+
+    def grads():
+        return jax.grad(lambda x, k: jnp.sum(F.conv2d(x, k, strides=2, padding="same") ** 2), (0, 1))(x, k)
+
+    first = grads()
+    assert calls == [spec]
+    # col2im is 20% faster: kept; taps only 5%: under the 10% margin, so XLA's.
+    entry = next(iter(json.loads(fresh_cache.read_text()).values()))
+    assert (entry["dx"], entry["dw"]) == ("col2im", "xla") and entry["ms"] == fake
+    monkeypatch.setattr(conv_impl, "_memory", {})  # a new process: read from the file
+    second = grads()
+    assert len(calls) == 1
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    F.conv2d(x, k, strides=2, padding="same")  # no gradient, nothing chosen
+    assert len(calls) == 1
+
+
+def test_auto_really_measures_and_off_the_cpu_uses_xla(fresh_cache, monkeypatch):
+    x, k, g, spec = _case(GEOMETRIES[0])
+    times = conv_impl.measure(spec)
+    assert set(times["dx"]) == set(conv_impl.INPUT_GRADS) and set(times["dw"]) == set(conv_impl.KERNEL_GRADS)
+    assert all(t > 0 for part in times.values() for t in part.values())
+    dx, dk = jax.grad(lambda x, k: jnp.sum(F.conv2d(x, k, padding="same") * g), (0, 1))(x, k)
+    want = _lax_grads(x, k, g, spec)
+    np.testing.assert_allclose(dx, want[0], atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(dk, want[1], atol=ATOL, rtol=RTOL)
+    assert len(json.loads(fresh_cache.read_text())) == 1
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert conv_impl.choose(spec) == ("xla", "xla")
+
+
+def test_cnnlab_train_chooses_by_measurement_by_default(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT, SMOKE
+
+    env = {**os.environ, "CNNLAB_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop(conv_impl.FORMULATION_ENV)  # the default: auto (tests/conftest.py pins xla)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnnlab", "train", f"--config={SMOKE}", f"--workdir={tmp_path / 'run'}",
+         "--config.num_epochs=1", "--config.progress=False"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen = json.loads((tmp_path / "cache" / conv_impl.CACHE_FILE).read_text())
+    assert len(chosen) == 3  # simple_cnn's three convolutions, each measured once
+    assert all(e["dx"] in conv_impl.INPUT_GRADS and e["dw"] in conv_impl.KERNEL_GRADS for e in chosen.values())
