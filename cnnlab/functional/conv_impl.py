@@ -1,12 +1,14 @@
 """Formulations of a 2-D convolution's three parts: forward, input gradient, kernel gradient.
 
-XLA:CPU emits the kernel gradient of a convolution as a convolution whose window is the whole
-feature map, which its convolution library runs several times slower than the forward. The
-same sums can be written as matrix products, which XLA runs near its matmul speed:
+XLA:CPU differentiates a convolution into two more convolutions, and they are not always its
+fastest route: the input gradient of a strided convolution (a convolution over the zero-dilated
+output gradient) runs up to 2x faster as one matrix product and a placement, and under XLA's
+YNNPACK convolutions (``CNNLAB_CPU_CONVOLUTIONS=ynnpack``) the kernel gradient, a convolution
+whose window is the whole feature map, is faster as per-tap products on some layers
+(experiments/bench/README.md has the measurements):
 
 * kernel gradient ``"taps"``: one ``[C_in, N*Ho*Wo] x [N*Ho*Wo, C_out]`` product per kernel
   tap, on the strided slice of the padded input under that tap;
-* kernel gradient ``"im2col"``: the taps' slices concatenated along channels, one product;
 * input gradient ``"col2im"``: ``dy @ kernel^T`` gives every tap's contribution at once, then
   each tap's part is placed (interior padding for strides) and summed.
 
@@ -146,58 +148,8 @@ def _taps_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
     return jnp.stack(grads).reshape(*spec.kernel_size, spec.in_channels, spec.out_channels)
 
 
-def _im2col_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
-    patches = jnp.concatenate(_tap_slices(x, spec), axis=-1)
-    grad = jnp.dot(patches.reshape(-1, patches.shape[-1]).T, g.reshape(-1, g.shape[-1]))
-    return grad.reshape(*spec.kernel_size, spec.in_channels, spec.out_channels)
-
-
-def _phase_grid(spec: ConvSpec) -> tuple[int, int]:
-    """(Hq, Wq): the padded input split into ``strides`` phases, each an Hq x Wq grid."""
-    return tuple(-(-(n + lo + hi) // s) for n, (lo, hi), s in
-                 zip(spec.in_hw, spec.padding, spec.strides))
-
-
-def _shift_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
-    """Each tap's product on contiguous rows: the padded input, split into stride phases and
-    flattened to ``[N*Hq*Wq, C]``, is the tap's input shifted by one row offset
-    (``(di // sh) * Wq + dj // sw`` in phase ``(di % sh, dj % sw)``), and ``dy`` placed on the
-    same grid is zero wherever the shift runs past a row or image; no strided copies."""
-    n, c = x.shape[0], x.shape[3]
-    (sh, sw), (hq, wq), (ho, wo) = spec.strides, _phase_grid(spec), spec.out_hw
-    (plo, phi), (qlo, qhi) = spec.padding
-    xp = jnp.pad(x, ((0, 0), (plo, hq * sh - spec.in_hw[0] - plo), (qlo, wq * sw - spec.in_hw[1] - qlo), (0, 0)))
-    phases = xp.reshape(n, hq, sh, wq, sw, c).transpose(2, 4, 0, 1, 3, 5).reshape(sh, sw, -1, c)
-    taps = spec.taps()
-    offsets = [(di % sh, dj % sw, (di // sh) * wq + dj // sw) for di, dj in taps]
-    extra = max(o for *_, o in offsets)
-    phases = jnp.pad(phases, ((0, 0), (0, 0), (0, extra), (0, 0)))
-    rows = n * hq * wq
-    gq = jnp.pad(g, ((0, 0), (0, hq - ho), (0, wq - wo), (0, 0))).reshape(rows, -1)
-    grads = [jnp.dot(lax.dynamic_slice_in_dim(phases[a, b], o, rows).T, gq) for a, b, o in offsets]
-    return jnp.stack(grads).reshape(*spec.kernel_size, spec.in_channels, spec.out_channels)
-
-
-def _patches_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
-    """im2col by ``lax.conv_general_dilated_patches`` (a grouped one-hot convolution, which
-    XLA runs as a fast forward convolution), then one ``[C*kh*kw, P] x [P, C_out]`` product."""
-    patches = lax.conv_general_dilated_patches(
-        x, spec.kernel_size, spec.strides, spec.padding, rhs_dilation=spec.dilation,
-        dimension_numbers=_DN, precision=lax.Precision.HIGHEST)
-    grad = jnp.dot(patches.reshape(-1, patches.shape[-1]).T, g.reshape(-1, g.shape[-1]))
-    kh, kw = spec.kernel_size
-    return grad.reshape(spec.in_channels, kh, kw, spec.out_channels).transpose(1, 2, 0, 3)
-
-
 INPUT_GRADS = {"xla": _xla_input_grad, "col2im": _col2im_input_grad}
-KERNEL_GRADS = {"xla": _xla_kernel_grad, "taps": _taps_kernel_grad, "im2col": _im2col_kernel_grad,
-                "shift": _shift_kernel_grad, "patches": _patches_kernel_grad}
-
-
-def applies(part: str, form: str, spec: ConvSpec) -> bool:
-    """Whether formulation ``form`` of ``part`` (``fwd``, ``dx``, ``dw``) handles ``spec``."""
-    del spec  # every formulation handles every 2-D geometry
-    return form == "xla" or part in ("dx", "dw")
+KERNEL_GRADS = {"xla": _xla_kernel_grad, "taps": _taps_kernel_grad}
 
 
 # --------------------------------------------------------------------------- the op

@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
 
 from cnnlab.functional import conv_impl  # noqa: E402
 
@@ -69,8 +68,6 @@ def measure(layer, batch: int, repeats: int) -> dict:
     }
     for part, forms in parts.items():
         for form, (fn, a, b) in forms.items():
-            if not conv_impl.applies(part, form, spec):
-                continue
             jitted = jax.jit(lambda a, b, fn=fn: fn(a, b, spec))
             ms = _time(jitted, a, b, repeats=repeats)
             row[f"{part}/{form}"] = round(ms, 3)
