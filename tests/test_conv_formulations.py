@@ -142,15 +142,14 @@ def test_auto_really_measures_and_off_the_cpu_uses_xla(fresh_cache, monkeypatch)
     assert conv_impl.choose(spec) == ("xla", "xla")
 
 
-def test_cnnlab_train_chooses_by_measurement_by_default(tmp_path):
+def test_cnnlab_train_chooses_by_measurement_when_asked(tmp_path):
     import os
     import subprocess
     import sys
 
     from helpers import ROOT, SMOKE
 
-    env = {**os.environ, "CNNLAB_CACHE_DIR": str(tmp_path / "cache")}
-    env.pop(conv_impl.FORMULATION_ENV)  # the default: auto (tests/conftest.py pins xla)
+    env = {**os.environ, "CNNLAB_CACHE_DIR": str(tmp_path / "cache"), conv_impl.FORMULATION_ENV: "auto"}
     proc = subprocess.run(
         [sys.executable, "-m", "cnnlab", "train", f"--config={SMOKE}", f"--workdir={tmp_path / 'run'}",
          "--config.num_epochs=1", "--config.progress=False"],
@@ -159,3 +158,28 @@ def test_cnnlab_train_chooses_by_measurement_by_default(tmp_path):
     chosen = json.loads((tmp_path / "cache" / conv_impl.CACHE_FILE).read_text())
     assert len(chosen) == 3  # simple_cnn's three convolutions, each measured once
     assert all(e["dx"] in conv_impl.INPUT_GRADS and e["dw"] in conv_impl.KERNEL_GRADS for e in chosen.values())
+
+
+def test_measuring_while_a_program_is_traced_times_real_runs():
+    # Called while a train step is traced (where `auto` measures), the timed calls must run,
+    # not be traced into that program (which timed ~0.5 ms for every shape).
+    times = {}
+
+    def step(x):
+        for batch in (1, 64):
+            spec = conv_impl.ConvSpec.make((batch, 45, 45, 16), (3, 3, 16, 32), strides=(1, 1),
+                                           padding="SAME", dilation=(1, 1))
+            times[batch] = conv_impl.measure(spec, rounds=3)["dw"]["xla"]
+        return x
+
+    jax.jit(step)(jnp.ones(2))
+    assert times[64] > 5 * times[1], times
+
+
+def test_the_default_is_exactly_lax_conv_general_dilated(monkeypatch):
+    monkeypatch.delenv(conv_impl.FORMULATION_ENV)
+    x, k = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(F.conv2d(x, k, strides=2))))(k))
+    assert "conv_general_dilated" in jaxpr and "custom_vjp" not in jaxpr
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "col2im/xla")
+    assert "custom_vjp" in str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(F.conv2d(x, k, strides=2))))(k))

@@ -15,12 +15,15 @@ whose window is the whole feature map, is faster as per-tap products on some lay
 :func:`conv2d` runs XLA's forward with the chosen backward formulations behind a
 ``jax.custom_vjp``; ``"xla"`` in both is exactly ``lax.conv_general_dilated``'s autodiff.
 
-Which formulation a convolution uses (:func:`choose`) is decided per shape by measurement, like
-cuDNN's benchmark mode: on the CPU backend, the first time a shape is traced each formulation
-of each gradient is compiled and timed, the fastest is kept if it beats XLA's by 10%, and the
-choice is cached per machine in ``<cache root>/conv_formulations.json``. On other backends XLA's
-formulation is used. ``CNNLAB_CONV_FORMULATION`` forces a choice: ``xla`` (XLA's own autodiff,
-no custom VJP), ``auto`` (the default) or ``<input grad>/<kernel grad>`` (``col2im/taps``).
+``CNNLAB_CONV_FORMULATION`` chooses: ``xla`` (the default: XLA's own autodiff, no custom VJP),
+``<input grad>/<kernel grad>`` (e.g. ``col2im/xla``) for every covered convolution, or ``auto``:
+per shape by measurement, like cuDNN's benchmark mode (:func:`choose`): on the CPU backend, the
+first time a shape's backward pass is traced each formulation of each gradient is compiled and
+timed alone (interleaved, the best of 7), the fastest is kept if it beats XLA's by 10%, and the
+choice is cached per machine in ``<cache root>/conv_formulations.json``; elsewhere XLA's. It is
+not the default because timing a part alone did not predict the training step on the 2-core
+CPU measured: col2im input gradients, 1.2-2x faster alone, made StridedNet's step 20% slower
+(experiments/bench/README.md).
 Covered: 2-D float32 convolutions with ``groups == 1`` and default precision, in either data
 format; anything else is XLA's. A custom VJP has no forward-mode derivative: under
 ``jax.jvp``/``jax.jacfwd`` set ``CNNLAB_CONV_FORMULATION=xla``.
@@ -28,12 +31,12 @@ format; anything else is XLA's. A custom VJP has no forward-mode derivative: und
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -180,7 +183,7 @@ conv2d.defvjp(_fwd, _bwd)
 
 FORMULATION_ENV = "CNNLAB_CONV_FORMULATION"
 CACHE_FILE = "conv_formulations.json"
-#: An alternative is kept only if its median time is below this fraction of XLA's.
+#: An alternative is kept only if its best time is below this fraction of XLA's.
 MARGIN = 0.9
 _XLA = ("xla", "xla")
 _memory: dict[str, tuple[str, str]] = {}
@@ -188,7 +191,7 @@ _memory: dict[str, tuple[str, str]] = {}
 
 def _forced() -> tuple[str, str] | None:
     """The ``CNNLAB_CONV_FORMULATION`` setting: a pair, or None for ``auto``."""
-    mode = os.environ.get(FORMULATION_ENV, "auto").strip().lower() or "auto"
+    mode = os.environ.get(FORMULATION_ENV, "xla").strip().lower() or "xla"
     if mode == "auto":
         return None
     if mode == "xla":
@@ -224,27 +227,34 @@ def _read_cache() -> dict[str, Any]:
         return {}
 
 
-def _median_ms(fn, *args, repeats: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def measure(spec: ConvSpec, *, rounds: int = 7) -> dict[str, dict[str, float]]:
+    """The fastest of ``rounds`` interleaved timings (ms) of every input- and kernel-gradient
+    formulation of ``spec`` (float32). Runs in a thread of its own: called while a program is
+    being traced, the timed calls would otherwise be traced into it instead of running."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(_measure, spec, rounds).result()
 
 
-def measure(spec: ConvSpec) -> dict[str, dict[str, float]]:
-    """Median ms of every input- and kernel-gradient formulation of ``spec`` (float32)."""
+def _measure(spec: ConvSpec, rounds: int) -> dict[str, dict[str, float]]:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((spec.batch, *spec.in_hw, spec.in_channels), np.float32))
     kernel = jnp.asarray(rng.standard_normal((*spec.kernel_size, spec.in_channels, spec.out_channels),
                                              np.float32))
     g = jnp.asarray(rng.standard_normal((spec.batch, *spec.out_hw, spec.out_channels), np.float32))
+    calls = {(part, name): (jax.jit(functools.partial(fn, spec=spec)), args)
+             for part, forms, args in (("dx", INPUT_GRADS, (g, kernel)), ("dw", KERNEL_GRADS, (x, g)))
+             for name, fn in forms.items()}
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))  # compile
+    best = {key: float("inf") for key in calls}
+    for _ in range(rounds):
+        for key, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[key] = min(best[key], time.perf_counter() - start)
     out: dict[str, dict[str, float]] = {"dx": {}, "dw": {}}
-    for part, forms, a, b in (("dx", INPUT_GRADS, g, kernel), ("dw", KERNEL_GRADS, x, g)):
-        for name, fn in forms.items():
-            out[part][name] = round(_median_ms(jax.jit(functools.partial(fn, spec=spec)), a, b), 4)
+    for (part, name), seconds in best.items():
+        out[part][name] = round(seconds * 1e3, 4)
     return out
 
 
