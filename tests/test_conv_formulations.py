@@ -179,7 +179,7 @@ def test_measuring_while_a_program_is_traced_times_real_runs():
 def test_the_default_is_exactly_lax_conv_general_dilated(monkeypatch):
     monkeypatch.delenv(conv_impl.FORMULATION_ENV)
     x, k = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2))
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(F.conv2d(x, k, strides=2))))(k))
+    jaxpr = str(jax.make_jaxpr(lambda k: F.conv2d(x, k, strides=2))(k))
     assert "conv_general_dilated" in jaxpr and "custom_vjp" not in jaxpr
     monkeypatch.setenv(conv_impl.FORMULATION_ENV, "col2im/xla")
-    assert "custom_vjp" in str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(F.conv2d(x, k, strides=2))))(k))
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda k: F.conv2d(x, k, strides=2))(k))
