@@ -92,8 +92,8 @@ def test_forced_formulations_through_conv2d_match_xla(monkeypatch, data_format, 
 
 
 def test_a_bad_setting_names_the_choices(monkeypatch):
-    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "col2im/fft")
-    with pytest.raises(ValueError, match=r"CNNLAB_CONV_FORMULATION='col2im/fft': .*kernel grad one of xla, "):
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "phase/fft")
+    with pytest.raises(ValueError, match=r"CNNLAB_CONV_FORMULATION='phase/fft': .*input grad one of xla, phase"):
         F.conv2d(jnp.ones((1, 5, 5, 1)), jnp.ones((3, 3, 1, 1)))
 
 
@@ -108,7 +108,7 @@ def fresh_cache(tmp_path, monkeypatch):
 def test_auto_measures_a_shape_once_and_caches_the_choice_per_machine(fresh_cache, monkeypatch):
     x, k, g, spec = _case(GEOMETRIES[1])
     calls = []
-    fake = {"dx": {"xla": 10.0, "col2im": 8.0}, "dw": {"xla": 10.0, "taps": 9.5}}
+    fake = {"dx": {"xla": 10.0, "phase": 8.0}, "dw": {"xla": 10.0, "other": 9.5}}
     monkeypatch.setattr(conv_impl, "measure", lambda s: calls.append(s) or fake)
 
     def grads():
@@ -116,24 +116,25 @@ def test_auto_measures_a_shape_once_and_caches_the_choice_per_machine(fresh_cach
 
     first = grads()
     assert calls == [spec]
-    # col2im is 20% faster: kept; taps only 5%: under the 10% margin, so XLA's.
+    # phase is 20% faster: kept; "other" only 5%: under the 10% margin, so XLA's.
     entry = next(iter(json.loads(fresh_cache.read_text()).values()))
-    assert (entry["dx"], entry["dw"]) == ("col2im", "xla") and entry["ms"] == fake
+    assert (entry["dx"], entry["dw"]) == ("phase", "xla") and entry["ms"] == fake
     monkeypatch.setattr(conv_impl, "_memory", {})  # a new process: read from the file
     second = grads()
     assert len(calls) == 1
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
     F.conv2d(x, k, strides=2, padding="same")  # no gradient, nothing chosen
+    jax.grad(lambda k: jnp.sum(F.conv2d(x, k, padding="same")))(k)  # unstrided: only XLA's applies
     assert len(calls) == 1
 
 
 def test_auto_really_measures_and_off_the_cpu_uses_xla(fresh_cache, monkeypatch):
-    x, k, g, spec = _case(GEOMETRIES[0])
+    x, k, g, spec = _case(GEOMETRIES[1])
     times = conv_impl.measure(spec)
     assert set(times["dx"]) == set(conv_impl.INPUT_GRADS) and set(times["dw"]) == set(conv_impl.KERNEL_GRADS)
     assert all(t > 0 for part in times.values() for t in part.values())
-    dx, dk = jax.grad(lambda x, k: jnp.sum(F.conv2d(x, k, padding="same") * g), (0, 1))(x, k)
+    dx, dk = jax.grad(lambda x, k: jnp.sum(F.conv2d(x, k, strides=2, padding="same") * g), (0, 1))(x, k)
     want = _lax_grads(x, k, g, spec)
     np.testing.assert_allclose(dx, want[0], atol=ATOL, rtol=RTOL)
     np.testing.assert_allclose(dk, want[1], atol=ATOL, rtol=RTOL)
@@ -152,11 +153,13 @@ def test_cnnlab_train_chooses_by_measurement_when_asked(tmp_path):
     env = {**os.environ, "CNNLAB_CACHE_DIR": str(tmp_path / "cache"), conv_impl.FORMULATION_ENV: "auto"}
     proc = subprocess.run(
         [sys.executable, "-m", "cnnlab", "train", f"--config={SMOKE}", f"--workdir={tmp_path / 'run'}",
-         "--config.num_epochs=1", "--config.progress=False"],
+         "--config.num_epochs=1", "--config.progress=False", "--config.model.name=stridednet",
+         "--config.model.kwargs.widths=(8,)", "--config.model.kwargs.stem_filters=4",
+         "--config.model.kwargs.dense_units=16", "--config.data.image_size=40"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     chosen = json.loads((tmp_path / "cache" / conv_impl.CACHE_FILE).read_text())
-    assert len(chosen) == 3  # simple_cnn's three convolutions, each measured once
+    assert len(chosen) == 2  # stridednet's strided convolutions (the stem and one 3x3/2), each measured once
     assert all(e["dx"] in conv_impl.INPUT_GRADS and e["dw"] in conv_impl.KERNEL_GRADS for e in chosen.values())
 
 
@@ -176,10 +179,16 @@ def test_measuring_while_a_program_is_traced_times_real_runs():
     assert times[64] > 5 * times[1], times
 
 
-def test_the_default_is_exactly_lax_conv_general_dilated(monkeypatch):
-    monkeypatch.delenv(conv_impl.FORMULATION_ENV)
+def test_xla_and_unstrided_convolutions_are_exactly_lax_conv_general_dilated(monkeypatch):
     x, k = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2))
-    jaxpr = str(jax.make_jaxpr(lambda k: F.conv2d(x, k, strides=2))(k))
-    assert "conv_general_dilated" in jaxpr and "custom_vjp" not in jaxpr
-    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "col2im/xla")
-    assert "custom_vjp" in str(jax.make_jaxpr(lambda k: F.conv2d(x, k, strides=2))(k))
+
+    def jaxpr(**kwargs):
+        return str(jax.make_jaxpr(lambda k: F.conv2d(x, k, **kwargs))(k))
+
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "xla")
+    assert "conv_general_dilated" in jaxpr(strides=2) and "custom_vjp" not in jaxpr(strides=2)
+    monkeypatch.delenv(conv_impl.FORMULATION_ENV)  # the default: auto
+    assert "custom_vjp" in jaxpr(strides=2)
+    assert "custom_vjp" not in jaxpr() and "custom_vjp" not in jaxpr(strides=2, dilation_rate=2)
+    # forward-mode autodiff works where no alternative applies
+    jax.jvp(lambda k: F.conv2d(x, k), (k,), (k,))

@@ -1,32 +1,26 @@
-"""Formulations of a 2-D convolution's three parts: forward, input gradient, kernel gradient.
+"""Formulations of a 2-D convolution's gradients, chosen per shape.
 
-XLA:CPU differentiates a convolution into two more convolutions, and they are not always its
-fastest route: the input gradient of a strided convolution (a convolution over the zero-dilated
-output gradient) runs up to 2x faster as one matrix product and a placement, and under XLA's
-YNNPACK convolutions (``CNNLAB_CPU_CONVOLUTIONS=ynnpack``) the kernel gradient, a convolution
-whose window is the whole feature map, is faster as per-tap products on some layers
-(experiments/bench/README.md has the measurements):
+XLA:CPU differentiates a strided convolution's input into a convolution over the output
+gradient dilated with zeros (``lhs_dilation``), which its Eigen kernels run up to 6x slower
+than the forward. ``"phase"`` forms the same sums sub-pixel: each of the ``sh * sw`` phases of
+the input gradient is a stride-1 convolution of the output gradient with the kernel taps that
+land on that phase (no multiplications by inserted zeros), and the phases are interleaved.
 
-* kernel gradient ``"taps"``: one ``[C_in, N*Ho*Wo] x [N*Ho*Wo, C_out]`` product per kernel
-  tap, on the strided slice of the padded input under that tap;
-* input gradient ``"col2im"``: ``dy @ kernel^T`` gives every tap's contribution at once, then
-  each tap's part is placed (interior padding for strides) and summed.
+:func:`conv2d` runs XLA's forward with the chosen gradients behind a ``jax.custom_vjp``;
+``"xla"`` is exactly ``lax.conv_general_dilated``'s autodiff. Matrix-product formulations
+(im2col/col2im, per-tap products) were measured too and lost in the training step; the
+numbers are in experiments/bench/README.md.
 
-:func:`conv2d` runs XLA's forward with the chosen backward formulations behind a
-``jax.custom_vjp``; ``"xla"`` in both is exactly ``lax.conv_general_dilated``'s autodiff.
-
-``CNNLAB_CONV_FORMULATION`` chooses: ``xla`` (the default: XLA's own autodiff, no custom VJP),
-``<input grad>/<kernel grad>`` (e.g. ``col2im/xla``) for every covered convolution, or ``auto``:
-per shape by measurement, like cuDNN's benchmark mode (:func:`choose`): on the CPU backend, the
-first time a shape's backward pass is traced each formulation of each gradient is compiled and
-timed alone (interleaved, the best of 7), the fastest is kept if it beats XLA's by 10%, and the
-choice is cached per machine in ``<cache root>/conv_formulations.json``; elsewhere XLA's. It is
-not the default because timing a part alone did not predict the training step on the 2-core
-CPU measured: col2im input gradients, 1.2-2x faster alone, made StridedNet's step 20% slower
-(experiments/bench/README.md).
-Covered: 2-D float32 convolutions with ``groups == 1`` and default precision, in either data
-format; anything else is XLA's. A custom VJP has no forward-mode derivative: under
-``jax.jvp``/``jax.jacfwd`` set ``CNNLAB_CONV_FORMULATION=xla``.
+``CNNLAB_CONV_FORMULATION`` chooses: ``auto`` (the default) decides per shape by measurement,
+like cuDNN's benchmark mode (:func:`choose`): on the CPU backend, the first time a shape's
+backward pass is traced each formulation of each gradient is compiled and timed (interleaved,
+the best of 7, in a thread of its own), the fastest is kept if it beats XLA's by 10%, and the
+choice is cached per machine in ``<cache root>/conv_formulations.json``; elsewhere, and where
+nothing wins, XLA's. ``xla`` uses lax's op alone (no custom VJP); ``<input grad>/<kernel grad>``
+(``phase/xla``) forces one. Covered: 2-D float32 convolutions with ``groups == 1`` and default
+precision, in either data format; anything else is XLA's. A custom VJP has no forward-mode
+derivative: for ``jax.jvp``, ``jax.jacfwd`` or ``jax.hessian`` through cnnlab's convolutions,
+set ``CNNLAB_CONV_FORMULATION=xla``.
 """
 
 from __future__ import annotations
@@ -86,11 +80,6 @@ class ConvSpec:
                                             self.dilation, self.strides)
         )
 
-    def taps(self) -> list[tuple[int, int]]:
-        """(row, column) offsets of each kernel tap in the padded input, row-major."""
-        (kh, kw), (dh, dw) = self.kernel_size, self.dilation
-        return [(i * dh, j * dw) for i in range(kh) for j in range(kw)]
-
 
 def xla_forward(x: Array, kernel: Array, spec: ConvSpec, precision=None) -> Array:
     return lax.conv_general_dilated(x, kernel, spec.strides, spec.padding,
@@ -106,25 +95,34 @@ def _xla_input_grad(g: Array, kernel: Array, spec: ConvSpec) -> Array:
     return jax.linear_transpose(lambda x: xla_forward(x, kernel, spec), x)(g)[0]
 
 
-def _col2im_input_grad(g: Array, kernel: Array, spec: ConvSpec) -> Array:
-    n = g.shape[0]
-    (ho, wo), (sh, sw) = spec.out_hw, spec.strides
+def _phase_input_grad(g: Array, kernel: Array, spec: ConvSpec) -> Array:
+    """Sub-pixel form of a strided convolution's input gradient: each of the ``sh * sw`` phases
+    of the (padded) input is a stride-1 convolution of ``dy`` with the kernel taps that land on
+    it, so no zero-stuffed gradient is convolved; the phases are then interleaved. Unstrided or
+    dilated convolutions use XLA's form."""
+    if spec.dilation != (1, 1) or spec.strides == (1, 1):
+        return _xla_input_grad(g, kernel, spec)
+    n, (ho, wo), (sh, sw) = g.shape[0], spec.out_hw, spec.strides
     (plo, phi), (qlo, qhi) = spec.padding
-    hp, wp = spec.in_hw[0] + plo + phi, spec.in_hw[1] + qlo + qhi
-    kh, kw, cin, cout = kernel.shape
-    cols = jnp.dot(g.reshape(-1, cout), kernel.reshape(kh * kw * cin, cout).T)
-    cols = cols.reshape(n, ho, wo, kh * kw, cin)
-    zero = jnp.zeros((), g.dtype)
-    total = None
-    for t, (di, dj) in enumerate(spec.taps()):
-        part = lax.pad(cols[:, :, :, t], zero, (
-            (0, 0, 0),
-            (di, hp - di - (ho - 1) * sh - 1, sh - 1),
-            (dj, wp - dj - (wo - 1) * sw - 1, sw - 1),
-            (0, 0, 0),
-        ))
-        total = part if total is None else total + part
-    return total[:, plo:plo + spec.in_hw[0], qlo:qlo + spec.in_hw[1]]
+    hq, wq = -(-(spec.in_hw[0] + plo + phi) // sh), -(-(spec.in_hw[1] + qlo + qhi) // sw)
+    cin = spec.in_channels
+    rows = []
+    for rh in range(sh):
+        row = []
+        for rw in range(sw):
+            sub = kernel[rh::sh, rw::sw]  # the taps t = r + m * s, m = 0..M-1
+            mh, mw = sub.shape[:2]
+            if mh == 0 or mw == 0:
+                row.append(jnp.zeros((n, hq, wq, cin), g.dtype))
+                continue
+            # dx_phase[q] = sum_m dy[q - m] w[r + m s]: a correlation with the flipped taps.
+            w = jnp.flip(sub, (0, 1)).swapaxes(2, 3)
+            row.append(lax.conv_general_dilated(
+                g, w, (1, 1), ((mh - 1, hq - ho), (mw - 1, wq - wo)), dimension_numbers=_DN))
+        rows.append(jnp.stack(row))
+    phases = jnp.stack(rows)  # [sh, sw, N, Hq, Wq, C]
+    full = phases.transpose(2, 3, 0, 4, 1, 5).reshape(n, hq * sh, wq * sw, cin)
+    return full[:, plo:plo + spec.in_hw[0], qlo:qlo + spec.in_hw[1]]
 
 
 # --------------------------------------------------------------------------- kernel gradient
@@ -135,24 +133,8 @@ def _xla_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
     return jax.linear_transpose(lambda k: xla_forward(x, k, spec), k)(g)[0]
 
 
-def _tap_slices(x: Array, spec: ConvSpec) -> list[Array]:
-    (ho, wo), (sh, sw) = spec.out_hw, spec.strides
-    xp = jnp.pad(x, ((0, 0), *spec.padding, (0, 0)))
-    return [
-        lax.slice(xp, (0, di, dj, 0), (x.shape[0], di + (ho - 1) * sh + 1, dj + (wo - 1) * sw + 1,
-                                       x.shape[3]), (1, sh, sw, 1))
-        for di, dj in spec.taps()
-    ]
-
-
-def _taps_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
-    g2 = g.reshape(-1, g.shape[-1])
-    grads = [jnp.dot(s.reshape(-1, s.shape[-1]).T, g2) for s in _tap_slices(x, spec)]
-    return jnp.stack(grads).reshape(*spec.kernel_size, spec.in_channels, spec.out_channels)
-
-
-INPUT_GRADS = {"xla": _xla_input_grad, "col2im": _col2im_input_grad}
-KERNEL_GRADS = {"xla": _xla_kernel_grad, "taps": _taps_kernel_grad}
+INPUT_GRADS = {"xla": _xla_input_grad, "phase": _phase_input_grad}
+KERNEL_GRADS = {"xla": _xla_kernel_grad}
 
 
 # --------------------------------------------------------------------------- the op
@@ -189,9 +171,15 @@ _XLA = ("xla", "xla")
 _memory: dict[str, tuple[str, str]] = {}
 
 
+def has_alternatives(spec: ConvSpec) -> bool:
+    """Whether any formulation but XLA's applies (``phase``: strided, undilated); ``auto``
+    leaves the other convolutions to lax's op alone, with no custom VJP and no measurement."""
+    return spec.strides != (1, 1) and spec.dilation == (1, 1)
+
+
 def _forced() -> tuple[str, str] | None:
     """The ``CNNLAB_CONV_FORMULATION`` setting: a pair, or None for ``auto``."""
-    mode = os.environ.get(FORMULATION_ENV, "xla").strip().lower() or "xla"
+    mode = os.environ.get(FORMULATION_ENV, "auto").strip().lower() or "auto"
     if mode == "auto":
         return None
     if mode == "xla":
@@ -297,5 +285,8 @@ def convolve(x: Array, kernel: Array, *, strides: Sequence[int], padding: Any,
                                         feature_group_count=groups, precision=precision)
     nhwc = x if channels_last else x.transpose(0, 2, 3, 1)
     spec = ConvSpec.make(nhwc.shape, kernel.shape, strides=strides, padding=padding, dilation=dilation)
+    if forced is None and not has_alternatives(spec):
+        return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                        dimension_numbers=dimension_numbers, precision=precision)
     y = conv2d(nhwc, kernel, spec, "auto" if forced is None else "/".join(forced))
     return y if channels_last else y.transpose(0, 3, 1, 2)

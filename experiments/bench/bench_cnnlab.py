@@ -55,6 +55,8 @@ def _set(config, assignment: str) -> None:
 def main() -> None:
     p = common.parser(__doc__)
     p.add_argument("--set", action="append", default=[], help="config override key=value")
+    p.add_argument("--config", default="configs/stridednet.py",
+                   help="the config file whose model and optimizer are timed (e.g. configs/caltech101.py)")
     p.add_argument("--workdir", default=None, help="default: a fresh temporary directory")
     p.add_argument("--scan-rolled", action="store_true",
                    help="experiment: the trainer's lax.scan (steps_per_dispatch > 1) as a rolled loop")
@@ -73,7 +75,7 @@ def main() -> None:
 
     import_s = time.perf_counter() - t0
 
-    spec = importlib.util.spec_from_file_location("stridednet_config", os.path.join(REPO, "configs", "stridednet.py"))
+    spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, args.config))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
