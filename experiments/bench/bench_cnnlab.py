@@ -1,6 +1,7 @@
 """cnnlab through its trainer: ``cnnlab.train.trainer.train(config, workdir)``.
 
-The config is ``configs/stridednet.py`` with the benchmark's settings: 102 classes, no
+The config is ``configs/stridednet.py`` (``--config`` picks another, e.g. the ResNet of
+``configs/caltech101.py``) with the benchmark's settings: 102 classes, no
 augmentation, a constant Adam 1e-4 (the tutorial's per-step decay is negligible work), one
 epoch over the benchmark's training images, ``eval_batch_size`` = the batch under test,
 ``log_every_steps`` = the timing window, no progress bar. Everything else is the normal

@@ -171,8 +171,11 @@ print(json.dumps({"import": t_import, "data": t_data, "runs": runs, "keras": ker
 
 def run_keras(args, work: str) -> dict:
     t0 = time.perf_counter()
+    # The worker imports cnnlab for the data only: Keras keeps XLA's own CPU convolutions, as a
+    # Keras user has them (cnnlab's import would otherwise move them to Eigen's kernels too).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CNNLAB_CPU_CONVOLUTIONS": "ynnpack"}
     proc = subprocess.run([sys.executable, "-c", KERAS_WORKER, str(args.epochs), args.augment, json.dumps(LRS)],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     with open(os.path.join(work, "c.log"), "w") as f:
         f.write(proc.stderr + proc.stdout)
