@@ -139,6 +139,10 @@ def test_auto_really_measures_and_off_the_cpu_uses_xla(fresh_cache, monkeypatch)
     np.testing.assert_allclose(dx, want[0], atol=ATOL, rtol=RTOL)
     np.testing.assert_allclose(dk, want[1], atol=ATOL, rtol=RTOL)
     assert len(json.loads(fresh_cache.read_text())) == 1
+    monkeypatch.setattr(conv_impl, "_memory", {})
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert conv_impl.choose(spec) == ("xla", "xla")  # the cached choice is not used either
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert conv_impl.choose(spec) == ("xla", "xla")
 

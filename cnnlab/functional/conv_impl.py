@@ -15,8 +15,9 @@ numbers are in experiments/bench/README.md.
 like cuDNN's benchmark mode (:func:`choose`): on the CPU backend, the first time a shape's
 backward pass is traced each formulation of each gradient is compiled and timed (interleaved,
 the best of 7, in a thread of its own), the fastest is kept if it beats XLA's by 10%, and the
-choice is cached per machine in ``<cache root>/conv_formulations.json``; elsewhere, and where
-nothing wins, XLA's. ``xla`` uses lax's op alone (no custom VJP); ``<input grad>/<kernel grad>``
+choice is cached per machine in ``<cache root>/conv_formulations.json``; elsewhere (other
+backends, multi-process runs, whose processes must compile the same program), and where nothing
+wins, XLA's. ``xla`` uses lax's op alone (no custom VJP); ``<input grad>/<kernel grad>``
 (``phase/xla``) forces one. Covered: 2-D float32 convolutions with ``groups == 1`` and default
 precision, in either data format; anything else is XLA's. A custom VJP has no forward-mode
 derivative: for ``jax.jvp``, ``jax.jacfwd`` or ``jax.hessian`` through cnnlab's convolutions,
@@ -252,10 +253,11 @@ def _fastest(times: dict[str, float]) -> str:
 
 
 def choose(spec: ConvSpec) -> tuple[str, str]:
-    """``(input grad, kernel grad)`` for ``spec`` in ``auto`` mode: XLA's off the CPU backend;
-    on it, cached per machine, else measured now (:func:`measure`) and cached."""
-    if jax.default_backend() != "cpu":
-        return _XLA
+    """``(input grad, kernel grad)`` for ``spec`` in ``auto`` mode: XLA's off the CPU backend
+    and in multi-process runs; else cached per machine, else measured now (:func:`measure`)
+    and cached."""
+    if jax.default_backend() != "cpu" or jax.process_count() > 1:
+        return _XLA  # processes of one program could measure differently: their programs must match
     key = f"{_machine_key()}|{_spec_key(spec)}"
     if key not in _memory:
         entry = _read_cache().get(key)
