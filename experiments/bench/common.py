@@ -93,6 +93,20 @@ def cpu_ms_per_image(cpu_at: dict[int, float], batch: int, warmup: int, steps: i
     return 1e3 * (cpu_at[warmup + steps] - cpu_at[warmup]) / (steps * batch)
 
 
+def jax_ms(fn, *args, repeats: int = 5, reduce=statistics.median) -> float:
+    """``reduce`` (median, or min for the best) of ``repeats`` timed calls of a JAX function,
+    in ms, after one untimed call that compiles it."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return reduce(times) * 1e3
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
@@ -27,27 +25,9 @@ import numpy as np  # noqa: E402
 
 from cnnlab.functional import conv_impl  # noqa: E402
 
-# (name, H, W, C_in, C_out, kernel, stride, padding) for NHWC inputs: StridedNet at 96x96, and
-# the ResNet of configs/caltech101.py (its distinct shapes at 128x128).
-STRIDEDNET = [
-    ("stem 7x7/2", 96, 96, 3, 16, 7, 2, "VALID"),
-    ("b1 3x3", 45, 45, 16, 32, 3, 1, "SAME"),
-    ("b1 3x3/2", 45, 45, 32, 32, 3, 2, "SAME"),
-    ("b2 3x3", 23, 23, 32, 64, 3, 1, "SAME"),
-    ("b2 3x3/2", 23, 23, 64, 64, 3, 2, "SAME"),
-    ("b3 3x3", 12, 12, 64, 128, 3, 1, "SAME"),
-    ("b3 3x3/2", 12, 12, 128, 128, 3, 2, "SAME"),
-]
-
-
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+sys.path.insert(0, HERE)
+from common import jax_ms  # noqa: E402
+from flops import CONVS  # noqa: E402  (StridedNet's convolutions: name, H, W, C_in, C_out, k, s, padding)
 
 
 def measure(layer, batch: int, repeats: int) -> dict:
@@ -69,7 +49,7 @@ def measure(layer, batch: int, repeats: int) -> dict:
     for part, forms in parts.items():
         for form, (fn, a, b) in forms.items():
             jitted = jax.jit(lambda a, b, fn=fn: fn(a, b, spec))
-            ms = _time(jitted, a, b, repeats=repeats)
+            ms = jax_ms(jitted, a, b, repeats=repeats)
             row[f"{part}/{form}"] = round(ms, 3)
             row[f"{part}/{form}/gflops"] = round(flops / ms / 1e6, 1)
     return row
@@ -83,7 +63,7 @@ def main() -> None:
     args = p.parse_args()
     rows = []
     for batch in map(int, args.batches.split(",")):
-        for layer in STRIDEDNET:
+        for layer in CONVS:
             row = measure(layer, batch, args.repeats)
             rows.append(row)
             cells = "  ".join(f"{k}={v}" for k, v in row.items() if k.count("/") == 1)

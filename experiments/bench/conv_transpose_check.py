@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -22,15 +21,8 @@ import numpy as np  # noqa: E402
 import cnnlab  # noqa: E402,F401  (XLA:CPU settings before JAX starts)
 from cnnlab import functional as F  # noqa: E402
 
-
-def best_ms(fn, *args, repeats=7):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import jax_ms  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +41,7 @@ def main() -> None:
     for name, f in (("lax.conv_transpose (Keras)", keras_form), ("cnnlab.functional.conv_transpose", cnnlab_form)):
         fwd = jax.jit(f)
         grad = jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) ** 2), (0, 1)))
-        print(f"{name:34s} forward {best_ms(fwd, x, k):7.2f} ms   forward+gradients {best_ms(grad, x, k):7.2f} ms")
+        print(f"{name:34s} forward {jax_ms(fwd, x, k, repeats=7, reduce=min):7.2f} ms   forward+gradients {jax_ms(grad, x, k, repeats=7, reduce=min):7.2f} ms")
 
 
 if __name__ == "__main__":
