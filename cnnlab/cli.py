@@ -360,7 +360,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as e:
         if verbose:
             traceback.print_exc()
-        print(f"cnnlab {name}: {e or 'interrupted.'}", file=sys.stderr)
+        before = ("interrupted before training started (no step taken in this start); the same "
+                  "command starts it again, or resumes from the run's latest checkpoint"
+                  if name in ("train", "sweep") else "interrupted.")
+        print(f"cnnlab {name}: {str(e) or before}", file=sys.stderr)
         sys.exit(_INTERRUPT_EXIT)
     except Exception as e:
         found = _user_error(e, name)

@@ -170,6 +170,18 @@ def test_ctrl_c_names_the_step_and_the_checkpoint_and_resumes(interrupted_run):
     assert f"Resuming from step {last}" in resumed.stdout and "final:" in resumed.stdout
 
 
+def test_ctrl_c_before_the_first_step_says_the_command_starts_it_again(tmp_path):
+    # Interrupted while the data loads or the step compiles: no step to name.
+    code = ("import sys, cnnlab.train as t\n"
+            "def stop(*a, **k): raise KeyboardInterrupt\n"
+            "t.train_and_evaluate = stop\n"
+            "from cnnlab import cli\n"
+            f"cli.main(['cnnlab', 'train', '--config={SMOKE}', '--workdir={tmp_path / 'run'}'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_clean_error(proc, "cnnlab train: interrupted before training started",
+                       "the same command starts it again", code=130)
+
+
 def test_a_changed_config_on_resume_is_a_clean_error(interrupted_run):
     workdir = interrupted_run[0]
     proc = cnnlab(*train_args(workdir, "--config.optimizer.learning_rate=0.5"))
