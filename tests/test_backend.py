@@ -14,11 +14,19 @@ FLAG = backend.EIGEN_CONVOLUTIONS_FLAG
 
 def test_the_default_takes_convolutions_out_of_ynnpack_and_keeps_other_flags(monkeypatch):
     monkeypatch.setattr(backend, "_jaxlib_has_ynnpack", lambda: True)
+    monkeypatch.setattr(backend, "_cpu_backend_started", lambda: False)
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert backend.configure_xla_cpu(env) == "eigen"
     assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {FLAG}"
     env = {}
     assert backend.configure_xla_cpu(env) == "eigen" and env["XLA_FLAGS"] == FLAG
+
+
+def test_a_late_import_warns_that_the_flag_cannot_apply(monkeypatch):
+    monkeypatch.setattr(backend, "_jaxlib_has_ynnpack", lambda: True)
+    monkeypatch.setattr(backend, "_cpu_backend_started", lambda: True)
+    with pytest.warns(UserWarning, match="imported after JAX started its backend"):
+        assert backend.configure_xla_cpu({}) == "eigen"
 
 
 def test_the_users_own_choice_and_older_jaxlibs_are_left_alone(monkeypatch):
