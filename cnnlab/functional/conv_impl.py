@@ -83,6 +83,7 @@ class ConvSpec:
 
 
 def xla_forward(x: Array, kernel: Array, spec: ConvSpec, precision=None) -> Array:
+    """``[N, H, W, C_in] -> [N, Ho, Wo, C_out]``: lax's convolution, the forward of every form."""
     return lax.conv_general_dilated(x, kernel, spec.strides, spec.padding,
                                     rhs_dilation=spec.dilation, dimension_numbers=_DN,
                                     precision=precision)
@@ -92,6 +93,7 @@ def xla_forward(x: Array, kernel: Array, spec: ConvSpec, precision=None) -> Arra
 
 
 def _xla_input_grad(g: Array, kernel: Array, spec: ConvSpec) -> Array:
+    """What lax's autodiff gives: the forward's transpose in the input."""
     x = jax.ShapeDtypeStruct((g.shape[0], *spec.in_hw, spec.in_channels), g.dtype)
     return jax.linear_transpose(lambda x: xla_forward(x, kernel, spec), x)(g)[0]
 
@@ -130,6 +132,7 @@ def _phase_input_grad(g: Array, kernel: Array, spec: ConvSpec) -> Array:
 
 
 def _xla_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
+    """What lax's autodiff gives: the forward's transpose in the kernel."""
     k = jax.ShapeDtypeStruct((*spec.kernel_size, spec.in_channels, spec.out_channels), x.dtype)
     return jax.linear_transpose(lambda k: xla_forward(x, k, spec), k)(g)[0]
 
