@@ -102,15 +102,6 @@ def _parse_flags(argv: list[str], own: list[tuple[str, object]] = ()) -> list[st
         raise _UsageError(str(e)) from e
     except (KeyError, AttributeError) as e:  # an override naming no field ("Did you mean" added)
         raise _UsageError(_key_error_message(e, argv)) from e
-    if own:
-        config = FLAGS.config
-        with config.unlocked(), config.ignore_type():
-            for key, value in own:
-                *groups, leaf = key.split(".")
-                node = config
-                for g in groups:
-                    node = node[g]
-                node[leaf] = value
     if "config" in FLAGS and FLAGS["config"].present:
         path = config_flags.get_config_filename(FLAGS["config"])
         if not os.path.isfile(path):
@@ -120,6 +111,19 @@ def _parse_flags(argv: list[str], own: list[tuple[str, object]] = ()) -> list[st
             FLAGS.config.get  # noqa: B018 - a config that failed to load raises its error here
         except OSError as e:
             raise (e.__cause__ or e) from None
+    if own:  # the config file loaded: apply the overrides ml_collections could not
+        config = FLAGS.config
+        with config.unlocked(), config.ignore_type():
+            for key, value in own:
+                *groups, leaf = key.split(".")
+                node = config
+                try:
+                    for g in groups:
+                        node = node[g]
+                except (KeyError, AttributeError):
+                    raise _UsageError(f"unknown config key {key!r} (the config has no group "
+                                      f"{'.'.join(groups)!r})") from None
+                node[leaf] = value
     return rest
 
 
