@@ -12,12 +12,14 @@ and checks that both give the same gradients.
 """
 
 import os
-import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import jax_ms  # noqa: E402
 
 B = int(os.environ.get("B", 32))
 MATMUL_DGRAD = os.environ.get("DGRAD") == "mm"
@@ -88,16 +90,6 @@ def matmul_vjp_conv(k: int, s: int, padding: str, n: int):
     return conv
 
 
-def timed(f, *args, n: int = 10) -> float:
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return 1000 * statistics.median(ts)
-
-
 def grad_of(conv):
     return jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
 
@@ -111,7 +103,7 @@ def main() -> None:
         ref, mine = grad_of(xla_conv(k, s, padding, n)), grad_of(matmul_vjp_conv(k, s, padding, n))
         err = max(float(jnp.max(jnp.abs(p - q)) / (jnp.max(jnp.abs(p)) + 1e-9))
                   for p, q in zip(ref(x, w), mine(x, w)))
-        print(f"{name:12s} xla {timed(ref, x, w):7.2f} ms   custom {timed(mine, x, w):7.2f} ms   "
+        print(f"{name:12s} xla {jax_ms(ref, x, w, repeats=10):7.2f} ms   custom {jax_ms(mine, x, w, repeats=10):7.2f} ms   "
               f"relerr {err:.1e}", flush=True)
 
 

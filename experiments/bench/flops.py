@@ -29,6 +29,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+from common import jax_ms  # noqa: E402
 
 NUM_CLASSES = 102
 
@@ -115,18 +117,6 @@ def xla_cost(batch: int = 32) -> dict:
             "value_and_grad_flops_per_image": grad / batch}
 
 
-def _time(fn, *args, repeats: int = 5) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def xla_kernels(batch: int, repeats: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -151,11 +141,11 @@ def xla_kernels(batch: int, repeats: int) -> list[dict]:
 
         ho, wo = out_size(h, k, s, pad), out_size(w, k, s, pad)
         flops = 2 * batch * ho * wo * cout * k * k * cin
-        t_f = _time(jax.jit(conv), x, kern, repeats=repeats)
+        t_f = jax_ms(jax.jit(conv), x, kern, repeats=repeats) / 1e3
         # each gradient program also recomputes the forward (to form the cotangent y): subtract it
-        t_w = max(_time(jax.jit(wgrad), x, kern, repeats=repeats) - t_f, 1e-9)
+        t_w = max(jax_ms(jax.jit(wgrad), x, kern, repeats=repeats) / 1e3 - t_f, 1e-9)
         stem = name.startswith("stem")  # the network's input needs no gradient
-        t_d = 0.0 if stem else max(_time(jax.jit(dgrad), x, kern, repeats=repeats) - t_f, 1e-9)
+        t_d = 0.0 if stem else max(jax_ms(jax.jit(dgrad), x, kern, repeats=repeats) / 1e3 - t_f, 1e-9)
         t_fb = t_f + t_d + t_w
         n_pass = 2 if stem else 3
         rows.append({"layer": name, "batch": batch, "fwd_s": t_f, "fwd_gflops": flops / t_f / 1e9,
@@ -170,8 +160,8 @@ def xla_kernels(batch: int, repeats: int) -> list[dict]:
             return vjp(y)
 
         flops = 2 * batch * fin * fout
-        t_f = _time(jax.jit(jnp.dot), x, wgt, repeats=repeats)
-        t_fb = _time(jax.jit(fwd_bwd), x, wgt, repeats=repeats)
+        t_f = jax_ms(jax.jit(jnp.dot), x, wgt, repeats=repeats) / 1e3
+        t_fb = jax_ms(jax.jit(fwd_bwd), x, wgt, repeats=repeats) / 1e3
         rows.append({"layer": name, "batch": batch, "fwd_s": t_f, "fwd_gflops": flops / t_f / 1e9,
                      "dgrad_s": None, "wgrad_s": None, "wgrad_gflops": None,
                      "fwd_bwd_s": t_fb, "fwd_bwd_gflops": 3 * flops / t_fb / 1e9})
@@ -240,7 +230,7 @@ def matmul(n: int, repeats: int) -> dict:
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    t = _time(jax.jit(jnp.dot), a, a, repeats=repeats)
+    t = jax_ms(jax.jit(jnp.dot), a, a, repeats=repeats) / 1e3
     return {"n": n, "s": t, "gflops": 2 * n**3 / t / 1e9}
 
 
