@@ -101,8 +101,10 @@ def configure_xla_cpu(environ: dict[str, str] | None = None) -> str:
     flags = env.get("XLA_FLAGS", "")
     if _YNN_FLAG in flags:
         return "user"
-    if mode == "ynnpack" or not _jaxlib_has_ynnpack():
-        return mode if mode == "ynnpack" else "xla-default"
+    if mode == "ynnpack":
+        return mode
+    if not _jaxlib_has_ynnpack():
+        return "xla-default"
     env["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS_FLAG}".strip()
     if _cpu_backend_started():
         warnings.warn(

@@ -132,7 +132,8 @@ def test_auto_measures_a_shape_once_and_caches_the_choice_per_machine(fresh_cach
 def test_auto_really_measures_and_off_the_cpu_uses_xla(fresh_cache, monkeypatch):
     x, k, g, spec = _case(GEOMETRIES[1])
     times = conv_impl.measure(spec)
-    assert set(times["dx"]) == set(conv_impl.INPUT_GRADS) and set(times["dw"]) == set(conv_impl.KERNEL_GRADS)
+    assert set(times["dx"]) == set(conv_impl.INPUT_GRADS)
+    assert times["dw"] == {} and len(conv_impl.KERNEL_GRADS) == 1  # one kernel gradient: nothing to time
     assert all(t > 0 for part in times.values() for t in part.values())
     dx, dk = jax.grad(lambda x, k: jnp.sum(F.conv2d(x, k, strides=2, padding="same") * g), (0, 1))(x, k)
     want = _lax_grads(x, k, g, spec)
@@ -176,7 +177,7 @@ def test_measuring_while_a_program_is_traced_times_real_runs():
         for batch in (1, 64):
             spec = conv_impl.ConvSpec.make((batch, 45, 45, 16), (3, 3, 16, 32), strides=(1, 1),
                                            padding="SAME", dilation=(1, 1))
-            times[batch] = conv_impl.measure(spec, rounds=3)["dw"]["xla"]
+            times[batch] = conv_impl.measure(spec, rounds=3)["dx"]["xla"]
         return x
 
     jax.jit(step)(jnp.ones(2))

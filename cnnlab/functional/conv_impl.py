@@ -103,7 +103,7 @@ def _phase_input_grad(g: Array, kernel: Array, spec: ConvSpec) -> Array:
     of the (padded) input is a stride-1 convolution of ``dy`` with the kernel taps that land on
     it, so no zero-stuffed gradient is convolved; the phases are then interleaved. Unstrided or
     dilated convolutions use XLA's form."""
-    if spec.dilation != (1, 1) or spec.strides == (1, 1):
+    if not has_alternatives(spec):
         return _xla_input_grad(g, kernel, spec)
     n, (ho, wo), (sh, sw) = g.shape[0], spec.out_hw, spec.strides
     (plo, phi), (qlo, qhi) = spec.padding
@@ -221,7 +221,7 @@ def _read_cache() -> dict[str, Any]:
 
 def measure(spec: ConvSpec, *, rounds: int = 7) -> dict[str, dict[str, float]]:
     """The fastest of ``rounds`` interleaved timings (ms) of every input- and kernel-gradient
-    formulation of ``spec`` (float32). Runs in a thread of its own: called while a program is
+    formulation of ``spec`` (float32); a part with one formulation is not timed (empty). Runs in a thread of its own: called while a program is
     being traced, the timed calls would otherwise be traced into it instead of running."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(_measure, spec, rounds).result()
@@ -235,6 +235,7 @@ def _measure(spec: ConvSpec, rounds: int) -> dict[str, dict[str, float]]:
     g = jnp.asarray(rng.standard_normal((spec.batch, *spec.out_hw, spec.out_channels), np.float32))
     calls = {(part, name): (jax.jit(functools.partial(fn, spec=spec)), args)
              for part, forms, args in (("dx", INPUT_GRADS, (g, kernel)), ("dw", KERNEL_GRADS, (x, g)))
+             if len(forms) > 1  # a part with one formulation has nothing to choose
              for name, fn in forms.items()}
     for fn, args in calls.values():
         jax.block_until_ready(fn(*args))  # compile
@@ -251,6 +252,8 @@ def _measure(spec: ConvSpec, rounds: int) -> dict[str, dict[str, float]]:
 
 
 def _fastest(times: dict[str, float]) -> str:
+    if len(times) < 2:
+        return "xla"
     best = min(times, key=times.get)
     return best if times[best] < MARGIN * times["xla"] else "xla"
 
@@ -284,14 +287,14 @@ def convolve(x: Array, kernel: Array, *, strides: Sequence[int], padding: Any,
     forced = _forced()
     covered = (x.ndim == 4 and groups == 1 and precision is None and x.dtype == jnp.float32
                and kernel.dtype == jnp.float32)
-    if not covered or forced == _XLA:
-        return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
-                                        dimension_numbers=dimension_numbers,
-                                        feature_group_count=groups, precision=precision)
-    nhwc = x if channels_last else x.transpose(0, 2, 3, 1)
-    spec = ConvSpec.make(nhwc.shape, kernel.shape, strides=strides, padding=padding, dilation=dilation)
-    if forced is None and not has_alternatives(spec):
-        return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
-                                        dimension_numbers=dimension_numbers, precision=precision)
-    y = conv2d(nhwc, kernel, spec, "auto" if forced is None else "/".join(forced))
-    return y if channels_last else y.transpose(0, 3, 1, 2)
+    if covered and forced != _XLA:
+        nhwc_shape = x.shape if channels_last else (x.shape[0], *x.shape[2:], x.shape[1])
+        spec = ConvSpec.make(nhwc_shape, kernel.shape, strides=strides, padding=padding,
+                             dilation=dilation)
+        if forced is not None or has_alternatives(spec):
+            nhwc = x if channels_last else x.transpose(0, 2, 3, 1)
+            y = conv2d(nhwc, kernel, spec, "auto" if forced is None else "/".join(forced))
+            return y if channels_last else y.transpose(0, 3, 1, 2)
+    return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                    dimension_numbers=dimension_numbers,
+                                    feature_group_count=groups, precision=precision)
