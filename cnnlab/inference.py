@@ -186,6 +186,7 @@ def load_run(workdir: str, *, which: str = "best") -> Run:
 
     from cnnlab.train.checkpoint import Checkpoints
     from cnnlab.train.experiment import build_model, load_run_config, make_normalize
+    from cnnlab.train.steps import eval_logits
 
     if which not in ("best", "latest"):
         raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
@@ -229,8 +230,8 @@ def load_run(workdir: str, *, which: str = "best") -> Run:
 
     @jax.jit
     def forward(variables, images):
-        logits = model.apply(variables, normalize(images), training=False)
-        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        logits = eval_logits(model, variables, normalize(images), flip=bool(config.get("eval_flip", False)))  # older runs: no field
+        return jax.nn.softmax(logits, axis=-1)
 
     preprocessing = {"image_size": [h, w], **{k: config.data[k] for k in ("resize", "resample", "pad_value")},
                      **norm}

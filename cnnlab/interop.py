@@ -356,7 +356,8 @@ _INTERPOLATION = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicu
 
 def export_keras(workdir: str, path: str, *, which: str = "best") -> Any:
     """Writes a run as a Keras 3 file: ``Resizing`` to ``data.image_size``, the training
-    normalization (``Rescaling``, and ``Normalization`` for ``mean_std``), the model, a softmax.
+    normalization (``Rescaling``, and ``Normalization`` for ``mean_std``), the model (averaged
+    with its output on the mirrored images where the run sets ``eval_flip``), a softmax.
 
     It takes uint8 or float 0..255 ``[N, H, W, 3]`` images of any size; on images of the run's
     size its probabilities equal ``cnnlab.load_run(workdir, which=which).predict``'s. Other sizes
@@ -379,7 +380,16 @@ def export_keras(workdir: str, path: str, *, which: str = "best") -> Any:
     if pre["normalization"] == "mean_std":
         head.append(keras.layers.Normalization(mean=pre["mean"], variance=np.square(pre["std"])))
     layers = _keras_layers(run.model, run.variables, (height, width, 3))
-    keras_model = _keras_sequential((None, None, 3), head, layers, [keras.layers.Activation("softmax")])
+    if not run.config.get("eval_flip", False):
+        keras_model = _keras_sequential((None, None, 3), head, layers, [keras.layers.Activation("softmax")])
+    else:  # the run's test-time mirror averaging (config.eval_flip), as run.predict does
+        body = _keras_sequential((height, width, 3), (), layers)
+        images = keras.Input((None, None, 3))
+        x = images
+        for layer in head:
+            x = layer(x)
+        logits = keras.layers.Average()([body(x), body(keras.ops.flip(x, axis=2))])
+        keras_model = keras.Model(images, keras.layers.Activation("softmax")(logits))
     keras_model.save(path)
     return keras_model
 

@@ -213,5 +213,13 @@ def test_export_writes_a_keras_file_predicting_as_the_run(tmp_path):
     expected = load_run(str(run_dir), which="latest").predict(images)
     np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, rtol=RTOL, atol=1e-6)
 
+    # A run with test-time mirror averaging: the exported model averages too, as predict does.
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "eval_flip": True}))
+    interop.export_main([f"--workdir={run_dir}", "--which=latest", str(tmp_path / "flip.keras")])
+    loaded = keras.saving.load_model(str(tmp_path / "flip.keras"))
+    flipped = load_run(str(run_dir), which="latest").predict(images)
+    assert not np.allclose(flipped, expected, atol=1e-4)  # the mirror changes the probabilities
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), flipped, rtol=RTOL, atol=1e-6)
+
     with pytest.raises(ValueError, match="must end in .keras"):
         interop.export_main([f"--workdir={run_dir}", str(tmp_path / "model.h5")])

@@ -261,3 +261,25 @@ def test_a_run_records_its_split_and_environment_and_eval_refuses_a_changed_spli
     (root / victim).unlink()
     with pytest.raises(SplitChangedError, match=victim.split("/")[-1]):
         evaluate(None, str(run), which="best")
+
+
+def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror():
+    from cnnlab.train.metrics import batch_sums
+    from cnnlab.train.steps import eval_logits, make_eval_step
+
+    model = models.get_model("stridednet", num_classes=3, widths=(4, 8, 8))
+    images = jax.random.uniform(jax.random.PRNGKey(1), (5, 16, 16, 3))
+    variables = model.init({"params": jax.random.PRNGKey(0)}, images, training=False)
+    plain = model.apply(variables, images, training=False)
+    mirrored = model.apply(variables, images[:, :, ::-1], training=False)
+    assert not np.allclose(plain, mirrored, atol=1e-3)  # the test can tell the two apart
+    np.testing.assert_allclose(eval_logits(model, variables, images), plain, rtol=1e-6)
+    averaged = eval_logits(model, variables, images, flip=True)
+    np.testing.assert_allclose(averaged, 0.5 * (plain + mirrored), rtol=1e-5, atol=1e-6)
+
+    batch = {"image": images, "label": jnp.array([0, 1, 2, 0, 1]), "mask": jnp.ones(5, bool)}
+    step = make_eval_step(model, num_classes=3, normalize=lambda x: x, metrics=("loss",), flip=True)
+    sums = step(variables["params"], variables.get("batch_stats", {}), batch)
+    expected = batch_sums(("loss",), averaged, batch["label"], jnp.ones(5), 3)
+    np.testing.assert_allclose(sums["loss"], expected["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(sums["confusion"], expected["confusion"])

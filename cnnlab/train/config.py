@@ -51,6 +51,8 @@ def train_schema() -> Schema:
         "grad_accum_steps": _positive_int(1, "optax.MultiSteps: one update per this many batches"),
         "steps_per_dispatch": _positive_int(1, "batches per jitted call (lax.scan; unrolled on CPU)"),
         "eval_batch_size": _positive_int(128, "evaluation batch size"),
+        "eval_flip": Field(False, bool, doc="test-time augmentation: evaluation, predictions and "
+                           "exports average the logits of each image and its left-right mirror"),
         "metrics": Field(metrics_lib.DEFAULT_METRICS, tuple, choices=metrics_lib.metric_names,
                          doc="evaluation metrics (cnnlab.train.metrics registry)"),
         "model": {

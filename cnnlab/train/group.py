@@ -218,7 +218,7 @@ def build_program(
         return step(state, batch)
 
     eval_one = make_eval_step(exp.model, num_classes=exp.num_classes, normalize=exp.normalize,
-                              metrics=tuple(config.metrics))
+                              metrics=tuple(config.metrics), flip=config.eval_flip)
     mesh = exp.mesh
     n_dev = len(mesh.devices.flat)
     if K == 1:

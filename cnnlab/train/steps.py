@@ -163,16 +163,27 @@ def make_eval_step(
     num_classes: int,
     normalize: Callable[[Array], Array],
     metrics: Sequence[str] = metrics_lib.DEFAULT_METRICS,
+    flip: bool = False,
 ) -> Callable[[Any, Any, Batch], dict[str, Array]]:
     """Builds ``eval_step(params, batch_stats, batch) -> sums`` over the masked batch: the sums
     of the registered ``metrics`` plus ``count`` and the confusion matrix ``[true, predicted]``,
-    so a split's metrics count every image exactly once."""
+    so a split's metrics count every image exactly once. ``flip``: :func:`eval_logits`'s
+    test-time mirror averaging."""
 
     def eval_step(params, batch_stats, batch: Batch) -> dict[str, Array]:
-        logits = model.apply(
-            {"params": params, "batch_stats": batch_stats}, normalize(batch["image"]), training=False
-        ).astype(jnp.float32)
+        logits = eval_logits(model, {"params": params, "batch_stats": batch_stats},
+                             normalize(batch["image"]), flip=flip)
         return metrics_lib.batch_sums(metrics, logits, batch["label"],
                                       batch["mask"].astype(jnp.float32), num_classes)
 
     return eval_step
+
+
+def eval_logits(model: flax_nn.Module, variables: Any, images: Array, *, flip: bool = False) -> Array:
+    """float32 inference logits of ``[N, H, W, C]`` images; ``flip`` (``config.eval_flip``)
+    averages them with the logits of the left-right mirrored images (test-time augmentation)."""
+    logits = model.apply(variables, images, training=False).astype(jnp.float32)
+    if flip:
+        mirrored = model.apply(variables, images[:, :, ::-1], training=False).astype(jnp.float32)
+        logits = 0.5 * (logits + mirrored)
+    return logits
