@@ -1,6 +1,7 @@
-"""cnnlab.functional.conv_impl: every gradient formulation equals lax.conv_general_dilated's
+"""cnnlab.functional.conv_impl: every formulation equals lax.conv_general_dilated and its
 autodiff; the per-shape choice is measured once, cached per machine and forced by the
-environment."""
+environment. oneDNN's forms fall back to XLA's where oneDNN is unavailable; tests/test_onednn.py
+tests them where it is."""
 
 import itertools
 import json
@@ -12,7 +13,7 @@ import pytest
 from jax import lax
 
 import cnnlab.functional as F
-from cnnlab.functional import conv_impl
+from cnnlab.functional import conv_impl, onednn
 
 ATOL = RTOL = 2e-5
 GEOMETRIES = [  # kernel, strides, padding, dilation
@@ -55,12 +56,19 @@ def test_every_formulation_equals_lax_autodiff(geometry):
         np.testing.assert_allclose(fn(g, k, spec), dx, atol=ATOL, rtol=RTOL, err_msg=name)
     for name, fn in conv_impl.KERNEL_GRADS.items():
         np.testing.assert_allclose(fn(x, g, spec), dk, atol=ATOL, rtol=RTOL, err_msg=name)
-    np.testing.assert_array_equal(conv_impl.xla_forward(x, k, spec), lax.conv_general_dilated(
-        x, k, spec.strides, spec.padding, rhs_dilation=spec.dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    y = lax.conv_general_dilated(x, k, spec.strides, spec.padding, rhs_dilation=spec.dilation,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_array_equal(conv_impl.xla_forward(x, k, spec), y)
+    for name, fn in conv_impl.FORWARDS.items():
+        np.testing.assert_allclose(fn(x, k, spec), y, atol=ATOL, rtol=RTOL, err_msg=name)
 
 
-PAIRS = [f"{dx}/{dw}" for dx, dw in itertools.product(conv_impl.INPUT_GRADS, conv_impl.KERNEL_GRADS)]
+def _settings():
+    """Every forced setting of two and of three parts whose forms can run here."""
+    forms = [names if onednn.available() else [n for n in names if n != "onednn"]
+             for names in conv_impl.TABLES.values()]
+    return ([f"{dx}/{dw}" for dx, dw in itertools.product(*forms[1:])]
+            + [f"onednn/{dx}/{dw}" for dx, dw in itertools.product(*forms[1:]) if len(forms[0]) > 1])
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
@@ -83,18 +91,38 @@ def test_forced_formulations_through_conv2d_match_xla(monkeypatch, data_format, 
 
     monkeypatch.setenv(conv_impl.FORMULATION_ENV, "xla")
     want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, k, b)
-    for pair in PAIRS:
-        monkeypatch.setenv(conv_impl.FORMULATION_ENV, pair)
+    for setting in _settings():
+        monkeypatch.setenv(conv_impl.FORMULATION_ENV, setting)
         got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, k, b)  # retraced: new env
-        np.testing.assert_array_equal(got[0], want[0])  # the forward is XLA's in every case
+        if setting.count("/") == 1:
+            np.testing.assert_array_equal(got[0], want[0])  # the forward is XLA's
+        np.testing.assert_allclose(got[0], want[0], atol=ATOL, rtol=RTOL, err_msg=setting)
         for a, w in zip(got[1], want[1]):
-            np.testing.assert_allclose(a, w, atol=ATOL, rtol=RTOL, err_msg=pair)
+            np.testing.assert_allclose(a, w, atol=ATOL, rtol=RTOL, err_msg=setting)
 
 
-def test_a_bad_setting_names_the_choices(monkeypatch):
-    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "phase/fft")
-    with pytest.raises(ValueError, match=r"CNNLAB_CONV_FORMULATION='phase/fft': .*input grad one of xla, phase"):
+@pytest.mark.parametrize("setting, expected", [
+    ("phase/fft", r"CNNLAB_CONV_FORMULATION='phase/fft': .*input grad one of xla, phase"),
+    ("fft/xla/xla", r"forward one of xla, onednn, the input grad one of xla, phase, onednn and the kernel grad one of xla, onednn"),
+    ("xla/xla/xla/xla", r"<forward>/<input grad>/<kernel grad>"),
+])
+def test_a_bad_setting_names_the_choices(monkeypatch, setting, expected):
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, setting)
+    with pytest.raises(ValueError, match=expected):
         F.conv2d(jnp.ones((1, 5, 5, 1)), jnp.ones((3, 3, 1, 1)))
+
+
+@pytest.fixture
+def no_onednn(monkeypatch):
+    """This process as one where oneDNN's convolutions are unavailable."""
+    monkeypatch.setattr(onednn, "_state", {"reason": "unavailable for this test"})
+
+
+def test_forcing_onednn_where_it_is_unavailable_says_why(monkeypatch, no_onednn):
+    for setting in ("onednn", "xla/onednn", "onednn/xla/xla"):
+        monkeypatch.setenv(conv_impl.FORMULATION_ENV, setting)
+        with pytest.raises(ValueError, match=f"'{setting}': oneDNN's convolutions are unavailable: unavailable for this test"):
+            F.conv2d(jnp.ones((1, 5, 5, 1)), jnp.ones((3, 3, 1, 1)))
 
 
 @pytest.fixture
@@ -105,35 +133,85 @@ def fresh_cache(tmp_path, monkeypatch):
     return tmp_path / conv_impl.CACHE_FILE
 
 
-def test_auto_measures_a_shape_once_and_caches_the_choice_per_machine(fresh_cache, monkeypatch):
+FAKE_MS = {"fwd": {"xla": 10.0, "onednn": 9.5}, "dx": {"xla": 10.0, "phase": 8.0, "onednn": 8.5},
+           "dw": {"xla": 10.0, "onednn": 9.5}}
+
+
+def _fake_measure(calls, ms=FAKE_MS):
+    def measure(spec, *, parts):
+        calls.append((spec, tuple(parts)))
+        names = conv_impl.applicable(spec)
+        return {part: {n: ms[part][n] for n in names[part]} for part in parts}
+
+    return measure
+
+
+@pytest.mark.parametrize("with_onednn", [False, True])
+def test_auto_measures_a_shape_once_and_caches_the_choice_per_machine(fresh_cache, monkeypatch, with_onednn):
+    if with_onednn and not onednn.available():
+        pytest.skip(f"oneDNN: {onednn.unavailable_reason()}")
+    if not with_onednn:
+        monkeypatch.setattr(onednn, "_state", {"reason": "unavailable for this test"})
     x, k, g, spec = _case(GEOMETRIES[1])
     calls = []
-    fake = {"dx": {"xla": 10.0, "phase": 8.0}, "dw": {"xla": 10.0, "other": 9.5}}
-    monkeypatch.setattr(conv_impl, "measure", lambda s: calls.append(s) or fake)
+    monkeypatch.setattr(conv_impl, "measure", _fake_measure(calls))
 
     def grads():
         return jax.grad(lambda x, k: jnp.sum(F.conv2d(x, k, strides=2, padding="same") ** 2), (0, 1))(x, k)
 
     first = grads()
-    assert calls == [spec]
-    # phase is 20% faster: kept; "other" only 5%: under the 10% margin, so XLA's.
-    entry = next(iter(json.loads(fresh_cache.read_text()).values()))
-    assert (entry["dx"], entry["dw"]) == ("phase", "xla") and entry["ms"] == fake
+    timed = ("fwd", "dx", "dw") if with_onednn else ("dx",)  # the parts with a choice
+    assert calls == [(spec, timed)]
+    # phase is 20% faster: kept; oneDNN only 5% in the forward and kernel grad: under the 10%
+    # margin, so XLA's; in the input grad, slower than phase.
+    cache = json.loads(fresh_cache.read_text())
+    assert len(cache) == 1 and (f"onednn {onednn.version()}" if with_onednn else "onednn no") in next(iter(cache))
+    entry = next(iter(cache.values()))
+    assert (entry["fwd"], entry["dx"], entry["dw"]) == ("xla", "phase", "xla")
+    names = conv_impl.applicable(spec)
+    assert entry["ms"] == {part: {n: FAKE_MS[part][n] for n in names[part]} for part in timed}
     monkeypatch.setattr(conv_impl, "_memory", {})  # a new process: read from the file
     second = grads()
     assert len(calls) == 1
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
-    F.conv2d(x, k, strides=2, padding="same")  # no gradient, nothing chosen
-    jax.grad(lambda k: jnp.sum(F.conv2d(x, k, padding="same")))(k)  # unstrided: only XLA's applies
+    F.conv2d(x, k, strides=2, padding="same")  # no gradient: the forward, chosen already
     assert len(calls) == 1
+    jax.grad(lambda k: jnp.sum(F.conv2d(x, k, padding="same")))(k)  # unstrided: only oneDNN can differ
+    assert len(calls) == 1 + with_onednn
+    F.conv2d(x[:1], k, strides=2, padding="same")  # a new shape, forward only: only the forward timed
+    if with_onednn:
+        assert [parts for _, parts in calls[1:]] == [("fwd", "dx", "dw"), ("fwd",)]
+        assert calls[2][0].batch == 1
+    else:
+        assert len(calls) == 1
+
+
+def test_onednn_is_chosen_where_it_wins(fresh_cache, monkeypatch):
+    if not onednn.available():
+        pytest.skip(f"oneDNN: {onednn.unavailable_reason()}")
+    x, k, g, spec = _case(GEOMETRIES[1])
+    fast = {"fwd": {"xla": 10.0, "onednn": 5.0}, "dx": {"xla": 10.0, "phase": 8.0, "onednn": 4.0},
+            "dw": {"xla": 10.0, "onednn": 3.0}}
+    calls = []
+    monkeypatch.setattr(conv_impl, "measure", _fake_measure(calls, fast))
+    loss = jax.jit(lambda x, k: jnp.sum(F.conv2d(x, k, strides=2, padding="same") * g))
+    text = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(x, k).compile().as_text()
+    for target in ("cnnlab_onednn_conv_forward", "cnnlab_onednn_conv_input_grad", "cnnlab_onednn_conv_kernel_grad"):
+        assert f'custom_call_target="{target}"' in text
+    assert conv_impl.choose(spec) == ("onednn", "onednn", "onednn")
+    got = jax.value_and_grad(loss, (0, 1))(x, k)[1]
+    for a, w in zip(got, _lax_grads(x, k, g, spec)):
+        np.testing.assert_allclose(a, w, atol=ATOL, rtol=RTOL)
 
 
 def test_auto_really_measures_and_off_the_cpu_uses_xla(fresh_cache, monkeypatch):
     x, k, g, spec = _case(GEOMETRIES[1])
     times = conv_impl.measure(spec)
-    assert set(times["dx"]) == set(conv_impl.INPUT_GRADS)
-    assert times["dw"] == {} and len(conv_impl.KERNEL_GRADS) == 1  # one kernel gradient: nothing to time
+    names = conv_impl.applicable(spec)
+    assert {part: set(t) for part, t in times.items()} == {
+        part: set(n) if len(n) > 1 else set() for part, n in names.items()}  # one form: nothing to time
+    assert set(names["dx"]) >= {"xla", "phase"}
     assert all(t > 0 for part in times.values() for t in part.values())
     dx, dk = jax.grad(lambda x, k: jnp.sum(F.conv2d(x, k, strides=2, padding="same") * g), (0, 1))(x, k)
     want = _lax_grads(x, k, g, spec)
@@ -142,10 +220,11 @@ def test_auto_really_measures_and_off_the_cpu_uses_xla(fresh_cache, monkeypatch)
     assert len(json.loads(fresh_cache.read_text())) == 1
     monkeypatch.setattr(conv_impl, "_memory", {})
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    assert conv_impl.choose(spec) == ("xla", "xla")  # the cached choice is not used either
+    assert conv_impl.choose(spec) == ("xla", "xla", "xla")  # the cached choice is not used either
     monkeypatch.setattr(jax, "process_count", lambda: 1)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert conv_impl.choose(spec) == ("xla", "xla")
+    assert conv_impl.choose(spec) == ("xla", "xla", "xla")
+    assert conv_impl.choose(spec, ("dw",)) == ("xla",)
 
 
 def test_cnnlab_train_chooses_by_measurement_when_asked(tmp_path):
@@ -164,8 +243,14 @@ def test_cnnlab_train_chooses_by_measurement_when_asked(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     chosen = json.loads((tmp_path / "cache" / conv_impl.CACHE_FILE).read_text())
-    assert len(chosen) == 2  # stridednet's strided convolutions (the stem and one 3x3/2), each measured once
-    assert all(e["dx"] in conv_impl.INPUT_GRADS and e["dw"] in conv_impl.KERNEL_GRADS for e in chosen.values())
+    trained = [e for e in chosen.values() if "dx" in e]
+    if onednn.available():
+        # every convolution has a choice: stridednet's three trained shapes each measured once,
+        # the forward-only ones (initialization, evaluation) for their forward alone
+        assert len(trained) == 3 and all(e["fwd"] in conv_impl.FORWARDS for e in chosen.values())
+    else:
+        assert len(chosen) == len(trained) == 2  # the strided convolutions (the stem and one 3x3/2)
+    assert all(e["dx"] in conv_impl.INPUT_GRADS and e["dw"] in conv_impl.KERNEL_GRADS for e in trained)
 
 
 def test_measuring_while_a_program_is_traced_times_real_runs():
@@ -175,23 +260,24 @@ def test_measuring_while_a_program_is_traced_times_real_runs():
 
     def step(x):
         for batch in (1, 64):
-            spec = conv_impl.ConvSpec.make((batch, 45, 45, 16), (3, 3, 16, 32), strides=(1, 1),
-                                           padding="SAME", dilation=(1, 1))
-            times[batch] = conv_impl.measure(spec, rounds=3)["dx"]["xla"]
+            spec = conv_impl.ConvSpec.make((batch, 45, 45, 16), (3, 3, 16, 32), strides=(2, 2),
+                                           padding="SAME", dilation=(1, 1))  # strided: timed with or without oneDNN
+            times[batch] = conv_impl.measure(spec, parts=("dx",), rounds=3)["dx"]["xla"]
         return x
 
     jax.jit(step)(jnp.ones(2))
     assert times[64] > 5 * times[1], times
 
 
-def test_xla_and_unstrided_convolutions_are_exactly_lax_conv_general_dilated(monkeypatch):
+def test_xla_and_unstrided_convolutions_are_exactly_lax_conv_general_dilated(monkeypatch, fresh_cache, no_onednn):
     x, k = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2))
 
     def jaxpr(**kwargs):
         return str(jax.make_jaxpr(lambda k: F.conv2d(x, k, **kwargs))(k))
 
-    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "xla")
-    assert "conv_general_dilated" in jaxpr(strides=2) and "custom_vjp" not in jaxpr(strides=2)
+    for setting in ("xla", "xla/xla", "xla/xla/xla"):
+        monkeypatch.setenv(conv_impl.FORMULATION_ENV, setting)
+        assert "conv_general_dilated" in jaxpr(strides=2) and "custom_vjp" not in jaxpr(strides=2)
     monkeypatch.delenv(conv_impl.FORMULATION_ENV)  # the default: auto
     assert "custom_vjp" in jaxpr(strides=2)
     assert "custom_vjp" not in jaxpr() and "custom_vjp" not in jaxpr(strides=2, dilation_rate=2)

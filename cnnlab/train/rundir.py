@@ -30,6 +30,7 @@ import jax
 
 import cnnlab
 from cnnlab.data.dataset import Dataset
+from cnnlab.functional import conv_impl, onednn
 from cnnlab.schema import flatten
 from cnnlab.train.writers import write_json_atomic, write_text_atomic
 
@@ -179,7 +180,16 @@ def environment() -> dict[str, Any]:
         "process_count": jax.process_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_convolutions": cnnlab.CPU_CONVOLUTIONS,
+        "conv_formulation": os.environ.get(conv_impl.FORMULATION_ENV, "auto"),
+        "onednn": _onednn_state(),
     }
+
+
+def _onednn_state() -> str:
+    """oneDNN's version where its convolutions can run, else why not."""
+    if jax.default_backend() != "cpu":
+        return "not used off the CPU backend"
+    return f"oneDNN {onednn.version()}" if onednn.available() else f"unavailable: {onednn.unavailable_reason()}"
 
 
 def _history_path(workdir: str | os.PathLike, folder: str, stem: str) -> str:

@@ -1,0 +1,235 @@
+"""oneDNN's 2-D convolutions on XLA:CPU, through ``jax.ffi`` (one formulation of
+:mod:`cnnlab.functional.conv_impl`).
+
+XLA:CPU runs convolutions on Eigen kernels, about half as fast on x86 as oneDNN's (what
+PyTorch runs). ``onednn/conv.cc`` binds oneDNN's forward, backward-data (input gradient) and
+backward-weights (kernel gradient) convolutions as XLA FFI handlers for float32 NHWC inputs
+and HWIO kernels. On first use it is compiled with the C++ compiler (``$CXX``, else ``g++``)
+against the system's oneDNN (Debian/Ubuntu: ``apt-get install libdnnl-dev``) and JAX's FFI
+headers into ``<cache root>/onednn/<hash of the source, jaxlib version and command>/``, then
+loaded and registered; a failure leaves cnnlab on its pure-JAX formulations, and
+:func:`unavailable_reason` says why. ``CNNLAB_ONEDNN=0`` turns it off.
+
+oneDNN runs its own OpenMP threads (libgomp), which by default spin for a while after each
+convolution, taking a core from XLA's threads; unless ``OMP_WAIT_POLICY`` is set, the library
+is loaded with it set to ``PASSIVE`` (libgomp reads it as it loads; the environment is then
+restored). The setting is read once per process, like ``CNNLAB_ONEDNN``.
+
+:func:`forward`, :func:`input_grad` and :func:`kernel_grad` are jittable, reverse-mode
+differentiable (each one's gradient is made of the other two) and vmappable (one call per
+batch element: ``vmap_method="sequential"``); they have no forward-mode derivative.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from cnnlab._files import cache_root
+
+Array = jax.Array
+#: ``cnnlab.functional.conv_impl.ConvSpec`` (not imported: conv_impl imports this module).
+ConvSpec = Any
+
+ENV = "CNNLAB_ONEDNN"
+SOURCE = Path(__file__).with_name("onednn") / "conv.cc"
+_TARGETS = {
+    "forward": "cnnlab_onednn_conv_forward",
+    "input_grad": "cnnlab_onednn_conv_input_grad",
+    "kernel_grad": "cnnlab_onednn_conv_kernel_grad",
+}
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # once loaded: "reason" (None when available), "version", ...
+
+
+def _build_command(source: Path, output: str) -> list[str]:
+    cxx = shlex.split(os.environ.get("CXX", "g++"))
+    return [*cxx, "-O2", "-shared", "-fPIC", "-std=c++17", f"-I{jax.ffi.include_dir()}",
+            str(source), "-o", output, "-ldnnl"]
+
+
+def _library_path() -> Path:
+    """Where this source, built for this jaxlib with this command, lives in the cache."""
+    import jaxlib
+
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(f"jaxlib {jaxlib.__version__}\0".encode())
+    digest.update("\0".join(_build_command(SOURCE, "")).encode())
+    return cache_root() / "onednn" / digest.hexdigest()[:16] / "libcnnlab_onednn.so"
+
+
+def _build(path: Path) -> None:
+    """Compiles into a temporary file beside ``path`` and renames it there, so that a killed
+    build never leaves a partial library behind for a later process to load."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".so")
+    os.close(fd)
+    try:
+        proc = subprocess.run(_build_command(SOURCE, tmp), capture_output=True, text=True,
+                              timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(_explain(proc.stderr, proc.returncode))
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _explain(stderr: str, returncode: int) -> str:
+    """The compiler's errors, in one line; the usual missing pieces by name."""
+    if "dnnl.hpp" in stderr and "No such file" in stderr:
+        return "oneDNN's headers are missing (oneapi/dnnl/dnnl.hpp; Debian/Ubuntu: libdnnl-dev)"
+    if "cannot find -ldnnl" in stderr:
+        return "oneDNN's library is missing (libdnnl.so; Debian/Ubuntu: libdnnl-dev)"
+    if "ffi.h" in stderr and "No such file" in stderr:
+        return f"JAX's FFI headers are missing ({jax.ffi.include_dir()})"
+    lines = [line for line in stderr.splitlines() if "error" in line.lower()] or stderr.splitlines()
+    return (f"building the oneDNN convolutions failed (exit {returncode})"
+            + "".join(f" | {line}" for line in lines[-5:]))
+
+
+def _load() -> dict[str, Any]:
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return {"reason": f"turned off by {ENV}={os.environ[ENV]}"}
+    cxx = shlex.split(os.environ.get("CXX", "g++")) or ["g++"]
+    try:
+        path = _library_path()
+        if not path.exists():
+            if shutil.which(cxx[0]) is None:
+                return {"reason": f"no C++ compiler ({cxx[0]}) to build the oneDNN convolutions"}
+            _build(path)
+        policy = _wait_policy()
+        lib = _load_library(path, policy)
+        capsules = {t: jax.ffi.pycapsule(getattr(lib, t)) for t in _TARGETS.values()}
+        lib.cnnlab_onednn_version.restype = ctypes.c_char_p
+        version = lib.cnnlab_onednn_version().decode()
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+        return {"reason": f"{type(e).__name__}: {e}" if isinstance(e, AttributeError) else str(e)}
+    for target, capsule in capsules.items():
+        jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+    return {"reason": None, "version": version, "path": str(path), "omp_wait_policy": policy}
+
+
+def _wait_policy() -> str:
+    """OpenMP's wait policy for oneDNN's threads: the user's ``OMP_WAIT_POLICY``, else
+    ``PASSIVE``; ``"preloaded"`` when libgomp is already loaded (it read the policy then)."""
+    try:
+        with open("/proc/self/maps") as f:
+            if "libgomp" in f.read():
+                return "preloaded"
+    except OSError:
+        pass
+    return os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _load_library(path: Path, policy: str) -> ctypes.CDLL:
+    """Loads the library (and libgomp, which reads ``OMP_WAIT_POLICY`` as it loads) with the
+    wait policy set; the environment is left as it was, for the processes this one starts."""
+    own = "OMP_WAIT_POLICY" not in os.environ and policy != "preloaded"
+    if own:
+        os.environ["OMP_WAIT_POLICY"] = policy
+    try:
+        return ctypes.CDLL(str(path))
+    finally:
+        if own:
+            del os.environ["OMP_WAIT_POLICY"]
+
+
+def _loaded() -> dict[str, Any]:
+    with _lock:
+        if not _state:
+            _state.update(_load())
+        return _state
+
+
+def available() -> bool:
+    """Whether oneDNN's convolutions can run here (built, or built now, and loaded)."""
+    return _loaded()["reason"] is None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (a missing compiler, header or library, the build's
+    errors, or ``CNNLAB_ONEDNN=0``); None when it is True."""
+    return _loaded()["reason"]
+
+
+def version() -> str | None:
+    """oneDNN's version (``"2.6.3"``), or None when unavailable."""
+    return _loaded().get("version")
+
+
+# --------------------------------------------------------------------------- the ops
+
+
+def _call(part: str, shape: tuple[int, ...], a: Array, b: Array, spec: ConvSpec) -> Array:
+    if not available():
+        raise RuntimeError(f"oneDNN convolutions are unavailable: {unavailable_reason()}")
+    (plo, phi), (qlo, qhi) = spec.padding
+    return jax.ffi.ffi_call(_TARGETS[part], jax.ShapeDtypeStruct(shape, a.dtype),
+                            vmap_method="sequential")(
+        a, b, strides=np.asarray(spec.strides, np.int64),
+        padding_lo=np.asarray((plo, qlo), np.int64), padding_hi=np.asarray((phi, qhi), np.int64),
+        dilation=np.asarray(spec.dilation, np.int64))
+
+
+def _in_shape(n: int, spec: ConvSpec) -> tuple[int, ...]:
+    return (n, *spec.in_hw, spec.in_channels)
+
+
+def _kernel_shape(spec: ConvSpec) -> tuple[int, ...]:
+    return (*spec.kernel_size, spec.in_channels, spec.out_channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def forward(x: Array, kernel: Array, spec: ConvSpec) -> Array:
+    """``x [N, H, W, C_in]``, ``kernel [KH, KW, C_in, C_out]`` -> ``[N, Ho, Wo, C_out]``, the
+    convolution of ``spec`` (float32, non-negative padding)."""
+    return _call("forward", (x.shape[0], *spec.out_hw, spec.out_channels), x, kernel, spec)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def input_grad(g: Array, kernel: Array, spec: ConvSpec) -> Array:
+    """``g [N, Ho, Wo, C_out]`` (the output's cotangent) -> ``[N, H, W, C_in]``: the input's."""
+    return _call("input_grad", _in_shape(g.shape[0], spec), g, kernel, spec)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
+    """``x [N, H, W, C_in]``, ``g [N, Ho, Wo, C_out]`` -> ``[KH, KW, C_in, C_out]``: the
+    kernel's cotangent."""
+    return _call("kernel_grad", _kernel_shape(spec), x, g, spec)
+
+
+# The three are bilinear and each one's transposes are the other two, so every order of
+# reverse-mode derivative stays in oneDNN.
+def _forward_bwd(spec, res, ct):
+    x, kernel = res
+    return input_grad(ct, kernel, spec), kernel_grad(x, ct, spec)
+
+
+def _input_grad_bwd(spec, res, ct):
+    g, kernel = res
+    return forward(ct, kernel, spec), kernel_grad(ct, g, spec)
+
+
+def _kernel_grad_bwd(spec, res, ct):
+    x, g = res
+    return input_grad(g, ct, spec), forward(x, ct, spec)
+
+
+forward.defvjp(lambda x, k, spec: (forward(x, k, spec), (x, k)), _forward_bwd)
+input_grad.defvjp(lambda g, k, spec: (input_grad(g, k, spec), (g, k)), _input_grad_bwd)
+kernel_grad.defvjp(lambda x, g, spec: (kernel_grad(x, g, spec), (x, g)), _kernel_grad_bwd)

@@ -1,0 +1,337 @@
+// oneDNN's 2-D float32 convolutions as XLA FFI handlers (cnnlab/functional/onednn.py builds
+// and registers them): the forward, the input gradient (backward-data) and the kernel gradient
+// (backward-weights), in cnnlab's layouts: NHWC activations and HWIO kernels.
+//
+// Activations stay NHWC (oneDNN's AVX-512 kernels take it directly, so no activation is
+// reordered); the kernel is reordered per call from HWIO into the format oneDNN chose for the
+// primitive ("any"), or from it into HWIO for the kernel gradient. Creating primitive
+// descriptors costs far more than a small convolution, so each geometry's primitive, reorder
+// and buffer sizes are built once and kept in a mutex-guarded map. Scratchpads are the
+// caller's (oneDNN's "user" mode): a per-thread buffer, so calls on XLA's threads run
+// concurrently without sharing one.
+//
+// Attributes (int64 arrays of two, height then width): strides, padding_lo, padding_hi,
+// dilation (XLA's: 1 = undilated; oneDNN counts the gaps, XLA's - 1).
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using Tag = memory::format_tag;
+
+namespace {
+
+using Buffer4 = ffi::Buffer<ffi::F32, 4>;
+using Result4 = ffi::ResultBuffer<ffi::F32, 4>;
+using Ints = ffi::Span<const int64_t>;
+
+enum Kind : int64_t { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
+
+// One convolution's geometry, in oneDNN's terms.
+struct Geometry {
+  int64_t n, ih, iw, ic, oh, ow, oc, kh, kw;
+  int64_t sh, sw, plh, plw, prh, prw, dh, dw;  // dh, dw: oneDNN's dilation (XLA's - 1)
+
+  std::string Key(Kind kind) const {
+    const int64_t values[] = {kind, n, ih, iw, ic, oh, ow, oc, kh, kw,
+                              sh,   sw, plh, plw, prh, prw, dh, dw};
+    return std::string(reinterpret_cast<const char*>(values), sizeof(values));
+  }
+  memory::desc Src() const {
+    return memory::desc({n, ic, ih, iw}, memory::data_type::f32, Tag::nhwc);
+  }
+  memory::desc Dst() const {
+    return memory::desc({n, oc, oh, ow}, memory::data_type::f32, Tag::nhwc);
+  }
+  memory::desc Weights(Tag tag) const {
+    return memory::desc({oc, ic, kh, kw}, memory::data_type::f32, tag);
+  }
+  bool Empty() const { return n == 0 || ic == 0 || oc == 0 || oh == 0 || ow == 0; }
+};
+
+// A geometry's primitive, with the reorder between the user's HWIO kernel and the kernel
+// format the primitive chose (when they differ).
+struct Plan {
+  dnnl::primitive primitive;
+  memory::desc src, dst, user_weights, weights, scratch;
+  bool reorder_weights = false;
+  dnnl::reorder reorder;
+  memory::desc reorder_scratch;
+};
+
+dnnl::engine& Engine() {
+  static auto* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);  // never destroyed
+  return *engine;
+}
+
+dnnl::stream& Stream() {
+  thread_local dnnl::stream stream(Engine());
+  return stream;
+}
+
+// A growing, 64-byte aligned per-thread buffer (scratchpads and reordered kernels).
+struct Scratch {
+  void* data = nullptr;
+  size_t size = 0;
+  ~Scratch() { std::free(data); }
+  void* Get(size_t bytes) {
+    if (bytes > size) {
+      std::free(data);
+      size = (bytes + 63) / 64 * 64;
+      data = std::aligned_alloc(64, size);
+      if (data == nullptr) {
+        size = 0;
+        throw std::bad_alloc();
+      }
+    }
+    return data;
+  }
+};
+
+Scratch& ThreadScratch(int i) {
+  thread_local Scratch buffers[3];
+  return buffers[i];
+}
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
+  dnnl::convolution_forward::desc desc(
+      dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.Src(),
+      g.Weights(Tag::any), g.Dst(), {g.sh, g.sw}, {g.dh, g.dw}, {g.plh, g.plw},
+      {g.prh, g.prw});
+  return dnnl::convolution_forward::primitive_desc(desc, UserScratchpad(), Engine());
+}
+
+std::shared_ptr<const Plan> MakePlan(const Geometry& g, Kind kind) {
+  auto plan = std::make_shared<Plan>();
+  plan->src = g.Src();
+  plan->dst = g.Dst();
+  plan->user_weights = g.Weights(Tag::hwio);
+  dnnl::convolution_forward::primitive_desc fwd = ForwardPd(g);
+  if (kind == kForward) {
+    plan->weights = fwd.weights_desc();
+    plan->scratch = fwd.scratchpad_desc();
+    plan->primitive = dnnl::convolution_forward(fwd);
+  } else if (kind == kInputGrad) {
+    dnnl::convolution_backward_data::desc desc(
+        dnnl::algorithm::convolution_direct, g.Src(), g.Weights(Tag::any), g.Dst(),
+        {g.sh, g.sw}, {g.dh, g.dw}, {g.plh, g.plw}, {g.prh, g.prw});
+    dnnl::convolution_backward_data::primitive_desc pd(desc, UserScratchpad(), Engine(), fwd);
+    plan->weights = pd.weights_desc();
+    plan->scratch = pd.scratchpad_desc();
+    plan->primitive = dnnl::convolution_backward_data(pd);
+  } else {
+    dnnl::convolution_backward_weights::desc desc(
+        dnnl::algorithm::convolution_direct, g.Src(), g.Weights(Tag::any), g.Dst(),
+        {g.sh, g.sw}, {g.dh, g.dw}, {g.plh, g.plw}, {g.prh, g.prw});
+    dnnl::convolution_backward_weights::primitive_desc pd(desc, UserScratchpad(), Engine(),
+                                                          fwd);
+    plan->weights = pd.diff_weights_desc();
+    plan->scratch = pd.scratchpad_desc();
+    plan->primitive = dnnl::convolution_backward_weights(pd);
+  }
+  plan->reorder_weights = plan->weights != plan->user_weights;
+  if (plan->reorder_weights) {
+    const bool to_user = kind == kKernelGrad;
+    dnnl::reorder::primitive_desc pd(
+        Engine(), to_user ? plan->weights : plan->user_weights, Engine(),
+        to_user ? plan->user_weights : plan->weights, UserScratchpad());
+    plan->reorder_scratch = pd.scratchpad_desc();
+    plan->reorder = dnnl::reorder(pd);
+  }
+  return plan;
+}
+
+std::shared_ptr<const Plan> GetPlan(const Geometry& g, Kind kind) {
+  static auto* mu = new std::mutex;
+  static auto* plans = new std::unordered_map<std::string, std::shared_ptr<const Plan>>;
+  const std::string key = g.Key(kind);
+  {
+    std::lock_guard<std::mutex> lock(*mu);
+    auto it = plans->find(key);
+    if (it != plans->end()) return it->second;
+  }
+  // Built outside the lock (it can take milliseconds); a concurrent builder's plan wins.
+  std::shared_ptr<const Plan> plan = MakePlan(g, kind);
+  std::lock_guard<std::mutex> lock(*mu);
+  return plans->emplace(key, std::move(plan)).first->second;
+}
+
+ffi::Error CheckAttrs(Ints strides, Ints lo, Ints hi, Ints dilation) {
+  if (strides.size() != 2 || lo.size() != 2 || hi.size() != 2 || dilation.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "cnnlab oneDNN convolution: strides, padding_lo, padding_hi and dilation must each "
+        "have two values");
+  }
+  for (int i = 0; i < 2; ++i) {
+    if (strides[i] < 1 || dilation[i] < 1 || lo[i] < 0 || hi[i] < 0) {
+      return ffi::Error::InvalidArgument(
+          "cnnlab oneDNN convolution: strides and dilation must be positive, padding "
+          "non-negative");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// x: [N, H, W, C_in]; kernel: [KH, KW, C_in, C_out]; y: [N, Ho, Wo, C_out].
+Geometry MakeGeometry(Buffer4::Dimensions x, Buffer4::Dimensions kernel,
+                      Buffer4::Dimensions y, Ints strides, Ints lo, Ints hi, Ints dilation) {
+  return Geometry{x[0],       x[1],       x[2],  x[3],  y[1],  y[2],
+                  y[3],       kernel[0],  kernel[1],
+                  strides[0], strides[1], lo[0], lo[1], hi[0], hi[1],
+                  dilation[0] - 1, dilation[1] - 1};
+}
+
+ffi::Error CheckShapes(const Geometry& g, Buffer4::Dimensions kernel, Buffer4::Dimensions y) {
+  auto out = [](int64_t n, int64_t lo, int64_t hi, int64_t k, int64_t d, int64_t s) {
+    return (n + lo + hi - (k - 1) * (d + 1) - 1) / s + 1;
+  };
+  if (kernel[2] != g.ic || kernel[3] != g.oc || y[0] != g.n ||
+      (!g.Empty() && (out(g.ih, g.plh, g.prh, g.kh, g.dh, g.sh) != g.oh ||
+                      out(g.iw, g.plw, g.prw, g.kw, g.dw, g.sw) != g.ow))) {
+    return ffi::Error::InvalidArgument("cnnlab oneDNN convolution: inconsistent shapes");
+  }
+  return ffi::Error::Success();
+}
+
+// Runs `kind` on (src, weights, dst) given as user pointers (HWIO weights).
+void Run(const Geometry& g, Kind kind, void* src, void* weights, void* dst) {
+  std::shared_ptr<const Plan> plan = GetPlan(g, kind);
+  dnnl::engine& engine = Engine();
+  dnnl::stream& stream = Stream();
+  memory user_weights(plan->user_weights, engine, weights);
+  memory prim_weights = user_weights;
+  if (plan->reorder_weights) {
+    prim_weights = memory(plan->weights, engine, ThreadScratch(1).Get(plan->weights.get_size()));
+    if (kind != kKernelGrad) {
+      memory scratch(plan->reorder_scratch, engine,
+                     ThreadScratch(2).Get(plan->reorder_scratch.get_size()));
+      plan->reorder.execute(stream, {{DNNL_ARG_FROM, user_weights},
+                                     {DNNL_ARG_TO, prim_weights},
+                                     {DNNL_ARG_SCRATCHPAD, scratch}});
+    }
+  }
+  memory src_mem(plan->src, engine, src);
+  memory dst_mem(plan->dst, engine, dst);
+  memory scratch(plan->scratch, engine, ThreadScratch(0).Get(plan->scratch.get_size()));
+  if (kind == kForward) {
+    plan->primitive.execute(stream, {{DNNL_ARG_SRC, src_mem},
+                                     {DNNL_ARG_WEIGHTS, prim_weights},
+                                     {DNNL_ARG_DST, dst_mem},
+                                     {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else if (kind == kInputGrad) {
+    plan->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem},
+                                     {DNNL_ARG_WEIGHTS, prim_weights},
+                                     {DNNL_ARG_DIFF_DST, dst_mem},
+                                     {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else {
+    plan->primitive.execute(stream, {{DNNL_ARG_SRC, src_mem},
+                                     {DNNL_ARG_DIFF_WEIGHTS, prim_weights},
+                                     {DNNL_ARG_DIFF_DST, dst_mem},
+                                     {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (plan->reorder_weights) {
+      memory reorder_scratch(plan->reorder_scratch, engine,
+                             ThreadScratch(2).Get(plan->reorder_scratch.get_size()));
+      plan->reorder.execute(stream, {{DNNL_ARG_FROM, prim_weights},
+                                     {DNNL_ARG_TO, user_weights},
+                                     {DNNL_ARG_SCRATCHPAD, reorder_scratch}});
+    }
+  }
+  stream.wait();
+}
+
+// The three handlers' common part: checks, the empty case (zeros), then Run. `x`, `kernel`
+// and `y` are the forward's shapes (for a gradient, one of them is the result's).
+ffi::Error Convolve(Kind kind, Buffer4::Dimensions x, Buffer4::Dimensions kernel,
+                    Buffer4::Dimensions y, Ints strides, Ints lo, Ints hi, Ints dilation,
+                    void* src, void* weights, void* dst, void* out, size_t out_bytes) {
+  if (ffi::Error error = CheckAttrs(strides, lo, hi, dilation); error.failure()) return error;
+  const Geometry g = MakeGeometry(x, kernel, y, strides, lo, hi, dilation);
+  if (ffi::Error error = CheckShapes(g, kernel, y); error.failure()) return error;
+  if (g.Empty() || g.kh == 0 || g.kw == 0) {
+    std::memset(out, 0, out_bytes);
+    return ffi::Error::Success();
+  }
+  try {
+    Run(g, kind, src, weights, dst);
+  } catch (const std::exception& e) {  // dnnl::error is one
+    return ffi::Error::Internal(std::string("cnnlab oneDNN convolution: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(Buffer4 x, Buffer4 kernel, Result4 y, Ints strides, Ints lo, Ints hi,
+                   Ints dilation) {
+  return Convolve(kForward, x.dimensions(), kernel.dimensions(), y->dimensions(), strides, lo,
+                  hi, dilation, x.untyped_data(), kernel.untyped_data(), y->untyped_data(),
+                  y->untyped_data(), y->size_bytes());
+}
+
+ffi::Error InputGrad(Buffer4 dy, Buffer4 kernel, Result4 dx, Ints strides, Ints lo, Ints hi,
+                     Ints dilation) {
+  return Convolve(kInputGrad, dx->dimensions(), kernel.dimensions(), dy.dimensions(), strides,
+                  lo, hi, dilation, dx->untyped_data(), kernel.untyped_data(),
+                  dy.untyped_data(), dx->untyped_data(), dx->size_bytes());
+}
+
+ffi::Error KernelGrad(Buffer4 x, Buffer4 dy, Result4 dkernel, Ints strides, Ints lo, Ints hi,
+                      Ints dilation) {
+  return Convolve(kKernelGrad, x.dimensions(), dkernel->dimensions(), dy.dimensions(), strides,
+                  lo, hi, dilation, x.untyped_data(), dkernel->untyped_data(),
+                  dy.untyped_data(), dkernel->untyped_data(), dkernel->size_bytes());
+}
+
+}  // namespace
+
+#define CNNLAB_CONV_ATTRS                        \
+  .Attr<Ints>("strides")                         \
+      .Attr<Ints>("padding_lo")                  \
+      .Attr<Ints>("padding_hi")                  \
+      .Attr<Ints>("dilation")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnlab_onednn_conv_forward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<Buffer4>()  // x [N, H, W, C_in]
+                                  .Arg<Buffer4>()  // kernel [KH, KW, C_in, C_out]
+                                  .Ret<Buffer4>()  // y [N, Ho, Wo, C_out]
+                                  CNNLAB_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnlab_onednn_conv_input_grad, InputGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<Buffer4>()  // dy [N, Ho, Wo, C_out]
+                                  .Arg<Buffer4>()  // kernel [KH, KW, C_in, C_out]
+                                  .Ret<Buffer4>()  // dx [N, H, W, C_in]
+                                  CNNLAB_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnlab_onednn_conv_kernel_grad, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<Buffer4>()  // x [N, H, W, C_in]
+                                  .Arg<Buffer4>()  // dy [N, Ho, Wo, C_out]
+                                  .Ret<Buffer4>()  // dkernel [KH, KW, C_in, C_out]
+                                  CNNLAB_CONV_ATTRS);
+
+// The oneDNN version the library runs with ("major.minor.patch"), for cnnlab's cache keys.
+extern "C" const char* cnnlab_onednn_version() {
+  static std::string version = [] {
+    const dnnl_version_t* v = dnnl_version();
+    return std::to_string(v->major) + "." + std::to_string(v->minor) + "." +
+           std::to_string(v->patch);
+  }();
+  return version.c_str();
+}

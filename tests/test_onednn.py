@@ -1,0 +1,252 @@
+"""cnnlab.functional.onednn: oneDNN's forward, input gradient and kernel gradient equal
+lax.conv_general_dilated and its autodiff over every geometry, through cnnlab's conv in both data
+formats, under jit and vmap (batched kernels) and to second order; without oneDNN cnnlab falls
+back to its pure-JAX forms.
+
+Skipped where oneDNN cannot be built (the reason is shown), unless ``CNNLAB_REQUIRE_ONEDNN=1``
+(CI, once it installed libdnnl-dev): then that is a failure."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import cnnlab.functional as F
+from cnnlab.functional import conv_impl, onednn
+
+ATOL = RTOL = 2e-5
+TARGETS = ("cnnlab_onednn_conv_forward", "cnnlab_onednn_conv_input_grad",
+           "cnnlab_onednn_conv_kernel_grad")
+
+
+@pytest.fixture
+def needs_onednn():
+    if onednn.available():
+        return
+    reason = f"oneDNN's convolutions are unavailable: {onednn.unavailable_reason()}"
+    if os.environ.get("CNNLAB_REQUIRE_ONEDNN") == "1":
+        pytest.fail(f"CNNLAB_REQUIRE_ONEDNN=1, but {reason}")
+    pytest.skip(reason)
+
+
+GEOMETRIES = [  # kernel, strides, padding, dilation, input H x W
+    ((3, 3), (1, 1), "SAME", (1, 1), (11, 9)),
+    ((3, 3), (1, 1), "VALID", (1, 1), (8, 8)),
+    ((1, 1), (1, 1), "VALID", (1, 1), (7, 5)),
+    ((1, 1), (2, 2), "VALID", (1, 1), (9, 9)),
+    ((5, 5), (1, 1), "SAME", (1, 1), (13, 10)),
+    ((5, 5), (2, 2), "SAME", (1, 1), (13, 11)),
+    ((7, 7), (2, 2), "VALID", (1, 1), (23, 21)),
+    ((3, 3), (2, 2), "SAME", (1, 1), (12, 12)),
+    ((3, 3), (3, 3), "SAME", (1, 1), (14, 11)),
+    ((4, 4), (3, 3), "SAME", (1, 1), (11, 9)),
+    ((2, 3), (2, 1), ((1, 2), (0, 1)), (1, 1), (11, 9)),  # unequal strides, asymmetric padding
+    ((3, 1), (1, 3), ((0, 3), (2, 0)), (1, 1), (10, 13)),
+    ((3, 3), (1, 1), "SAME", (2, 2), (11, 9)),  # dilation
+    ((3, 2), (3, 2), "VALID", (2, 1), (17, 9)),  # dilation and strides
+    ((2, 2), (1, 1), ((3, 3), (1, 0)), (3, 2), (7, 6)),  # padding wider than the kernel
+]
+
+
+def _case(geometry, seed=0, batch=2, cin=3, cout=5):
+    kernel_size, strides, padding, dilation, hw = geometry
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, *hw, cin), np.float32))
+    k = jnp.asarray(rng.standard_normal((*kernel_size, cin, cout), np.float32))
+    spec = conv_impl.ConvSpec.make(x.shape, k.shape, strides=strides, padding=padding, dilation=dilation)
+    g = jnp.asarray(rng.standard_normal((batch, *spec.out_hw, cout), np.float32))
+    return x, k, g, spec
+
+
+def _lax(x, k, spec):
+    return lax.conv_general_dilated(x, k, spec.strides, spec.padding, rhs_dilation=spec.dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_the_three_parts_equal_lax_and_its_autodiff(needs_onednn, geometry):
+    x, k, g, spec = _case(geometry)
+    y, vjp = jax.vjp(lambda x, k: _lax(x, k, spec), x, k)
+    dx, dk = vjp(g)
+    fwd = jax.jit(onednn.forward, static_argnums=2)
+    input_grad = jax.jit(onednn.input_grad, static_argnums=2)
+    kernel_grad = jax.jit(onednn.kernel_grad, static_argnums=2)
+    np.testing.assert_allclose(fwd(x, k, spec), y, atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(input_grad(g, k, spec), dx, atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(kernel_grad(x, g, spec), dk, atol=ATOL, rtol=RTOL)
+    # the conv_impl forms are these
+    for table, args, want in ((conv_impl.FORWARDS, (x, k), y), (conv_impl.INPUT_GRADS, (g, k), dx),
+                              (conv_impl.KERNEL_GRADS, (x, g), dk)):
+        np.testing.assert_allclose(table["onednn"](*args, spec), want, atol=ATOL, rtol=RTOL)
+
+
+def test_the_compiled_program_calls_onednn(needs_onednn):
+    x, k, g, spec = _case(GEOMETRIES[7])
+
+    def loss(x, k):
+        return jnp.sum(conv_impl.conv2d(x, k, spec, "onednn/onednn/onednn") * g)
+
+    text = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(x, k).compile().as_text()
+    for target in TARGETS:
+        assert f'custom_call_target="{target}"' in text
+    assert "convolution(" not in text  # no XLA convolution left
+
+
+def test_a_batch_of_one_and_a_large_batch(needs_onednn):
+    for batch in (1, 33):
+        x, k, g, spec = _case(GEOMETRIES[5], batch=batch, cin=16, cout=24)
+        y, vjp = jax.vjp(lambda x, k, spec=spec: _lax(x, k, spec), x, k)
+        dx, dk = vjp(g)
+        np.testing.assert_allclose(onednn.forward(x, k, spec), y, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(onednn.input_grad(g, k, spec), dx, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(onednn.kernel_grad(x, g, spec), dk, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("layer", [
+    dict(strides=2, padding="same"),
+    dict(strides=(3, 2), padding="valid", kernel=(5, 3)),
+    dict(padding="same", kernel=(1, 1)),
+    dict(dilation_rate=2, padding="same", padding_mode="reflect"),
+    dict(strides=(2, 1), padding=((1, 2), (0, 1)), activation="relu"),
+], ids=str)
+def test_cnnlab_conv2d_forced_to_onednn_matches_xla(needs_onednn, monkeypatch, data_format, layer):
+    layer = dict(layer)
+    kernel_size = layer.pop("kernel", (3, 3))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 11, 9, 6), np.float32))
+    k = jnp.asarray(rng.standard_normal((*kernel_size, 6, 7), np.float32))
+    b = jnp.asarray(rng.standard_normal((7,), np.float32))
+    if data_format == "channels_first":
+        x = x.transpose(0, 3, 1, 2)
+
+    def loss(x, k, b):
+        return jnp.sum(jnp.sin(F.conv2d(x, k, b, data_format=data_format, **layer)))
+
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "xla")
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, k, b)
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "onednn")
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))  # a new function: traced anew
+    assert all(target in step.lower(x, k, b).compile().as_text() for target in TARGETS)
+    got = step(x, k, b)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4, rtol=RTOL)
+    for a, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, w, atol=1e-4, rtol=RTOL)
+
+
+def test_vmap_over_trials_with_their_own_kernels(needs_onednn, monkeypatch):
+    # cnnlab's packed sweeps vmap the whole train step over K trials, each with its weights.
+    trials, rng = 3, np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((trials, 2, 10, 9, 4), np.float32))
+    k = jnp.asarray(rng.standard_normal((trials, 3, 3, 4, 5), np.float32))
+    shared_x = x[0]
+
+    def loss(x, k):
+        return jnp.sum(jnp.tanh(F.conv2d(x, k, strides=2, padding="same")) ** 2)
+
+    def run():  # traced anew at each call: the setting is read when tracing
+        step = jax.value_and_grad(loss, argnums=(0, 1))
+        text = jax.jit(jax.vmap(step)).lower(x, k).compile().as_text()
+        return (text, jax.jit(jax.vmap(step))(x, k),
+                jax.jit(jax.vmap(step, in_axes=(None, 0)))(shared_x, k))  # one input, K kernels
+
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "xla")
+    _, *want = run()
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "onednn")
+    text, *got = run()
+    assert all(t in text for t in TARGETS)
+    for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, w, atol=1e-4, rtol=RTOL)
+
+
+def test_second_order_reverse_mode_stays_exact(needs_onednn):
+    # each part's gradient is made of the other two: grad of a gradient (a gradient penalty)
+    x, k, g, spec = _case(GEOMETRIES[10])
+
+    def penalty(conv):
+        def f(x, k):
+            dx, dk = jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), (0, 1))(x, k)
+            return jnp.sum(dx ** 2) + jnp.sum(jnp.cos(dk))
+        return jax.grad(f, (0, 1))(x, k)
+
+    got = penalty(lambda x, k: conv_impl.conv2d(x, k, spec, "onednn/onednn/onednn"))
+    want = penalty(lambda x, k: _lax(x, k, spec))
+    for a, w in zip(got, want):
+        np.testing.assert_allclose(a, w, atol=1e-4, rtol=1e-4)
+
+
+def test_negative_padding_and_empty_batches(needs_onednn):
+    # negative (cropping) padding is XLA's in the oneDNN form; an empty batch gives zeros
+    x, k, g, spec = _case(((3, 3), (1, 1), ((-1, 2), (1, 1)), (1, 1), (9, 9)))
+    for name, part, args, ref in (
+            ("forward", conv_impl.FORWARDS, (x, k), conv_impl.xla_forward),
+            ("input", conv_impl.INPUT_GRADS, (g, k), conv_impl.INPUT_GRADS["xla"]),
+            ("kernel", conv_impl.KERNEL_GRADS, (x, g), conv_impl.KERNEL_GRADS["xla"])):
+        np.testing.assert_allclose(part["onednn"](*args, spec), ref(*args, spec), atol=ATOL, rtol=RTOL,
+                                   err_msg=name)
+    x, k, g, spec = _case(GEOMETRIES[0], batch=0)
+    assert onednn.forward(x, k, spec).shape == (0, 11, 9, 5)
+    np.testing.assert_array_equal(onednn.kernel_grad(x, g, spec), np.zeros(k.shape, np.float32))
+
+
+def test_a_failed_build_leaves_nothing_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(onednn.ENV, raising=False)
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    state = onednn._load()  # what a fresh process would find
+    assert state["reason"].startswith("building the oneDNN convolutions failed"), state
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []  # no partial library
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert "no C++ compiler (no-such-compiler-here)" in onednn._load()["reason"]
+
+
+def test_build_errors_name_the_missing_piece():
+    header = "conv.cc:26:10: fatal error: oneapi/dnnl/dnnl.hpp: No such file or directory"
+    assert "libdnnl-dev" in onednn._explain(header, 1) and "headers" in onednn._explain(header, 1)
+    library = "/usr/bin/ld: cannot find -ldnnl: No such file or directory"
+    assert "library is missing" in onednn._explain(library, 1)
+    other = "In function 'f':\nconv.cc:3:1: error: expected ';'\n"
+    assert onednn._explain(other, 1) == ("building the oneDNN convolutions failed (exit 1) | "
+                                         "conv.cc:3:1: error: expected ';'")
+
+
+def test_without_onednn_cnnlab_falls_back_to_its_jax_forms(tmp_path):
+    script = """
+import json, os
+import jax, jax.numpy as jnp, numpy as np
+import cnnlab.functional as F
+from cnnlab.functional import conv_impl, onednn
+
+assert not onednn.available() and "CNNLAB_ONEDNN=0" in onednn.unavailable_reason()
+x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 12, 12, 3), np.float32))
+k = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 3, 4), np.float32))
+loss = lambda x, k: jnp.sum(F.conv2d(x, k, strides=2, padding="same") ** 2)
+text = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(x, k).compile().as_text()
+assert "cnnlab_onednn" not in text
+grads = jax.grad(loss, (0, 1))(x, k)
+os.environ["CNNLAB_CONV_FORMULATION"] = "xla"
+want = jax.grad(loss, (0, 1))(x, k)
+for a, w in zip(grads, want):
+    np.testing.assert_allclose(a, w, atol=2e-5, rtol=2e-5)
+(entry,) = json.load(open(os.path.join(os.environ["CNNLAB_CACHE_DIR"], "conv_formulations.json"))).values()
+assert entry["fwd"] == entry["dw"] == "xla" and set(entry["ms"]) == {"dx"}, entry
+os.environ["CNNLAB_CONV_FORMULATION"] = "onednn"
+try:
+    F.conv2d(x, k)
+except ValueError as e:
+    assert "unavailable: turned off by CNNLAB_ONEDNN=0" in str(e), e
+else:
+    raise AssertionError("forcing oneDNN without it did not fail")
+print("ok")
+"""
+    env = {**os.environ, "CNNLAB_ONEDNN": "0", "CNNLAB_CACHE_DIR": str(tmp_path),
+           conv_impl.FORMULATION_ENV: "auto"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    assert not (tmp_path / "onednn").exists()  # nothing was built
