@@ -35,3 +35,28 @@ def test_stridednet_legacy_decay_follows_num_epochs(epochs):
 def test_stridednet_decay_can_still_be_overridden():
     config = _load(ROOT / "configs" / "stridednet.py", "--config.num_epochs=10", "--config.schedule.decay=0.01")
     assert config.schedule.decay == 0.01
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_every_config_file_validates(path):
+    config = _load(path)
+    assert config.num_epochs >= 1 and config.model.name
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.py")), ids=lambda p: p.name)
+def test_every_sweep_file_validates_against_its_base(path):
+    from cnnlab.sweep import load_sweep_file, validate_sweep
+
+    base = validate_config(_load(path))
+    sweep = validate_sweep(load_sweep_file(str(path)), base)
+    assert sweep.metric.startswith("val/"), "sweeps rank on the validation split"
+
+
+@pytest.mark.parametrize("epochs", [None, 5])
+def test_tutorial_fast_evaluates_and_checkpoints_once_at_the_end(epochs):
+    overrides = [] if epochs is None else [f"--config.num_epochs={epochs}"]
+    config = _load(ROOT / "configs" / "tutorial_fast.py", *overrides)
+    assert config.eval_every_epochs == config.checkpoint.every_epochs == config.num_epochs
+    assert config.eval_flip and config.data.val_fraction > 0
+    best = _load(ROOT / "configs" / "tutorial_best.py", *overrides)
+    assert best.eval_every_epochs == 5 and best.num_epochs == (50 if epochs is None else epochs)
