@@ -41,11 +41,10 @@ def measure(layer, batch: int, repeats: int) -> dict:
     g = jnp.asarray(rng.standard_normal(y.shape, np.float32))
     flops = 2 * y.size * k * k * cin
     row = {"layer": name, "batch": batch, "mflop": flops / 1e6}
-    parts = {
-        "fwd": {"xla": (conv_impl.xla_forward, x, kern)},
-        "dx": {f: (conv_impl.INPUT_GRADS[f], g, kern) for f in conv_impl.INPUT_GRADS},
-        "dw": {f: (conv_impl.KERNEL_GRADS[f], x, g) for f in conv_impl.KERNEL_GRADS},
-    }
+    args = {"fwd": (x, kern), "dx": (g, kern), "dw": (x, g)}
+    # Only the formulations that apply to this layer here (a missing oneDNN: XLA's under its name).
+    parts = {part: {f: (conv_impl.TABLES[part][f], *args[part]) for f in names}
+             for part, names in conv_impl.applicable(spec).items()}
     for part, forms in parts.items():
         for form, (fn, a, b) in forms.items():
             jitted = jax.jit(lambda a, b, fn=fn: fn(a, b, spec))
