@@ -1,7 +1,8 @@
 """What each part of ``configs/tutorial_fast.py``'s recipe gives: the recipe, then the recipe
 with one part removed (test-time flips, label smoothing, flips + crops, the cosine schedule),
-three seeds each (packed). Ranked on validation loss like every sweep; the README reads the
-test columns as an ablation, chosen nothing from them.
+three seeds each (packed). Its validation accuracy chose to drop flips + crops from the
+committed config (validation loss cannot compare label-smoothing settings); the test columns
+are the README's ablation table, not a basis for any choice.
 
     CALTECH101_DIR=../shared/data/caltech101/101_ObjectCategories \\
         cnnlab sweep --config=configs/sweeps/tutorial_fast_ablation.py --workdir=runs/tutorial_fast_ablation
@@ -11,12 +12,8 @@ from cnnlab import sweep
 
 
 def get_config():
-    config = sweep.config_from_file("../tutorial_fast.py", relative_to=__file__)
-    # flips + 4-pixel pad-and-crop, as tutorial_fast.py had when this search ran
-    config.data.augment.ops = ("keras_affine", "random_crop")
-    config.data.augment.keras_affine.horizontal_flip = True
-    config.data.augment.random_crop.padding = 4
-    return config
+    # tutorial_fast.py with flips + crops: the base of the size/epochs/lr sweep beside this file
+    return sweep.config_from_file("tutorial_fast.py", relative_to=__file__)
 
 
 def get_sweep():
