@@ -18,24 +18,26 @@ from cnnlab.functional.conv import (
     init_conv,
     separable_conv,
 )
-from cnnlab.functional.core import batch_norm, dense, dropout, moments
+from cnnlab.functional.core import batch_norm, batch_norm_training, bernoulli, dense, dropout, moments
 from cnnlab.functional.pooling import avg_pool, global_avg_pool, global_max_pool, max_pool
 
 __all__ = [
     "avg_pool",
     "batch_norm",
-    "dense",
-    "dropout",
-    "moments",
+    "batch_norm_training",
+    "bernoulli",
     "conv",
     "conv1d",
     "conv2d",
     "conv3d",
     "conv_transpose",
+    "dense",
     "depthwise_conv",
+    "dropout",
     "global_avg_pool",
     "global_max_pool",
     "init_conv",
     "max_pool",
+    "moments",
     "separable_conv",
 ]

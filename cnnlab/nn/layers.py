@@ -167,13 +167,15 @@ class BatchNormalization(WeightedLayer):
         wanted = {"gamma": self.scale, "beta": self.center}
         params = self.create_weights({name: features for name, on in wanted.items() if on})
         if training:
-            mean, variance = F.moments(x, [a for a in range(x.ndim) if a != axis])
+            y, mean, variance = F.batch_norm_training(
+                x, axis=axis, gamma=params.get("gamma"), beta=params.get("beta"), epsilon=self.epsilon
+            )
             if not self.is_initializing():
                 m = self.momentum
                 moving_mean.value = moving_mean.value * m + mean * (1.0 - m)
                 moving_var.value = moving_var.value * m + variance * (1.0 - m)
-        else:
-            mean, variance = moving_mean.value, moving_var.value
+            return y.astype(out_dtype)
+        mean, variance = moving_mean.value, moving_var.value
         y = F.batch_norm(
             x,
             mean.astype(x.dtype),
