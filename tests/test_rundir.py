@@ -101,6 +101,22 @@ def test_check_split_reports_val_fraction_change_and_old_runs_warn(tmp_path):
 # --------------------------------------------------------------------------- environment
 
 
+@pytest.mark.parametrize("setting", ["auto", "onednn/xla/xla", "xla", "xla/phase/xla"])
+def test_environment_records_onednn_only_where_it_may_run(tmp_path, monkeypatch, setting):
+    from cnnlab.functional import onednn
+
+    monkeypatch.setenv("CNNLAB_CONV_FORMULATION", setting)
+    if "onednn" in setting and not onednn.available():
+        pytest.skip("oneDNN unavailable here: forcing it is an error, tested in test_onednn.py")
+    env = rundir.write_environment(tmp_path)
+    assert env["conv_formulation"] == setting
+    if "onednn" in setting or setting == "auto":
+        assert env["onednn"] == (f"oneDNN {onednn.version()}" if onednn.available()
+                                 else f"unavailable: {onednn.unavailable_reason()}")
+    else:
+        assert env["onednn"] == f"not used (CNNLAB_CONV_FORMULATION={setting})"
+
+
 def test_write_environment(tmp_path):
     env = rundir.write_environment(tmp_path)
     assert json.loads((tmp_path / "environment.json").read_text()) == env

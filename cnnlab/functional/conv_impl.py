@@ -239,6 +239,12 @@ def has_alternatives(spec: ConvSpec) -> bool:
     return any(len(names) > 1 for names in applicable(spec).values())
 
 
+def forced_formulations() -> tuple[str, str, str] | None:
+    """The formulations ``CNNLAB_CONV_FORMULATION`` forces, ``(forward, input grad, kernel
+    grad)``, or None under ``auto``; a bad setting raises a ValueError naming it."""
+    return _forced()
+
+
 def _forced() -> tuple[str, str, str] | None:
     """The ``CNNLAB_CONV_FORMULATION`` setting: ``(forward, input grad, kernel grad)``, or None
     for ``auto``."""

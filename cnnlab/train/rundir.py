@@ -186,9 +186,13 @@ def environment() -> dict[str, Any]:
 
 
 def _onednn_state() -> str:
-    """oneDNN's version where its convolutions can run, else why not."""
+    """oneDNN's version where its convolutions can run, else why not (unused under a forced
+    formulation without it)."""
     if jax.default_backend() != "cpu":
         return "not used off the CPU backend"
+    forced = conv_impl.forced_formulations()
+    if forced is not None and "onednn" not in forced:  # not loaded (nor built) for nothing
+        return f"not used ({conv_impl.FORMULATION_ENV}={os.environ.get(conv_impl.FORMULATION_ENV)})"
     return f"oneDNN {onednn.version()}" if onednn.available() else f"unavailable: {onednn.unavailable_reason()}"
 
 
