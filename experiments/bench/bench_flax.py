@@ -3,6 +3,10 @@
 StridedNet with flax.linen.Conv/BatchNorm/Dense/Dropout, optax.adam(1e-4), L2 5e-4 on conv
 kernels added to the loss, softmax cross-entropy on logits, one ``jax.jit`` train step with
 the state donated, images normalized (``/255``) inside the step. Prints one JSON line.
+
+``--model cnnlab`` keeps this plain loop and swaps in ``cnnlab.models.StridedNet`` (cnnlab's
+layers: its convolution formulations, dropout and batch norm) with the same L2 added by hand:
+cnnlab's layers without cnnlab's trainer (system name ``cnnlab-layers``).
 """
 
 from __future__ import annotations
@@ -16,11 +20,18 @@ import common  # noqa: E402
 
 
 def main() -> None:
-    args = common.parser(__doc__).parse_args()
+    p = common.parser(__doc__)
+    p.add_argument("--model", choices=("flax", "cnnlab"), default="flax",
+                   help="flax.linen layers (default) or cnnlab's StridedNet in the same loop")
+    args = p.parse_args()
     common.check_args(args)
     t0 = time.perf_counter()
     from functools import partial
     from typing import Any
+
+    if args.model == "cnnlab":  # before JAX starts its backend: cnnlab sets XLA:CPU's flags
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        import cnnlab.models
 
     import flax.linen as nn
     import jax
@@ -54,8 +65,19 @@ def main() -> None:
         batch_stats: Any
         key: jax.Array
 
+    class CnnlabStridedNet(nn.Module):
+        """cnnlab's StridedNet behind this loop's ``train=`` call (L2 added by the loop)."""
+
+        num_classes: int
+
+        @nn.compact
+        def __call__(self, x, train: bool):
+            net = cnnlab.models.StridedNet(num_classes=self.num_classes, kernel_initializer="he_normal",
+                                           weight_decay=0.0, name="net")
+            return net(x, training=train)
+
     t_build = time.perf_counter()
-    model = StridedNet(common.NUM_CLASSES)
+    model = (CnnlabStridedNet if args.model == "cnnlab" else StridedNet)(common.NUM_CLASSES)
     key = jax.random.PRNGKey(args.seed)
     variables = model.init(key, jnp.zeros((1, 96, 96, 3)), train=False)
     state = TrainState.create(
@@ -64,6 +86,8 @@ def main() -> None:
     )
 
     def l2(params):
+        if args.model == "cnnlab":
+            params = params["net"]
         return sum(jnp.sum(p["kernel"] ** 2) for name, p in params.items() if name.startswith("Conv"))
 
     @partial(jax.jit, donate_argnums=0)
@@ -115,7 +139,7 @@ def main() -> None:
 
     eval_first_s = eval_pass()
     eval_rates = [len(y_eval) / eval_pass() for _ in range(args.eval_repeats)]
-    common.report("flax", args, import_s=import_s, first_step_s=first_step_s,
+    common.report("cnnlab-layers" if args.model == "cnnlab" else "flax", args, import_s=import_s, first_step_s=first_step_s,
                   train_rates=train_rates, eval_rates=eval_rates, eval_first_s=eval_first_s,
                   train_cpu_ms_per_img=common.cpu_ms_per_image(cpu_at, b, args.warmup, args.steps),
                   extra={"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
