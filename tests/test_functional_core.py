@@ -33,6 +33,16 @@ def test_bernoulli_falls_back_to_jax_random_for_other_generators():
                                   np.asarray(jax.random.bernoulli(key, 0.3, (5, 6))))
 
 
+def test_bernoulli_with_a_float64_or_bfloat16_probability_is_still_jax_random_bernoulli():
+    key = jax.random.key(5)
+    with jax.enable_x64(True):
+        np.testing.assert_array_equal(np.asarray(F.bernoulli(key, 0.3, (64,))),
+                                      np.asarray(jax.random.bernoulli(key, 0.3, (64,))))
+    p = jnp.bfloat16(0.3)
+    np.testing.assert_array_equal(np.asarray(F.bernoulli(key, p, (64,))),
+                                  np.asarray(jax.random.bernoulli(key, p, (64,))))
+
+
 def test_dropout_mask_is_the_one_jax_random_bernoulli_draws():
     key = jax.random.key(11)
     x = jax.random.normal(jax.random.key(1), (8, 5, 5, 16))

@@ -127,20 +127,22 @@ def bernoulli(key: Array, p: Array, shape: Sequence[int]) -> Array:
     """``jax.random.bernoulli(key, p, shape)``, bit for bit, computed in one elementwise pass.
 
     Same bits as ``jax.random`` (``bits = h1 ^ h2`` of Threefry on the element's flat index,
-    the uniform from the top 23 bits, ``u < p``); keys of other generators, and arrays of
-    2**32 elements or more, go through ``jax.random.bernoulli`` itself.
+    the uniform from the top 23 bits, ``u < p``); keys of other generators, a ``p`` that is not
+    float32 and arrays of 2**32 elements or more go through ``jax.random.bernoulli`` itself.
     """
     shape = tuple(int(d) for d in shape)
     size = math.prod(shape)
     words = _fusable_threefry_key(key)
-    if words is None or size >= 2**32 or size == 0:
+    p = jnp.asarray(p)
+    # jax.random draws its uniform in p's float type: only float32 has the 23-bit form below.
+    if words is None or size >= 2**32 or size == 0 or p.dtype != jnp.float32:
         return jax.random.bernoulli(key, p, shape)
     lo = jax.lax.iota(jnp.uint32, size).reshape(shape)
     h1, h2 = _threefry2x32(words[0], words[1], jnp.zeros_like(lo), lo)
     bits = h1 ^ h2
     mantissa = (bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000)
     uniform = jnp.maximum(0.0, jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0)
-    return uniform < jnp.asarray(p, jnp.float32)
+    return uniform < p
 
 
 def moments(x: Array, axes: Sequence[int]) -> tuple[Array, Array]:
