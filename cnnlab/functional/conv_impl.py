@@ -242,12 +242,6 @@ def has_alternatives(spec: ConvSpec) -> bool:
 def forced_formulations() -> tuple[str, str, str] | None:
     """The formulations ``CNNLAB_CONV_FORMULATION`` forces, ``(forward, input grad, kernel
     grad)``, or None under ``auto``; a bad setting raises a ValueError naming it."""
-    return _forced()
-
-
-def _forced() -> tuple[str, str, str] | None:
-    """The ``CNNLAB_CONV_FORMULATION`` setting: ``(forward, input grad, kernel grad)``, or None
-    for ``auto``."""
     mode = os.environ.get(FORMULATION_ENV, "auto").strip().lower() or "auto"
     if mode == "auto":
         return None
@@ -369,7 +363,7 @@ def convolve(x: Array, kernel: Array, *, strides: Sequence[int], padding: Any,
     """``lax.conv_general_dilated`` (what cnnlab's convolutions call), with the forward and
     gradient formulations of ``CNNLAB_CONV_FORMULATION`` where covered; ``xla``: exactly lax's
     op."""
-    forced = _forced()
+    forced = forced_formulations()
     covered = (x.ndim == 4 and groups == 1 and precision is None and x.dtype == jnp.float32
                and kernel.dtype == jnp.float32)
     if covered and forced != _XLA:
