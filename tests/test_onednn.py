@@ -7,6 +7,8 @@ Skipped where oneDNN cannot be built (the reason is shown), unless ``CNNLAB_REQU
 (CI, once it installed libdnnl-dev): then that is a failure."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -250,3 +252,68 @@ print("ok")
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
     assert not (tmp_path / "onednn").exists()  # nothing was built
+
+
+def _pypi_onednn_installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(onednn.WHEEL_LIBRARY), metadata.version(onednn.WHEEL_HEADERS)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def test_the_pypi_onednn_is_built_against_where_installed_and_system_skips_it(monkeypatch):
+    monkeypatch.delenv(onednn.ENV, raising=False)
+    dirs = onednn.wheel_dirs()
+    assert (dirs is not None) == _pypi_onednn_installed()
+    command = onednn._build_command(onednn.SOURCE, "out.so")
+    if dirs is not None:
+        include, lib = dirs
+        assert os.path.isfile(os.path.join(include, "oneapi", "dnnl", "dnnl.hpp"))
+        assert os.path.isfile(os.path.join(lib, "libdnnl.so"))
+        assert [f"-I{include}", f"-L{lib}", f"-Wl,-rpath,{lib}"] == [
+            a for a in command if a in (f"-I{include}", f"-L{lib}", f"-Wl,-rpath,{lib}")]
+        assert command.index(f"-I{include}") < command.index(f"-I{jax.ffi.include_dir()}")
+    monkeypatch.setenv(onednn.ENV, "system")
+    assert onednn.wheel_dirs() is None
+    assert not any(a.startswith(("-L", "-Wl,-rpath")) for a in onednn._build_command(onednn.SOURCE, "o"))
+
+
+def test_the_pypi_onednn_is_the_one_loaded_where_installed(needs_onednn):
+    if not _pypi_onednn_installed() or os.environ.get(onednn.ENV, "").lower() == "system":
+        pytest.skip("oneDNN from PyPI is not in use here")
+    assert int(onednn.version().split(".")[0]) >= 3, onednn.version()
+
+
+@pytest.mark.skipif(not os.path.isfile("/usr/include/oneapi/dnnl/dnnl.hpp"),
+                    reason="no system oneDNN (libdnnl-dev)")
+def test_the_system_onednn_also_builds_and_equals_lax(tmp_path):
+    # CNNLAB_ONEDNN=system: the oneDNN 2 code paths of conv.cc, built and checked on all parts.
+    script = """
+import jax, jax.numpy as jnp, numpy as np
+from cnnlab.functional import conv_impl, onednn
+assert onednn.available(), onednn.unavailable_reason()
+assert onednn.wheel_dirs() is None
+x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 13, 11, 3), np.float32))
+k = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 3, 5), np.float32))
+spec = conv_impl.ConvSpec.make(x.shape, k.shape, strides=(2, 1), padding="SAME", dilation=(1, 1))
+g = jnp.asarray(np.random.default_rng(2).standard_normal((2, *spec.out_hw, 5), np.float32))
+for form in ("onednn/onednn/onednn", "xla/xla/xla"):
+    loss = lambda x, k: jnp.sum(conv_impl.conv2d(x, k, spec, form) * g)
+    if form.startswith("onednn"):
+        got = (conv_impl.conv2d(x, k, spec, form), *jax.grad(loss, (0, 1))(x, k))
+    else:
+        want = (conv_impl.conv2d(x, k, spec, form), *jax.grad(loss, (0, 1))(x, k))
+for a, w in zip(got, want):
+    np.testing.assert_allclose(a, w, atol=1e-4, rtol=1e-4)
+print(onednn.version())
+"""
+    if shutil.which(os.environ.get("CXX", "g++").split()[0]) is None:
+        pytest.skip("no C++ compiler")
+    env = {**os.environ, onednn.ENV: "system", "CNNLAB_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", proc.stdout.strip()), proc.stdout

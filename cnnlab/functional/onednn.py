@@ -5,10 +5,14 @@ XLA:CPU runs convolutions on Eigen kernels, about half as fast on x86 as oneDNN'
 PyTorch runs). ``onednn/conv.cc`` binds oneDNN's forward, backward-data (input gradient) and
 backward-weights (kernel gradient) convolutions as XLA FFI handlers for float32 NHWC inputs
 and HWIO kernels. On first use it is compiled with the C++ compiler (``$CXX``, else ``g++``)
-against the system's oneDNN (Debian/Ubuntu: ``apt-get install libdnnl-dev``) and JAX's FFI
-headers into ``<cache root>/onednn/<hash of the source, jaxlib version and command>/``, then
-loaded and registered; a failure leaves cnnlab on its pure-JAX formulations, and
-:func:`unavailable_reason` says why. ``CNNLAB_ONEDNN=0`` turns it off.
+against oneDNN and JAX's FFI headers into ``<cache root>/onednn/<hash of the source, jaxlib
+version and command>/``, then loaded and registered; a failure leaves cnnlab on its pure-JAX
+formulations, and :func:`unavailable_reason` says why.
+
+Which oneDNN: Intel's PyPI build ``onednn-cpu-gomp`` with its headers ``onednn-devel-cpu-gomp``
+(oneDNN 3.2, GNU OpenMP; cnnlab's dependencies on Linux x86-64) where both are installed, else
+the system's (Debian/Ubuntu: ``apt-get install libdnnl-dev``, oneDNN 2.x). ``CNNLAB_ONEDNN=0``
+turns oneDNN off; ``CNNLAB_ONEDNN=system`` skips the PyPI build.
 
 oneDNN runs its own OpenMP threads (libgomp), which by default spin for a while after each
 convolution, taking a core from XLA's threads; unless ``OMP_WAIT_POLICY`` is set, the library
@@ -54,9 +58,40 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}  # once loaded: "reason" (None when available), "version", ...
 
 
+#: Intel's PyPI distributions of oneDNN (library, headers) that cnnlab builds against first.
+WHEEL_LIBRARY, WHEEL_HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
+
+
+def wheel_dirs() -> tuple[str, str] | None:
+    """``(include dir, lib dir)`` of the PyPI oneDNN where both distributions are installed and
+    ``CNNLAB_ONEDNN`` is not ``system``; else None (the system's oneDNN is used)."""
+    if os.environ.get(ENV, "").strip().lower() == "system":
+        return None
+    from importlib import metadata
+
+    def find(dist: str, suffix: str) -> Path | None:
+        try:
+            files = metadata.files(dist) or []
+        except metadata.PackageNotFoundError:
+            return None
+        for f in files:
+            if f"/{f}".endswith(f"/{suffix}"):
+                path = Path(f.locate()).resolve()
+                return path if path.exists() else None
+        return None
+
+    header = find(WHEEL_HEADERS, "oneapi/dnnl/dnnl.hpp")
+    library = find(WHEEL_LIBRARY, "libdnnl.so")
+    if header is None or library is None:
+        return None
+    return str(header.parents[2]), str(library.parent)
+
+
 def _build_command(source: Path, output: str) -> list[str]:
     cxx = shlex.split(os.environ.get("CXX", "g++"))
-    return [*cxx, "-O2", "-shared", "-fPIC", "-std=c++17", f"-I{jax.ffi.include_dir()}",
+    dirs = wheel_dirs()
+    wheel = [] if dirs is None else [f"-I{dirs[0]}", f"-L{dirs[1]}", f"-Wl,-rpath,{dirs[1]}"]
+    return [*cxx, "-O2", "-shared", "-fPIC", "-std=c++17", *wheel, f"-I{jax.ffi.include_dir()}",
             str(source), "-o", output, "-ldnnl"]
 
 
@@ -167,7 +202,7 @@ def unavailable_reason() -> str | None:
 
 
 def version() -> str | None:
-    """oneDNN's version (``"2.6.3"``), or None when unavailable."""
+    """oneDNN's version (``"3.2.0"``, ``"2.6.3"``), or None when unavailable."""
     return _loaded().get("version")
 
 

@@ -7,7 +7,9 @@ Each round runs every variant once per batch, each in its own process, and the m
 training and evaluation rates are printed at the end. ``--tree NAME=PATH`` runs PATH's own
 ``experiments/bench/bench_cnnlab.py`` (which imports cnnlab from PATH); ``--env NAME=K=V``
 adds an environment variable to that variant (e.g. an ``XLA_FLAGS`` attempt). Arguments
-after ``--`` go to every ``bench_cnnlab.py`` call. Nothing else should run meanwhile.
+after ``--`` go to every ``bench_cnnlab.py`` call. ``--script bench_flax.py -- --model cnnlab``
+times cnnlab's layers in the plain jitted step instead of the trainer. Nothing else should run
+meanwhile.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batches", default="32")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--script", default="bench_cnnlab.py",
+                   help="which of each tree's experiments/bench scripts to time")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then arguments for bench_cnnlab.py")
     args = p.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree)
@@ -42,7 +46,7 @@ def main() -> None:
             for name, tree in trees.items():
                 env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
                 env.update(envs.get(name, {}))
-                script = os.path.join(os.path.abspath(tree), "experiments", "bench", "bench_cnnlab.py")
+                script = os.path.join(os.path.abspath(tree), "experiments", "bench", args.script)
                 cmd = [sys.executable, script, "--batch", str(batch), "--steps", str(args.steps), *extra]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)

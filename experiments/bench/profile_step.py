@@ -84,22 +84,19 @@ def main() -> None:
                 start = first.start_ns + first.duration_ns
                 evals = [e.start_ns for e in line.events if e.name == "PjitFunction(eval_step)"]
                 end = min(evals) if evals else end
-    once = [name for name in meta if name.startswith("ffi_call")][-1]  # one per program call
+    events = [e for plane in data.planes for line in plane.lines
+              if "Compiler" not in line.name and "codegen" not in line.name
+              for e in line.events if start <= e.start_ns < end and e.name in meta]
+    calls_per_op = collections.Counter(e.name for e in events if e.name.startswith("ffi_call"))
+    chunks = min(calls_per_op.values())  # each oneDNN call runs once per program call
     by_layer: collections.Counter = collections.Counter()
     by_op: collections.Counter = collections.Counter()
-    chunks = 0
-    for plane in data.planes:
-        for line in plane.lines:
-            if "Compiler" in line.name or "codegen" in line.name:
-                continue
-            for e in line.events:
-                if start <= e.start_ns < end and e.name in meta:
-                    chunks += e.name == once
-                    op = meta[e.name]
-                    kind = "oneDNN conv" if e.name.startswith("ffi_call") else re.sub(r"\.\d+$", "", e.name)
-                    direction = "backward" if "transpose(" in op else "forward"
-                    by_layer[(_layer(op), direction, kind)] += e.duration_ns
-                    by_op[(e.name, op)] += e.duration_ns
+    for e in events:
+        op = meta[e.name]
+        kind = "oneDNN conv" if e.name.startswith("ffi_call") else re.sub(r"\.\d+$", "", e.name)
+        direction = "backward" if "transpose(" in op else "forward"
+        by_layer[(_layer(op), direction, kind)] += e.duration_ns
+        by_op[(e.name, op)] += e.duration_ns
     n = chunks * _steps_per_dispatch(argv)
     total = sum(by_layer.values())
     print(f"{os.path.basename(hlo_file)}: {total / 1e6 / n:.1f} ms of XLA ops per training step ({n} steps)\n")

@@ -110,12 +110,20 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
+// oneDNN 3 builds primitive descriptors directly; oneDNN 2 from an operation descriptor.
 dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
+#if DNNL_VERSION_MAJOR >= 3
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+      g.Src(), g.Weights(Tag::any), g.Dst(), {g.sh, g.sw}, {g.dh, g.dw}, {g.plh, g.plw},
+      {g.prh, g.prw}, UserScratchpad());
+#else
   dnnl::convolution_forward::desc desc(
       dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.Src(),
       g.Weights(Tag::any), g.Dst(), {g.sh, g.sw}, {g.dh, g.dw}, {g.plh, g.plw},
       {g.prh, g.prw});
   return dnnl::convolution_forward::primitive_desc(desc, UserScratchpad(), Engine());
+#endif
 }
 
 std::shared_ptr<const Plan> MakePlan(const Geometry& g, Kind kind) {
@@ -129,19 +137,31 @@ std::shared_ptr<const Plan> MakePlan(const Geometry& g, Kind kind) {
     plan->scratch = fwd.scratchpad_desc();
     plan->primitive = dnnl::convolution_forward(fwd);
   } else if (kind == kInputGrad) {
+#if DNNL_VERSION_MAJOR >= 3
+    dnnl::convolution_backward_data::primitive_desc pd(
+        Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.Weights(Tag::any), g.Dst(),
+        {g.sh, g.sw}, {g.dh, g.dw}, {g.plh, g.plw}, {g.prh, g.prw}, fwd, UserScratchpad());
+#else
     dnnl::convolution_backward_data::desc desc(
         dnnl::algorithm::convolution_direct, g.Src(), g.Weights(Tag::any), g.Dst(),
         {g.sh, g.sw}, {g.dh, g.dw}, {g.plh, g.plw}, {g.prh, g.prw});
     dnnl::convolution_backward_data::primitive_desc pd(desc, UserScratchpad(), Engine(), fwd);
+#endif
     plan->weights = pd.weights_desc();
     plan->scratch = pd.scratchpad_desc();
     plan->primitive = dnnl::convolution_backward_data(pd);
   } else {
+#if DNNL_VERSION_MAJOR >= 3
+    dnnl::convolution_backward_weights::primitive_desc pd(
+        Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.Weights(Tag::any), g.Dst(),
+        {g.sh, g.sw}, {g.dh, g.dw}, {g.plh, g.plw}, {g.prh, g.prw}, fwd, UserScratchpad());
+#else
     dnnl::convolution_backward_weights::desc desc(
         dnnl::algorithm::convolution_direct, g.Src(), g.Weights(Tag::any), g.Dst(),
         {g.sh, g.sw}, {g.dh, g.dw}, {g.plh, g.plw}, {g.prh, g.prw});
     dnnl::convolution_backward_weights::primitive_desc pd(desc, UserScratchpad(), Engine(),
                                                           fwd);
+#endif
     plan->weights = pd.diff_weights_desc();
     plan->scratch = pd.scratchpad_desc();
     plan->primitive = dnnl::convolution_backward_weights(pd);
