@@ -232,3 +232,47 @@ def test_eval_and_report_work_on_a_read_only_run(interrupted_run, tmp_path):
         assert _snapshot(run) == before
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(run)], check=True)
+
+
+def test_hugepage_environment_adds_the_tunable_once_and_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(cli.sys, "platform", "linux")
+    monkeypatch.setattr(cli.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    assert cli.hugepage_environment({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    got = cli.hugepage_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert got["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert cli.hugepage_environment(got) is None  # a restarted process does not restart again
+    assert cli.hugepage_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice
+    assert cli.hugepage_environment({cli.HUGEPAGES_ENV: "0"}) is None
+    monkeypatch.setattr(cli.platform, "libc_ver", lambda: ("glibc", "2.31"))  # no such tunable yet
+    assert cli.hugepage_environment({}) is None
+    monkeypatch.setattr(cli.platform, "libc_ver", lambda: ("", ""))  # musl and others
+    assert cli.hugepage_environment({}) is None
+    monkeypatch.setattr(cli.sys, "platform", "darwin")
+    monkeypatch.setattr(cli.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    assert cli.hugepage_environment({}) is None
+
+
+def test_the_command_restarts_itself_with_huge_pages_and_records_it(tmp_path):
+    import platform
+
+    lib, version = platform.libc_ver()
+    from cnnlab import backend
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", cli.HUGEPAGES_ENV, "XLA_FLAGS")}
+    if backend.USER_XLA_FLAGS is not None:  # what this test process had before `import cnnlab`
+        env["XLA_FLAGS"] = backend.USER_XLA_FLAGS
+    proc = subprocess.run([sys.executable, "-m", "cnnlab", *train_args(tmp_path / "run", "--config.num_epochs=1")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    environment = json.loads((tmp_path / "run" / "environment.json").read_text())
+    recorded = environment["glibc_tunables"]
+    if backend.USER_XLA_FLAGS is None:  # the restart passed on the user's XLA_FLAGS, not cnnlab's
+        assert environment["cpu_convolutions"] != "user", environment
+    expected = cli.hugepage_environment(env)
+    assert recorded == ("" if expected is None else expected["GLIBC_TUNABLES"])
+    if lib == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35):
+        assert recorded == "glibc.malloc.hugetlb=1"
+    off = subprocess.run([sys.executable, "-m", "cnnlab", *train_args(tmp_path / "off", "--config.num_epochs=1")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, cli.HUGEPAGES_ENV: "0"})
+    assert off.returncode == 0, off.stderr[-3000:]
+    assert json.loads((tmp_path / "off" / "environment.json").read_text())["glibc_tunables"] == ""
