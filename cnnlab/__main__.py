@@ -1,5 +1,5 @@
 """``python -m cnnlab ...`` is the ``cnnlab`` command."""
 
-from cnnlab.cli import entry
+from cnnlab.cli import main
 
-entry()
+main()

@@ -84,11 +84,6 @@ def _cpu_backend_started() -> bool:
     return bool(started and started()) and sys.modules["jax"].default_backend() == "cpu"
 
 
-#: ``XLA_FLAGS`` as the process found it, before :func:`configure_xla_cpu` added cnnlab's flag
-#: (None: unset), so that a process cnnlab restarts starts from the user's own setting.
-USER_XLA_FLAGS: str | None = None
-
-
 def configure_xla_cpu(environ: dict[str, str] | None = None) -> str:
     """Chooses XLA:CPU's convolution kernels before JAX starts its backend; returns the choice.
 
@@ -100,9 +95,6 @@ def configure_xla_cpu(environ: dict[str, str] | None = None) -> str:
     apply: a warning says so.
     """
     env = os.environ if environ is None else environ
-    if environ is None:
-        global USER_XLA_FLAGS
-        USER_XLA_FLAGS = env.get("XLA_FLAGS")
     mode = env.get(CPU_CONVOLUTIONS_ENV, "eigen").strip().lower() or "eigen"
     if mode not in CPU_CONVOLUTIONS:
         raise ValueError(f"{CPU_CONVOLUTIONS_ENV}={mode!r}: must be one of {', '.join(CPU_CONVOLUTIONS)}")

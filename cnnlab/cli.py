@@ -12,13 +12,6 @@ field from the schema).
 Every command goes through :func:`_run_command`: a user error (bad config, missing data, a
 read-only or full disk, a changed run record, ...) ends as a short message on stderr and a
 non-zero exit; ``--verbose`` or ``CNNLAB_VERBOSE=1`` adds the traceback.
-
-The command (``cnnlab`` or ``python -m cnnlab``, :func:`entry`) first restarts itself once with
-glibc's malloc on transparent huge pages (:func:`hugepage_environment`): XLA:CPU allocates each
-program call's temporary buffers afresh (75 MB per StridedNet step at batch 32), which 4 KB
-pages turn into tens of thousands of page faults per step (experiments/bench/README.md).
-``CNNLAB_MALLOC_HUGEPAGES=0`` turns this off; a ``GLIBC_TUNABLES`` that already sets
-``glibc.malloc.hugetlb`` is left alone.
 """
 
 from __future__ import annotations
@@ -28,7 +21,6 @@ import dataclasses
 import errno
 import functools
 import os
-import platform
 import re
 import sys
 import traceback
@@ -345,57 +337,6 @@ def _user_error(e: BaseException, command: str) -> tuple[str, int] | None:
     return None
 
 
-HUGEPAGES_ENV = "CNNLAB_MALLOC_HUGEPAGES"
-_HUGETLB = "glibc.malloc.hugetlb"
-
-
-def hugepage_environment(environ: dict[str, str]) -> dict[str, str] | None:
-    """``environ`` with ``glibc.malloc.hugetlb=1`` added to ``GLIBC_TUNABLES`` (glibc >= 2.35
-    then asks the kernel for transparent huge pages on the memory malloc maps), or None where
-    there is nothing to change: turned off by ``CNNLAB_MALLOC_HUGEPAGES=0``, not glibc on
-    Linux, an older glibc, or the tunable already set (so a restarted process does not restart
-    again)."""
-    if environ.get(HUGEPAGES_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    if not sys.platform.startswith("linux"):
-        return None
-    lib, version = platform.libc_ver()
-    try:
-        if lib != "glibc" or tuple(int(p) for p in version.split(".")[:2]) < (2, 35):
-            return None
-    except ValueError:
-        return None
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if _HUGETLB in tunables:
-        return None
-    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{_HUGETLB}=1" if tunables else f"{_HUGETLB}=1"}
-
-
-def restart_environment() -> dict[str, str] | None:
-    """The environment to restart this process in (:func:`hugepage_environment` of the user's:
-    ``XLA_FLAGS`` as it was before ``import cnnlab`` added its flag), or None to run as is."""
-    from cnnlab import backend
-
-    environ = hugepage_environment(dict(os.environ))
-    if environ is not None:
-        environ.pop("XLA_FLAGS", None)
-        if backend.USER_XLA_FLAGS is not None:
-            environ["XLA_FLAGS"] = backend.USER_XLA_FLAGS
-    return environ
-
-
-def entry() -> None:
-    """The ``cnnlab`` command as a process: restarted once under :func:`hugepage_environment`
-    (glibc reads its tunables only as a process starts), then :func:`main`."""
-    environ = restart_environment()
-    if environ is not None:
-        try:
-            os.execve(sys.executable, [sys.executable, "-m", "cnnlab", *sys.argv[1:]], environ)
-        except OSError:
-            pass  # could not restart: run as is
-    main()
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     verbose = os.environ.get(_VERBOSE_ENV, "") not in ("", "0")
@@ -441,4 +382,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    entry()
+    main()

@@ -179,7 +179,6 @@ def environment() -> dict[str, Any]:
         "device_kinds": sorted({d.device_kind for d in devices}),
         "process_count": jax.process_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "cpu_convolutions": cnnlab.CPU_CONVOLUTIONS,
         "conv_formulation": os.environ.get(conv_impl.FORMULATION_ENV, "auto"),
         "onednn": _onednn_state(),

@@ -24,10 +24,6 @@ scan_check.py for why.
 Evaluation is timed with the trainer's own ``evaluate_trials`` on the trained state (one
 compiling pass, then ``eval_repeats`` timed passes). Extra config overrides: ``--set key=value``
 (e.g. ``--set mixed_precision=True --set steps_per_dispatch=4``).
-
-Like the ``cnnlab`` command, the script first restarts itself with glibc's malloc on
-transparent huge pages (``cnnlab.cli.hugepage_environment``; ``CNNLAB_MALLOC_HUGEPAGES=0``
-measures without).
 """
 
 from __future__ import annotations
@@ -42,19 +38,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _restart_as_the_command_does() -> None:
-    sys.path.insert(0, REPO)
-    from cnnlab.cli import restart_environment
-
-    environ = restart_environment()
-    if environ is not None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], environ)
-
-
-if __name__ == "__main__":
-    _restart_as_the_command_does()
 
 
 def _set(config, assignment: str) -> None:
