@@ -5,6 +5,8 @@ from cnnlab._lazy import lazy_attributes
 
 #: XLA:CPU's convolution kernels, chosen before JAX starts (``cnnlab.backend.configure_xla_cpu``).
 CPU_CONVOLUTIONS = _backend.configure_xla_cpu()
+#: How glibc's malloc is set up for XLA's per-call buffers (``cnnlab.backend.configure_malloc``).
+MALLOC = _backend.configure_malloc()
 
 __version__ = "0.1.0"
 

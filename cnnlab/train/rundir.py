@@ -180,6 +180,7 @@ def environment() -> dict[str, Any]:
         "process_count": jax.process_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_convolutions": cnnlab.CPU_CONVOLUTIONS,
+        "malloc": cnnlab.MALLOC,
         "conv_formulation": os.environ.get(conv_impl.FORMULATION_ENV, "auto"),
         "onednn": _onednn_state(),
     }
