@@ -67,3 +67,71 @@ def test_the_choice_reaches_the_compiled_program(mode):
         pytest.skip("this jaxlib has no YNNPACK fusions")
     assert chosen == mode and int(convs) == 2  # the forward and the kernel gradient
     assert int(convs_in_ynnpack) == (0 if mode == "eigen" else 2)
+
+
+def test_malloc_modes_and_what_is_left_alone(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        @staticmethod
+        def mallopt(param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(backend.ctypes, "CDLL", lambda name: FakeLibc)
+    monkeypatch.setattr(backend.sys, "platform", "linux")
+    monkeypatch.setattr(backend.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    assert backend.configure_malloc({}) == "retain"
+    assert dict(calls) == {backend._M_ARENA_MAX: 1, backend._M_MMAP_MAX: 0, backend._M_TRIM_THRESHOLD: 2**31 - 1}
+    calls.clear()
+    assert backend.configure_malloc({backend.MALLOC_ENV: "system"}) == "system"
+    assert backend.configure_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}) == "user"
+    monkeypatch.setattr(backend.platform, "libc_ver", lambda: ("", ""))
+    assert backend.configure_malloc({}) == "not glibc"
+    assert calls == []  # none of these touched malloc
+    with pytest.raises(ValueError, match="CNNLAB_MALLOC='keep'"):
+        backend.configure_malloc({backend.MALLOC_ENV: "keep"})
+
+
+_PAGE_FAULTS = """
+import resource, sys
+import cnnlab
+import jax, jax.numpy as jnp
+
+def f(x, w, v):  # matrix products, whose results XLA keeps in its per-call temporary buffer
+    a = x @ w
+    b = jnp.sin(a) @ v
+    c = jnp.cos(b) @ v
+    return jnp.sum(a * c) + jnp.sum(b)
+
+x, w, v = jnp.ones((8192, 64)), jnp.ones((64, 1024)) / 64, jnp.ones((1024, 1024)) / 1024
+step = jax.jit(f).lower(x, w, v).compile()
+temp = step.memory_analysis().temp_size_in_bytes
+assert temp > 48 << 20, temp  # above glibc's largest mmap threshold (32 MB)
+for _ in range(3):
+    step(x, w, v).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step(x, w, v).block_until_ready()
+print(cnnlab.MALLOC, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, temp)
+"""
+
+
+def test_retained_memory_spares_each_program_call_its_page_faults():
+    import platform
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc only")
+    faults = {}
+    for mode in ("system", "retain"):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        env[backend.MALLOC_ENV] = mode
+        out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS], cwd=ROOT, capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got_mode, count, temp = out.stdout.split()
+        assert got_mode == mode
+        faults[mode] = int(count)
+    # Handed back after each call, the temporaries are fresh pages again: 5 calls x temp / 4 KB.
+    assert faults["system"] > 5 * int(temp) // 4096 // 2, (faults, temp)
+    assert faults["retain"] * 10 < faults["system"], faults
