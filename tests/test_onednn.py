@@ -300,12 +300,10 @@ x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 13, 11, 3), np.floa
 k = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 3, 5), np.float32))
 spec = conv_impl.ConvSpec.make(x.shape, k.shape, strides=(2, 1), padding="SAME", dilation=(1, 1))
 g = jnp.asarray(np.random.default_rng(2).standard_normal((2, *spec.out_hw, 5), np.float32))
-for form in ("onednn/onednn/onednn", "xla/xla/xla"):
+def output_and_gradients(form):
     loss = lambda x, k: jnp.sum(conv_impl.conv2d(x, k, spec, form) * g)
-    if form.startswith("onednn"):
-        got = (conv_impl.conv2d(x, k, spec, form), *jax.grad(loss, (0, 1))(x, k))
-    else:
-        want = (conv_impl.conv2d(x, k, spec, form), *jax.grad(loss, (0, 1))(x, k))
+    return (conv_impl.conv2d(x, k, spec, form), *jax.grad(loss, (0, 1))(x, k))
+got, want = output_and_gradients("onednn/onednn/onednn"), output_and_gradients("xla/xla/xla")
 for a, w in zip(got, want):
     np.testing.assert_allclose(a, w, atol=1e-4, rtol=1e-4)
 print(onednn.version())

@@ -62,10 +62,16 @@ _state: dict[str, Any] = {}  # once loaded: "reason" (None when available), "ver
 WHEEL_LIBRARY, WHEEL_HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 
 
+def _setting() -> str:
+    """``CNNLAB_ONEDNN`` read once for all its uses: ``"off"``, ``"system"`` or ``"on"``."""
+    value = os.environ.get(ENV, "1").strip().lower()
+    return "off" if value in ("0", "false", "no", "off") else "system" if value == "system" else "on"
+
+
 def wheel_dirs() -> tuple[str, str] | None:
     """``(include dir, lib dir)`` of the PyPI oneDNN where both distributions are installed and
     ``CNNLAB_ONEDNN`` is not ``system``; else None (the system's oneDNN is used)."""
-    if os.environ.get(ENV, "").strip().lower() == "system":
+    if _setting() == "system":
         return None
     from importlib import metadata
 
@@ -137,7 +143,7 @@ def _explain(stderr: str, returncode: int) -> str:
 
 
 def _load() -> dict[str, Any]:
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _setting() == "off":
         return {"reason": f"turned off by {ENV}={os.environ[ENV]}"}
     cxx = shlex.split(os.environ.get("CXX", "g++")) or ["g++"]
     try:
