@@ -315,3 +315,50 @@ print(onednn.version())
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.fullmatch(r"\d+\.\d+\.\d+", proc.stdout.strip()), proc.stdout
+
+
+def _bf16_relative_error(got, want):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[5], GEOMETRIES[12]], ids=str)
+def test_bfloat16_parts_equal_float32_lax_to_bfloat16_rounding(needs_onednn, geometry):
+    # bfloat16 operands (mixed precision): oneDNN accumulates in float32 and rounds the result
+    # once, so each part is within a few bfloat16 ulps (2**-8) of float32 lax on the same
+    # bfloat16-valued operands.
+    x, k, g, spec = _case(geometry, batch=4, cin=16, cout=24)
+    x, k, g = (a.astype(jnp.bfloat16) for a in (x, k, g))
+    spec16 = conv_impl.ConvSpec.make(x.shape, k.shape, strides=spec.strides, padding=spec.padding,
+                                     dilation=spec.dilation, dtype=jnp.bfloat16)
+    assert spec16.dtype == "bfloat16"
+    f32 = [a.astype(jnp.float32) for a in (x, k, g)]
+    y, vjp = jax.vjp(lambda x, k: _lax(x, k, spec), *f32[:2])
+    dx, dk = vjp(f32[2])
+    for got, want in ((onednn.forward(x, k, spec16), y), (onednn.input_grad(g, k, spec16), dx),
+                      (onednn.kernel_grad(x, g, spec16), dk)):
+        assert got.dtype == jnp.bfloat16
+        assert _bf16_relative_error(got, want) < 4e-3
+
+
+def test_bfloat16_cnnlab_conv_runs_onednn_and_mixed_types_are_refused(needs_onednn, monkeypatch):
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "onednn")
+    x, k, g, spec = _case(GEOMETRIES[7], batch=4, cin=8, cout=8)
+    x16, k16 = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+
+    def loss(x, k):
+        return jnp.sum(F.conv2d(x, k, strides=spec.strides, padding="same").astype(jnp.float32)
+                       * g)
+
+    text = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(x16, k16).compile().as_text()
+    for target in TARGETS:
+        assert f'custom_call_target="{target}"' in text
+    dx, dk = jax.jit(jax.grad(loss, (0, 1)))(x16, k16)
+    assert dx.dtype == dk.dtype == jnp.bfloat16
+    want_dx, want_dk = jax.grad(lambda x, k: jnp.sum(_lax(x, k, spec) * g), (0, 1))(
+        x16.astype(jnp.float32), k16.astype(jnp.float32))
+    assert _bf16_relative_error(dx, want_dx) < 4e-3
+    assert _bf16_relative_error(dk, want_dk) < 4e-3
+    # one float32 and one bfloat16 operand: the handler refuses (cnnlab's conv never sends it)
+    with pytest.raises(Exception, match="must all be float32 or all bfloat16"):
+        jax.block_until_ready(onednn.forward(x16, k, spec))

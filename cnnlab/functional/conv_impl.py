@@ -24,8 +24,8 @@ multi-process runs, whose processes must compile the same program), and where no
 XLA's. ``xla`` (or any all-``xla`` setting) uses lax's op alone (no custom VJP); ``onednn``
 forces oneDNN for all three parts; ``<input grad>/<kernel grad>`` (``phase/xla``, the forward
 XLA's) or ``<forward>/<input grad>/<kernel grad>`` (``onednn/phase/onednn``) forces each part;
-forcing oneDNN where it is unavailable is an error that says why. Covered: 2-D float32
-convolutions with ``groups == 1`` and default precision, in either data format; anything else
+forcing oneDNN where it is unavailable is an error that says why. Covered: 2-D float32 or
+bfloat16 convolutions (input and kernel of one type) with ``groups == 1`` and default precision, in either data format; anything else
 is XLA's (so is a form that does not apply to a shape: ``phase`` to unstrided or dilated ones,
 ``onednn`` to negative padding or off the CPU backend). A custom VJP has no forward-mode
 derivative: for ``jax.jvp``, ``jax.jacfwd`` or ``jax.hessian`` through cnnlab's convolutions,
@@ -68,11 +68,12 @@ class ConvSpec:
     in_channels: int
     out_channels: int
     batch: int = 1
+    dtype: str = "float32"  # of the input, kernel and output: "float32" or "bfloat16"
 
     @classmethod
     def make(cls, x_shape: Sequence[int], kernel_shape: Sequence[int], *,
              strides: Sequence[int], padding: str | Sequence[tuple[int, int]],
-             dilation: Sequence[int]) -> ConvSpec:
+             dilation: Sequence[int], dtype: Any = "float32") -> ConvSpec:
         kh, kw, cin, cout = kernel_shape
         hw = (int(x_shape[1]), int(x_shape[2]))
         if isinstance(padding, str):
@@ -80,7 +81,7 @@ class ConvSpec:
                 hw, ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1), strides, padding)
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
         return cls((int(kh), int(kw)), tuple(map(int, strides)), pads, tuple(map(int, dilation)),
-                   hw, int(cin), int(cout), int(x_shape[0]))
+                   hw, int(cin), int(cout), int(x_shape[0]), jnp.dtype(dtype).name)
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -225,6 +226,8 @@ conv2d.defvjp(_fwd, _bwd)
 # --------------------------------------------------------------------------- choice
 
 FORMULATION_ENV = "CNNLAB_CONV_FORMULATION"
+#: The element types given the formulations (input and kernel alike); others are XLA's.
+COVERED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 CACHE_FILE = "conv_formulations.json"
 #: An alternative is kept only if its best time is below this fraction of XLA's.
 MARGIN = 0.9
@@ -290,7 +293,7 @@ def _read_cache() -> dict[str, Any]:
 def measure(spec: ConvSpec, *, parts: Sequence[str] = PARTS,
             rounds: int = 7) -> dict[str, dict[str, float]]:
     """The fastest of ``rounds`` interleaved timings (ms) of every formulation of each of
-    ``parts`` (``"fwd"``, ``"dx"``, ``"dw"``) that applies to ``spec`` (float32); a part with
+    ``parts`` (``"fwd"``, ``"dx"``, ``"dw"``) that applies to ``spec`` (in its dtype); a part with
     one formulation is not timed (empty). Runs in a thread of its own: called while a program
     is being traced, the timed calls would otherwise be traced into it instead of running."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -299,10 +302,13 @@ def measure(spec: ConvSpec, *, parts: Sequence[str] = PARTS,
 
 def _measure(spec: ConvSpec, parts: tuple[str, ...], rounds: int) -> dict[str, dict[str, float]]:
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((spec.batch, *spec.in_hw, spec.in_channels), np.float32))
-    kernel = jnp.asarray(rng.standard_normal((*spec.kernel_size, spec.in_channels, spec.out_channels),
-                                             np.float32))
-    g = jnp.asarray(rng.standard_normal((spec.batch, *spec.out_hw, spec.out_channels), np.float32))
+
+    def normal(*shape: int) -> Array:
+        return jnp.asarray(rng.standard_normal(shape, np.float32), spec.dtype)
+
+    x = normal(spec.batch, *spec.in_hw, spec.in_channels)
+    kernel = normal(*spec.kernel_size, spec.in_channels, spec.out_channels)
+    g = normal(spec.batch, *spec.out_hw, spec.out_channels)
     args = {"fwd": (x, kernel), "dx": (g, kernel), "dw": (x, g)}
     names = applicable(spec)
     calls = {(part, name): (jax.jit(functools.partial(TABLES[part][name], spec=spec)), args[part])
@@ -364,12 +370,12 @@ def convolve(x: Array, kernel: Array, *, strides: Sequence[int], padding: Any,
     gradient formulations of ``CNNLAB_CONV_FORMULATION`` where covered; ``xla``: exactly lax's
     op."""
     forced = forced_formulations()
-    covered = (x.ndim == 4 and groups == 1 and precision is None and x.dtype == jnp.float32
-               and kernel.dtype == jnp.float32)
+    covered = (x.ndim == 4 and groups == 1 and precision is None and x.dtype in COVERED_DTYPES
+               and kernel.dtype == x.dtype)
     if covered and forced != _XLA:
         nhwc_shape = x.shape if channels_last else (x.shape[0], *x.shape[2:], x.shape[1])
         spec = ConvSpec.make(nhwc_shape, kernel.shape, strides=strides, padding=padding,
-                             dilation=dilation)
+                             dilation=dilation, dtype=x.dtype)
         if forced is not None or has_alternatives(spec):
             nhwc = x if channels_last else x.transpose(0, 2, 3, 1)
             y = conv2d(nhwc, kernel, spec, "auto" if forced is None else "/".join(forced))

@@ -3,8 +3,9 @@
 
 XLA:CPU runs convolutions on Eigen kernels, about half as fast on x86 as oneDNN's (what
 PyTorch runs). ``onednn/conv.cc`` binds oneDNN's forward, backward-data (input gradient) and
-backward-weights (kernel gradient) convolutions as XLA FFI handlers for float32 NHWC inputs
-and HWIO kernels. On first use it is compiled with the C++ compiler (``$CXX``, else ``g++``)
+backward-weights (kernel gradient) convolutions as XLA FFI handlers for float32 or bfloat16
+NHWC inputs and HWIO kernels (bfloat16 accumulates in float32 inside oneDNN, on AMX or AVX-512
+BF16 where the CPU has them). On first use it is compiled with the C++ compiler (``$CXX``, else ``g++``)
 against oneDNN and JAX's FFI headers into ``<cache root>/onednn/<hash of the source, jaxlib
 version and command>/``, then loaded and registered; a failure leaves cnnlab on its pure-JAX
 formulations, and :func:`unavailable_reason` says why.
@@ -237,7 +238,7 @@ def _kernel_shape(spec: ConvSpec) -> tuple[int, ...]:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def forward(x: Array, kernel: Array, spec: ConvSpec) -> Array:
     """``x [N, H, W, C_in]``, ``kernel [KH, KW, C_in, C_out]`` -> ``[N, Ho, Wo, C_out]``, the
-    convolution of ``spec`` (float32, non-negative padding)."""
+    convolution of ``spec`` (float32 or bfloat16, both of one type; non-negative padding)."""
     return _call("forward", (x.shape[0], *spec.out_hw, spec.out_channels), x, kernel, spec)
 
 

@@ -1,6 +1,8 @@
-// oneDNN's 2-D float32 convolutions as XLA FFI handlers (cnnlab/functional/onednn.py builds
+// oneDNN's 2-D float32 and bfloat16 convolutions as XLA FFI handlers (cnnlab/functional/onednn.py builds
 // and registers them): the forward, the input gradient (backward-data) and the kernel gradient
-// (backward-weights), in cnnlab's layouts: NHWC activations and HWIO kernels.
+// (backward-weights), in cnnlab's layouts: NHWC activations and HWIO kernels. A call's
+// operands and result share one element type; bfloat16 accumulates in float32 inside oneDNN
+// (on AMX or AVX-512 BF16 where the CPU has them) and rounds the result to bfloat16.
 //
 // Activations stay NHWC (oneDNN's AVX-512 kernels take it directly, so no activation is
 // reordered); the kernel is reordered per call from HWIO into the format oneDNN chose for the
@@ -32,8 +34,8 @@ using Tag = memory::format_tag;
 
 namespace {
 
-using Buffer4 = ffi::Buffer<ffi::F32, 4>;
-using Result4 = ffi::ResultBuffer<ffi::F32, 4>;
+using Buffer4 = ffi::AnyBuffer;
+using Result4 = ffi::Result<ffi::AnyBuffer>;
 using Ints = ffi::Span<const int64_t>;
 
 enum Kind : int64_t { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
@@ -42,21 +44,16 @@ enum Kind : int64_t { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
 struct Geometry {
   int64_t n, ih, iw, ic, oh, ow, oc, kh, kw;
   int64_t sh, sw, plh, plw, prh, prw, dh, dw;  // dh, dw: oneDNN's dilation (XLA's - 1)
+  memory::data_type type;                       // of every operand and the result
 
   std::string Key(Kind kind) const {
-    const int64_t values[] = {kind, n, ih, iw, ic, oh, ow, oc, kh, kw,
-                              sh,   sw, plh, plw, prh, prw, dh, dw};
+    const int64_t values[] = {kind, n,  ih,  iw,  ic,  oh,  ow, oc, kh, kw,
+                              sh,   sw, plh, plw, prh, prw, dh, dw, static_cast<int64_t>(type)};
     return std::string(reinterpret_cast<const char*>(values), sizeof(values));
   }
-  memory::desc Src() const {
-    return memory::desc({n, ic, ih, iw}, memory::data_type::f32, Tag::nhwc);
-  }
-  memory::desc Dst() const {
-    return memory::desc({n, oc, oh, ow}, memory::data_type::f32, Tag::nhwc);
-  }
-  memory::desc Weights(Tag tag) const {
-    return memory::desc({oc, ic, kh, kw}, memory::data_type::f32, tag);
-  }
+  memory::desc Src() const { return memory::desc({n, ic, ih, iw}, type, Tag::nhwc); }
+  memory::desc Dst() const { return memory::desc({n, oc, oh, ow}, type, Tag::nhwc); }
+  memory::desc Weights(Tag tag) const { return memory::desc({oc, ic, kh, kw}, type, tag); }
   bool Empty() const { return n == 0 || ic == 0 || oc == 0 || oh == 0 || ow == 0; }
 };
 
@@ -211,11 +208,27 @@ ffi::Error CheckAttrs(Ints strides, Ints lo, Ints hi, Ints dilation) {
 
 // x: [N, H, W, C_in]; kernel: [KH, KW, C_in, C_out]; y: [N, Ho, Wo, C_out].
 Geometry MakeGeometry(Buffer4::Dimensions x, Buffer4::Dimensions kernel,
-                      Buffer4::Dimensions y, Ints strides, Ints lo, Ints hi, Ints dilation) {
+                      Buffer4::Dimensions y, Ints strides, Ints lo, Ints hi, Ints dilation,
+                      memory::data_type type) {
   return Geometry{x[0],       x[1],       x[2],  x[3],  y[1],  y[2],
                   y[3],       kernel[0],  kernel[1],
                   strides[0], strides[1], lo[0], lo[1], hi[0], hi[1],
-                  dilation[0] - 1, dilation[1] - 1};
+                  dilation[0] - 1, dilation[1] - 1, type};
+}
+
+// The oneDNN type of three buffers of one element type (float32 or bfloat16), else an error.
+ffi::Error ElementType(ffi::DataType a, ffi::DataType b, ffi::DataType c,
+                       memory::data_type* type) {
+  if (a != b || a != c || (a != ffi::DataType::F32 && a != ffi::DataType::BF16)) {
+    return ffi::Error::InvalidArgument(
+        "cnnlab oneDNN convolution: operands and result must all be float32 or all bfloat16");
+  }
+  *type = a == ffi::DataType::F32 ? memory::data_type::f32 : memory::data_type::bf16;
+  return ffi::Error::Success();
+}
+
+bool Rank4(Buffer4::Dimensions a, Buffer4::Dimensions b, Buffer4::Dimensions c) {
+  return a.size() == 4 && b.size() == 4 && c.size() == 4;
 }
 
 ffi::Error CheckShapes(const Geometry& g, Buffer4::Dimensions kernel, Buffer4::Dimensions y) {
@@ -278,11 +291,19 @@ void Run(const Geometry& g, Kind kind, void* src, void* weights, void* dst) {
 
 // The three handlers' common part: checks, the empty case (zeros), then Run. `x`, `kernel`
 // and `y` are the forward's shapes (for a gradient, one of them is the result's).
-ffi::Error Convolve(Kind kind, Buffer4::Dimensions x, Buffer4::Dimensions kernel,
+ffi::Error Convolve(Kind kind, ffi::DataType type_a, ffi::DataType type_b,
+                    ffi::DataType type_out, Buffer4::Dimensions x, Buffer4::Dimensions kernel,
                     Buffer4::Dimensions y, Ints strides, Ints lo, Ints hi, Ints dilation,
                     void* src, void* weights, void* dst, void* out, size_t out_bytes) {
   if (ffi::Error error = CheckAttrs(strides, lo, hi, dilation); error.failure()) return error;
-  const Geometry g = MakeGeometry(x, kernel, y, strides, lo, hi, dilation);
+  memory::data_type type;
+  if (ffi::Error error = ElementType(type_a, type_b, type_out, &type); error.failure()) {
+    return error;
+  }
+  if (!Rank4(x, kernel, y)) {
+    return ffi::Error::InvalidArgument("cnnlab oneDNN convolution: operands must be 4-D");
+  }
+  const Geometry g = MakeGeometry(x, kernel, y, strides, lo, hi, dilation, type);
   if (ffi::Error error = CheckShapes(g, kernel, y); error.failure()) return error;
   if (g.Empty() || g.kh == 0 || g.kw == 0) {
     std::memset(out, 0, out_bytes);
@@ -298,21 +319,24 @@ ffi::Error Convolve(Kind kind, Buffer4::Dimensions x, Buffer4::Dimensions kernel
 
 ffi::Error Forward(Buffer4 x, Buffer4 kernel, Result4 y, Ints strides, Ints lo, Ints hi,
                    Ints dilation) {
-  return Convolve(kForward, x.dimensions(), kernel.dimensions(), y->dimensions(), strides, lo,
+  return Convolve(kForward, x.element_type(), kernel.element_type(), y->element_type(),
+                  x.dimensions(), kernel.dimensions(), y->dimensions(), strides, lo,
                   hi, dilation, x.untyped_data(), kernel.untyped_data(), y->untyped_data(),
                   y->untyped_data(), y->size_bytes());
 }
 
 ffi::Error InputGrad(Buffer4 dy, Buffer4 kernel, Result4 dx, Ints strides, Ints lo, Ints hi,
                      Ints dilation) {
-  return Convolve(kInputGrad, dx->dimensions(), kernel.dimensions(), dy.dimensions(), strides,
+  return Convolve(kInputGrad, dy.element_type(), kernel.element_type(), dx->element_type(),
+                  dx->dimensions(), kernel.dimensions(), dy.dimensions(), strides,
                   lo, hi, dilation, dx->untyped_data(), kernel.untyped_data(),
                   dy.untyped_data(), dx->untyped_data(), dx->size_bytes());
 }
 
 ffi::Error KernelGrad(Buffer4 x, Buffer4 dy, Result4 dkernel, Ints strides, Ints lo, Ints hi,
                       Ints dilation) {
-  return Convolve(kKernelGrad, x.dimensions(), dkernel->dimensions(), dy.dimensions(), strides,
+  return Convolve(kKernelGrad, x.element_type(), dy.element_type(), dkernel->element_type(),
+                  x.dimensions(), dkernel->dimensions(), dy.dimensions(), strides,
                   lo, hi, dilation, x.untyped_data(), dkernel->untyped_data(),
                   dy.untyped_data(), dkernel->untyped_data(), dkernel->size_bytes());
 }
