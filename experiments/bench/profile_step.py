@@ -79,8 +79,10 @@ def main() -> None:
 
     from jax.profiler import ProfileData
 
-    # The training program: the largest optimized module (the chunk of unrolled steps).
-    hlo_file = max(glob.glob(os.path.join(dump, "*after_optimizations.txt")), key=os.path.getsize)
+    # The training program: the largest optimized train-step module (the chunk of unrolled
+    # steps), else the largest module (the plain loop's programs are not named train_step).
+    modules = glob.glob(os.path.join(dump, "*after_optimizations.txt"))
+    hlo_file = max([m for m in modules if "train_step" in m] or modules, key=os.path.getsize)
     hlo = open(hlo_file).read()
     meta = {m.group(1): m.group(2) for m in re.finditer(r"^\s*%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo, re.M)}
     data = ProfileData.from_file(glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True)[0])
