@@ -6,8 +6,10 @@
 Each round runs every variant once per batch, each in its own process, and the medians of the
 training and evaluation rates are printed at the end. ``--tree NAME=PATH`` runs PATH's own
 ``experiments/bench/bench_cnnlab.py`` (which imports cnnlab from PATH); ``--env NAME=K=V``
-adds an environment variable to that variant (e.g. an ``XLA_FLAGS`` attempt). Arguments
-after ``--`` go to every ``bench_cnnlab.py`` call. ``--script bench_flax.py -- --model cnnlab``
+adds an environment variable to that variant (e.g. an ``XLA_FLAGS`` attempt); ``--args
+NAME=ARGS`` adds arguments to that variant's calls (e.g. ``--args bf16='--set
+mixed_precision=True'``; one tree may be named twice). Arguments after ``--`` go to every
+``bench_cnnlab.py`` call. ``--script bench_flax.py -- --model cnnlab``
 times cnnlab's layers in the plain jitted step instead of the trainer. Nothing else should run
 meanwhile.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -26,6 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tree", action="append", required=True, help="NAME=PATH of a cnnlab checkout")
     p.add_argument("--env", action="append", default=[], help="NAME=KEY=VALUE for variant NAME")
+    p.add_argument("--args", action="append", default=[], help="NAME=ARGS: extra arguments for variant NAME")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batches", default="32")
     p.add_argument("--steps", type=int, default=60)
@@ -40,6 +44,10 @@ def main() -> None:
         key, value = key_value.split("=", 1)
         envs.setdefault(name, {})[key] = value
     extra = [a for a in args.rest if a != "--"]
+    variant_args = {name: [] for name in trees}
+    for item in args.args:
+        name, value = item.split("=", 1)
+        variant_args.setdefault(name, []).extend(shlex.split(value))
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in range(args.rounds):
         for batch in (int(b) for b in args.batches.split(",")):
@@ -47,7 +55,8 @@ def main() -> None:
                 env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
                 env.update(envs.get(name, {}))
                 script = os.path.join(os.path.abspath(tree), "experiments", "bench", args.script)
-                cmd = [sys.executable, script, "--batch", str(batch), "--steps", str(args.steps), *extra]
+                cmd = [sys.executable, script, "--batch", str(batch), "--steps", str(args.steps), *extra,
+                       *variant_args[name]]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
                 if line is None:
