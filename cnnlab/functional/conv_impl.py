@@ -25,8 +25,9 @@ XLA's. ``xla`` (or any all-``xla`` setting) uses lax's op alone (no custom VJP);
 forces oneDNN for all three parts; ``<input grad>/<kernel grad>`` (``phase/xla``, the forward
 XLA's) or ``<forward>/<input grad>/<kernel grad>`` (``onednn/phase/onednn``) forces each part;
 forcing oneDNN where it is unavailable is an error that says why. Covered: 2-D float32 or
-bfloat16 convolutions (input and kernel of one type) with ``groups == 1`` and default precision, in either data format; anything else
-is XLA's (so is a form that does not apply to a shape: ``phase`` to unstrided or dilated ones,
+bfloat16 convolutions (input and kernel of one type) with ``groups == 1`` and default
+precision, in either data format; anything else is XLA's (so is a form that does not apply to a
+shape: ``phase`` to unstrided or dilated ones,
 ``onednn`` to negative padding or off the CPU backend). A custom VJP has no forward-mode
 derivative: for ``jax.jvp``, ``jax.jacfwd`` or ``jax.hessian`` through cnnlab's convolutions,
 set ``CNNLAB_CONV_FORMULATION=xla`` (reverse-over-reverse works in every form).

@@ -5,8 +5,8 @@ XLA:CPU runs convolutions on Eigen kernels, about half as fast on x86 as oneDNN'
 PyTorch runs). ``onednn/conv.cc`` binds oneDNN's forward, backward-data (input gradient) and
 backward-weights (kernel gradient) convolutions as XLA FFI handlers for float32 or bfloat16
 NHWC inputs and HWIO kernels (bfloat16 accumulates in float32 inside oneDNN, on AMX or AVX-512
-BF16 where the CPU has them). On first use it is compiled with the C++ compiler (``$CXX``, else ``g++``)
-against oneDNN and JAX's FFI headers into ``<cache root>/onednn/<hash of the source, jaxlib
+BF16 where the CPU has them). On first use it is compiled with the C++ compiler (``$CXX``,
+else ``g++``) against oneDNN and JAX's FFI headers into ``<cache root>/onednn/<hash of the source, jaxlib
 version and command>/``, then loaded and registered; a failure leaves cnnlab on its pure-JAX
 formulations, and :func:`unavailable_reason` says why.
 

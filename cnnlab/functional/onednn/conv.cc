@@ -1,6 +1,7 @@
-// oneDNN's 2-D float32 and bfloat16 convolutions as XLA FFI handlers (cnnlab/functional/onednn.py builds
-// and registers them): the forward, the input gradient (backward-data) and the kernel gradient
-// (backward-weights), in cnnlab's layouts: NHWC activations and HWIO kernels. A call's
+// oneDNN's 2-D float32 and bfloat16 convolutions as XLA FFI handlers (cnnlab/functional/
+// onednn.py builds and registers them): the forward, the input gradient (backward-data) and the
+// kernel gradient (backward-weights), in cnnlab's layouts: NHWC activations and HWIO kernels
+// (buffers of any rank and element type are bound; the handlers check both). A call's
 // operands and result share one element type; bfloat16 accumulates in float32 inside oneDNN
 // (on AMX or AVX-512 BF16 where the CPU has them) and rounds the result to bfloat16.
 //
@@ -34,8 +35,8 @@ using Tag = memory::format_tag;
 
 namespace {
 
-using Buffer4 = ffi::AnyBuffer;
-using Result4 = ffi::Result<ffi::AnyBuffer>;
+using Buffer = ffi::AnyBuffer;
+using Result = ffi::Result<ffi::AnyBuffer>;
 using Ints = ffi::Span<const int64_t>;
 
 enum Kind : int64_t { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
@@ -207,8 +208,8 @@ ffi::Error CheckAttrs(Ints strides, Ints lo, Ints hi, Ints dilation) {
 }
 
 // x: [N, H, W, C_in]; kernel: [KH, KW, C_in, C_out]; y: [N, Ho, Wo, C_out].
-Geometry MakeGeometry(Buffer4::Dimensions x, Buffer4::Dimensions kernel,
-                      Buffer4::Dimensions y, Ints strides, Ints lo, Ints hi, Ints dilation,
+Geometry MakeGeometry(Buffer::Dimensions x, Buffer::Dimensions kernel,
+                      Buffer::Dimensions y, Ints strides, Ints lo, Ints hi, Ints dilation,
                       memory::data_type type) {
   return Geometry{x[0],       x[1],       x[2],  x[3],  y[1],  y[2],
                   y[3],       kernel[0],  kernel[1],
@@ -227,11 +228,11 @@ ffi::Error ElementType(ffi::DataType a, ffi::DataType b, ffi::DataType c,
   return ffi::Error::Success();
 }
 
-bool Rank4(Buffer4::Dimensions a, Buffer4::Dimensions b, Buffer4::Dimensions c) {
+bool Rank4(Buffer::Dimensions a, Buffer::Dimensions b, Buffer::Dimensions c) {
   return a.size() == 4 && b.size() == 4 && c.size() == 4;
 }
 
-ffi::Error CheckShapes(const Geometry& g, Buffer4::Dimensions kernel, Buffer4::Dimensions y) {
+ffi::Error CheckShapes(const Geometry& g, Buffer::Dimensions kernel, Buffer::Dimensions y) {
   auto out = [](int64_t n, int64_t lo, int64_t hi, int64_t k, int64_t d, int64_t s) {
     return (n + lo + hi - (k - 1) * (d + 1) - 1) / s + 1;
   };
@@ -292,8 +293,8 @@ void Run(const Geometry& g, Kind kind, void* src, void* weights, void* dst) {
 // The three handlers' common part: checks, the empty case (zeros), then Run. `x`, `kernel`
 // and `y` are the forward's shapes (for a gradient, one of them is the result's).
 ffi::Error Convolve(Kind kind, ffi::DataType type_a, ffi::DataType type_b,
-                    ffi::DataType type_out, Buffer4::Dimensions x, Buffer4::Dimensions kernel,
-                    Buffer4::Dimensions y, Ints strides, Ints lo, Ints hi, Ints dilation,
+                    ffi::DataType type_out, Buffer::Dimensions x, Buffer::Dimensions kernel,
+                    Buffer::Dimensions y, Ints strides, Ints lo, Ints hi, Ints dilation,
                     void* src, void* weights, void* dst, void* out, size_t out_bytes) {
   if (ffi::Error error = CheckAttrs(strides, lo, hi, dilation); error.failure()) return error;
   memory::data_type type;
@@ -317,7 +318,7 @@ ffi::Error Convolve(Kind kind, ffi::DataType type_a, ffi::DataType type_b,
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(Buffer4 x, Buffer4 kernel, Result4 y, Ints strides, Ints lo, Ints hi,
+ffi::Error Forward(Buffer x, Buffer kernel, Result y, Ints strides, Ints lo, Ints hi,
                    Ints dilation) {
   return Convolve(kForward, x.element_type(), kernel.element_type(), y->element_type(),
                   x.dimensions(), kernel.dimensions(), y->dimensions(), strides, lo,
@@ -325,7 +326,7 @@ ffi::Error Forward(Buffer4 x, Buffer4 kernel, Result4 y, Ints strides, Ints lo, 
                   y->untyped_data(), y->size_bytes());
 }
 
-ffi::Error InputGrad(Buffer4 dy, Buffer4 kernel, Result4 dx, Ints strides, Ints lo, Ints hi,
+ffi::Error InputGrad(Buffer dy, Buffer kernel, Result dx, Ints strides, Ints lo, Ints hi,
                      Ints dilation) {
   return Convolve(kInputGrad, dy.element_type(), kernel.element_type(), dx->element_type(),
                   dx->dimensions(), kernel.dimensions(), dy.dimensions(), strides,
@@ -333,7 +334,7 @@ ffi::Error InputGrad(Buffer4 dy, Buffer4 kernel, Result4 dx, Ints strides, Ints 
                   dy.untyped_data(), dx->untyped_data(), dx->size_bytes());
 }
 
-ffi::Error KernelGrad(Buffer4 x, Buffer4 dy, Result4 dkernel, Ints strides, Ints lo, Ints hi,
+ffi::Error KernelGrad(Buffer x, Buffer dy, Result dkernel, Ints strides, Ints lo, Ints hi,
                       Ints dilation) {
   return Convolve(kKernelGrad, x.element_type(), dy.element_type(), dkernel->element_type(),
                   x.dimensions(), dkernel->dimensions(), dy.dimensions(), strides,
@@ -351,23 +352,23 @@ ffi::Error KernelGrad(Buffer4 x, Buffer4 dy, Result4 dkernel, Ints strides, Ints
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnlab_onednn_conv_forward, Forward,
                               ffi::Ffi::Bind()
-                                  .Arg<Buffer4>()  // x [N, H, W, C_in]
-                                  .Arg<Buffer4>()  // kernel [KH, KW, C_in, C_out]
-                                  .Ret<Buffer4>()  // y [N, Ho, Wo, C_out]
+                                  .Arg<Buffer>()  // x [N, H, W, C_in]
+                                  .Arg<Buffer>()  // kernel [KH, KW, C_in, C_out]
+                                  .Ret<Buffer>()  // y [N, Ho, Wo, C_out]
                                   CNNLAB_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnlab_onednn_conv_input_grad, InputGrad,
                               ffi::Ffi::Bind()
-                                  .Arg<Buffer4>()  // dy [N, Ho, Wo, C_out]
-                                  .Arg<Buffer4>()  // kernel [KH, KW, C_in, C_out]
-                                  .Ret<Buffer4>()  // dx [N, H, W, C_in]
+                                  .Arg<Buffer>()  // dy [N, Ho, Wo, C_out]
+                                  .Arg<Buffer>()  // kernel [KH, KW, C_in, C_out]
+                                  .Ret<Buffer>()  // dx [N, H, W, C_in]
                                   CNNLAB_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnlab_onednn_conv_kernel_grad, KernelGrad,
                               ffi::Ffi::Bind()
-                                  .Arg<Buffer4>()  // x [N, H, W, C_in]
-                                  .Arg<Buffer4>()  // dy [N, Ho, Wo, C_out]
-                                  .Ret<Buffer4>()  // dkernel [KH, KW, C_in, C_out]
+                                  .Arg<Buffer>()  // x [N, H, W, C_in]
+                                  .Arg<Buffer>()  // dy [N, Ho, Wo, C_out]
+                                  .Ret<Buffer>()  // dkernel [KH, KW, C_in, C_out]
                                   CNNLAB_CONV_ATTRS);
 
 // The oneDNN version the library runs with ("major.minor.patch"), for cnnlab's cache keys.
