@@ -18,7 +18,14 @@ from cnnlab.functional.conv import (
     init_conv,
     separable_conv,
 )
-from cnnlab.functional.core import batch_norm, batch_norm_training, bernoulli, dense, dropout, moments
+from cnnlab.functional.core import (
+    batch_norm,
+    batch_norm_training,
+    bernoulli,
+    dense,
+    dropout,
+    moments,
+)
 from cnnlab.functional.pooling import avg_pool, global_avg_pool, global_max_pool, max_pool
 
 __all__ = [
