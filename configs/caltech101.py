@@ -11,7 +11,9 @@ averaging; mixed precision (bfloat16 compute on oneDNN's bfloat16 convolutions, 
 parameters), 112x112 inputs and 230 epochs: about 47 minutes on 2 cores, the point that
 won the validation-ranked comparison at that cost (configs/sweeps/caltech101_hour.py;
 96x96 for 320 epochs was the other). (The tutorial's strong affine augmentation hurt at this
-budget.)
+budget.) Mixed precision pays on CPUs with AMX or AVX-512 BF16 (``lscpu``: ``amx_bf16``,
+``avx512_bf16``) and on GPUs; elsewhere bfloat16 can be slower than float32 (then
+``--config.mixed_precision=False``; 230 epochs at 112x112 in float32 take well over the hour).
 
     CALTECH101_DIR=../shared/data/caltech101/101_ObjectCategories \\
         cnnlab train --config=configs/caltech101.py --workdir=runs/caltech101
