@@ -6,9 +6,9 @@ PyTorch runs). ``onednn/conv.cc`` binds oneDNN's forward, backward-data (input g
 backward-weights (kernel gradient) convolutions as XLA FFI handlers for float32 or bfloat16
 NHWC inputs and HWIO kernels (bfloat16 accumulates in float32 inside oneDNN, on AMX or AVX-512
 BF16 where the CPU has them). On first use it is compiled with the C++ compiler (``$CXX``,
-else ``g++``) against oneDNN and JAX's FFI headers into ``<cache root>/onednn/<hash of the source, jaxlib
-version and command>/``, then loaded and registered; a failure leaves cnnlab on its pure-JAX
-formulations, and :func:`unavailable_reason` says why.
+else ``g++``) against oneDNN and JAX's FFI headers into ``<cache root>/onednn/<hash of the
+source, jaxlib version and command>/``, then loaded and registered; a failure leaves cnnlab on
+its pure-JAX formulations, and :func:`unavailable_reason` says why.
 
 Which oneDNN: Intel's PyPI build ``onednn-cpu-gomp`` with its headers ``onednn-devel-cpu-gomp``
 (oneDNN 3.2, GNU OpenMP; cnnlab's dependencies on Linux x86-64) where both are installed, else
@@ -66,7 +66,9 @@ WHEEL_LIBRARY, WHEEL_HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 def _setting() -> str:
     """``CNNLAB_ONEDNN`` read once for all its uses: ``"off"``, ``"system"`` or ``"on"``."""
     value = os.environ.get(ENV, "1").strip().lower()
-    return "off" if value in ("0", "false", "no", "off") else "system" if value == "system" else "on"
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    return "system" if value == "system" else "on"
 
 
 def wheel_dirs() -> tuple[str, str] | None:
