@@ -39,21 +39,28 @@ def main() -> None:
     args = p.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree)
     envs: dict[str, dict[str, str]] = {name: {} for name in trees}
+    variant_args: dict[str, list[str]] = {name: [] for name in trees}
+
+    def variant(item: str, flag: str) -> tuple[str, str]:
+        name, _, rest = item.partition("=")
+        if name not in trees:
+            p.error(f"{flag} {item!r}: no --tree named {name!r} (trees: {', '.join(trees)})")
+        return name, rest
+
     for item in args.env:
-        name, key_value = item.split("=", 1)
+        name, key_value = variant(item, "--env")
         key, value = key_value.split("=", 1)
-        envs.setdefault(name, {})[key] = value
-    extra = [a for a in args.rest if a != "--"]
-    variant_args = {name: [] for name in trees}
+        envs[name][key] = value
     for item in args.args:
-        name, value = item.split("=", 1)
-        variant_args.setdefault(name, []).extend(shlex.split(value))
+        name, value = variant(item, "--args")
+        variant_args[name].extend(shlex.split(value))
+    extra = [a for a in args.rest if a != "--"]
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in range(args.rounds):
         for batch in (int(b) for b in args.batches.split(",")):
             for name, tree in trees.items():
                 env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-                env.update(envs.get(name, {}))
+                env.update(envs[name])
                 script = os.path.join(os.path.abspath(tree), "experiments", "bench", args.script)
                 cmd = [sys.executable, script, "--batch", str(batch), "--steps", str(args.steps), *extra,
                        *variant_args[name]]
