@@ -22,6 +22,7 @@ experiments/caltech101/README.md.
 """
 
 from cnnlab import sweep
+from cnnlab.data import augment_preset
 
 
 def get_config():
@@ -33,9 +34,9 @@ def get_config():
 
 
 def get_sweep():
-    tutorial_affine = {f"data.augment.keras_affine.{k}": v for k, v in {
-        "rotation_range": 20.0, "zoom_range": 0.15, "width_shift_range": 0.2,
-        "height_shift_range": 0.2, "shear_range": 0.15}.items()}
+    committed = get_config().data.augment.keras_affine
+    tutorial_affine = {f"data.augment.keras_affine.{k}": v  # the preset's values that differ
+                       for k, v in augment_preset("tutorial").keras_affine.items() if v != committed[k]}
     one_factor_at_a_time = sweep.chain(
         sweep.point({}),
         sweep.point({"data.augment.ops": ("keras_affine", "random_crop")}),
