@@ -8,13 +8,14 @@ blocks each; 562 MFLOPs per 112x112 image), SGD with Nesterov momentum 0.9, lr 0
 warm-up epochs and cosine decay, label smoothing 0.1, L2 5e-5 on convolution kernels,
 horizontal flips + 8-pixel pad-and-crop + mixup (alpha 0.2), batch 32, test-time flip
 averaging; mixed precision (bfloat16 compute on oneDNN's bfloat16 convolutions, float32
-parameters), 112x112 inputs and 230 epochs: about 54 minutes on 2 cores (47 at batch 64); 112x112
-for 230 epochs is the point that
-won the validation-ranked comparison at that cost (configs/sweeps/caltech101_hour.py;
-96x96 for 320 epochs was the other). (The tutorial's strong affine augmentation hurt at this
-budget.) Mixed precision pays on CPUs with AMX or AVX-512 BF16 (``lscpu``: ``amx_bf16``,
-``avx512_bf16``) and on GPUs; elsewhere bfloat16 can be slower than float32 (then
-``--config.mixed_precision=False``; 230 epochs at 112x112 in float32 take well over the hour).
+parameters), 112x112 inputs and 230 epochs: about 52 minutes on 2 cores (47 at batch 64).
+112x112 for 230 epochs won the validation-ranked comparison at that cost
+(configs/sweeps/caltech101_hour.py; 96x96 for 320 epochs was the other); batch 32 with lr 0.1
+won against batch 64 with lr 0.2 (configs/sweeps/caltech101_recheck_blocks_batch.py). (The
+tutorial's strong affine augmentation hurt at this budget.) Mixed precision pays on CPUs
+with AMX or AVX-512 BF16 (``lscpu``: ``amx_bf16``, ``avx512_bf16``) and on GPUs; elsewhere
+bfloat16 can be slower than float32 (then ``--config.mixed_precision=False``; 230 epochs at
+112x112 in float32 take well over the hour).
 
     CALTECH101_DIR=../shared/data/caltech101/101_ObjectCategories \\
         cnnlab train --config=configs/caltech101.py --workdir=runs/caltech101
@@ -29,7 +30,7 @@ def get_config():
     config = default_config()
     config.seed = 0
     config.num_epochs = 230
-    config.batch_size = 32  # with lr 0.1: chosen on validation (configs/sweeps/caltech101_recheck_blocks_batch.py)
+    config.batch_size = 32  # with lr 0.1: validation's choice (sweeps/caltech101_recheck_blocks_batch.py)
     config.eval_batch_size = 256
     config.eval_every_epochs = 30
     config.eval_flip = True  # test-time flip averaging

@@ -1,5 +1,5 @@
 """``configs/caltech101.py`` as committed, seeds 0, 1 and 2, one after another (each trial about
-47 minutes on 2 CPU cores): the spread the issue asks for, with each trial's wall time in the
+52 minutes on 2 CPU cores): the spread the issue asks for, with each trial's wall time in the
 sweep's report. Ranked, like every sweep, on validation (mean per-class accuracy); the test
 columns are the result.
 
