@@ -139,9 +139,12 @@ def test_disk_errors_name_the_path_and_what_to_do():
 def interrupted_run(tmp_path_factory):
     """A tiny run stopped by SIGINT after its first epoch, then resumed to the end."""
     workdir = tmp_path_factory.mktemp("cli") / "run"
+    # A Ctrl-C in a terminal: the child must not inherit an ignored SIGINT (a shell's background
+    # job, e.g. `nohup bash -c 'pytest ...' &`, ignores it, and Python then keeps ignoring it).
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", *train_args(workdir)], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:
         seen.append(line)
