@@ -283,3 +283,128 @@ def test_xla_and_unstrided_convolutions_are_exactly_lax_conv_general_dilated(mon
     assert "custom_vjp" not in jaxpr() and "custom_vjp" not in jaxpr(strides=2, dilation_rate=2)
     # forward-mode autodiff works where no alternative applies
     jax.jvp(lambda k: F.conv2d(x, k), (k,), (k,))
+
+
+def test_a_formulation_that_fails_to_run_is_skipped_when_measured(fresh_cache, monkeypatch):
+    # e.g. oneDNN refusing a primitive for this CPU's ISA: the next formulation is used, and
+    # why is kept; XLA's own form must run.
+    x, k, g, spec = _case(GEOMETRIES[1])
+
+    def refused(x, kernel, spec):
+        raise RuntimeError("could not create a primitive descriptor (test)")
+
+    monkeypatch.setitem(conv_impl.FORWARDS, "broken", refused)
+    monkeypatch.setattr(conv_impl, "applicable",
+                        lambda spec: {"fwd": ["xla", "broken"], "dx": ["xla"], "dw": ["xla"]})
+    times = conv_impl.measure(spec, parts=("fwd",), rounds=1)
+    assert set(times["fwd"]) == {"xla"}
+    assert "could not create a primitive" in conv_impl.failed[(conv_impl._spec_key(spec), "fwd", "broken")]
+    assert conv_impl.choose(spec) == ("xla", "xla", "xla")
+    monkeypatch.setitem(conv_impl.FORWARDS, "xla", refused)
+    with pytest.raises(RuntimeError, match="primitive descriptor"):
+        conv_impl.measure(spec, parts=("fwd",), rounds=1)
+
+
+@pytest.mark.parametrize("damage", ["[1, 2]", '{"KEY": {"fwd": 3, "dx": ["phase"], "dw": null}}',
+                                    '{"KEY": {"fwd": "nonesuch", "dx": "phase", "dw": "xla"}}', "{not json"])
+def test_a_damaged_cache_is_measured_again_not_trusted(fresh_cache, monkeypatch, damage):
+    x, k, g, spec = _case(GEOMETRIES[1])
+    key = f"{conv_impl._machine_key()}|{conv_impl._spec_key(spec)}"
+    fresh_cache.write_text(damage.replace("KEY", key.replace('"', '\\"')))
+    calls = []
+    monkeypatch.setattr(conv_impl, "measure", _fake_measure(calls))
+    dx, dk = jax.grad(lambda x, k: jnp.sum(F.conv2d(x, k, strides=2, padding="same") * g), (0, 1))(x, k)
+    assert calls and all(p in ("fwd", "dx", "dw") for _, parts in calls for p in parts)
+    entry = json.loads(fresh_cache.read_text())[key]
+    assert all(entry[p] in conv_impl.TABLES[p] for p in ("fwd", "dx", "dw"))
+    want = _lax_grads(x, k, g, spec)
+    np.testing.assert_allclose(dx, want[0], atol=ATOL, rtol=RTOL)
+
+
+def test_pinned_choices_win_over_measurement_and_other_machines_are_ignored(fresh_cache, monkeypatch):
+    # What a run records (made_choices) and its resume pins: no new measurement can change it.
+    x, k, g, spec = _case(GEOMETRIES[1])
+    key = f"{conv_impl._machine_key()}|{conv_impl._spec_key(spec)}"
+    conv_impl.pin_choices({key: {"fwd": "xla", "dx": "phase", "dw": "xla"},
+                           "another machine|" + conv_impl._spec_key(spec): {"fwd": "onednn"},
+                           key + "x": {"fwd": "nonesuch"}})
+    monkeypatch.setattr(conv_impl, "measure", lambda *a, **kw: pytest.fail("measured a pinned shape"))
+    assert conv_impl.choose(spec) == ("xla", "phase", "xla")
+    assert conv_impl.made_choices() == {key: {"fwd": "xla", "dx": "phase", "dw": "xla"}}
+
+
+def test_threads_measuring_one_shape_at_once_measure_it_once_and_agree(fresh_cache, monkeypatch):
+    import concurrent.futures
+    import threading
+    import time
+
+    x, k, g, spec = _case(GEOMETRIES[1])
+    calls, lock = [], threading.Lock()
+    flip = iter(["phase", "xla", "phase", "xla"])
+
+    def slow_measure(spec, *, parts):
+        with lock:
+            calls.append(parts)
+            winner = next(flip)
+        time.sleep(0.2)  # both threads are in choose() now
+        return {p: ({"xla": 10.0, "phase": 1.0} if winner == "phase" else {"xla": 1.0, "phase": 10.0})
+                if p == "dx" else {} for p in parts}
+
+    monkeypatch.setattr(conv_impl, "measure", slow_measure)
+    monkeypatch.setattr(onednn, "_state", {"reason": "unavailable for this test"})
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda _: conv_impl.choose(spec), range(2)))
+    assert len(calls) == 1 and got[0] == got[1]
+
+
+_OTHER_PROCESS = """
+import json, sys
+from cnnlab.functional import conv_impl
+spec = conv_impl.ConvSpec.make((2, 11, 9, 3), (3, 3, 3, 4), strides=(2, 2), padding="SAME", dilation=(1, 1))
+print(json.dumps(conv_impl.choose(spec)))
+"""
+
+
+def test_two_processes_measuring_at_once_keep_one_choice(fresh_cache):
+    # Each process measures for real (timing noise may rank phase and xla either way): the file
+    # lock makes the second one wait and take the first one's choice.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CNNLAB_ONEDNN": "0"}
+    procs = [subprocess.Popen([sys.executable, "-c", _OTHER_PROCESS], env=env, stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert json.loads(outs[0].strip().splitlines()[-1]) == json.loads(outs[1].strip().splitlines()[-1])
+    assert len(json.loads(fresh_cache.read_text())) == 1
+
+
+def test_a_resumed_run_compiles_the_formulations_its_run_recorded(fresh_cache, monkeypatch, tmp_path):
+    # The run records its choices; a resume in a new process whose machine cache is gone (or
+    # would now measure otherwise) compiles the recorded ones: no timing noise in resumes.
+    from helpers import tiny_config
+
+    from cnnlab.train import StopTraining, rundir, train_and_evaluate
+
+    monkeypatch.setattr(onednn, "_state", {"reason": "unavailable for this test"})
+    calls = []
+    monkeypatch.setattr(conv_impl, "measure", _fake_measure(calls))  # phase wins the input grad
+    c = tiny_config()
+    c.model.name = "stridednet"  # strided convolutions: the input gradient has a choice
+    c.model.kwargs = {"widths": (8,), "dense_units": 16, "stem_filters": 4}
+    c.data.image_size = 24
+    workdir = str(tmp_path / "run")
+
+    def stop(epoch, record):
+        raise StopTraining
+
+    train_and_evaluate(c, workdir, on_epoch_end=stop)
+    recorded = json.loads((tmp_path / "run" / rundir.FORMULATIONS_FILE).read_text())
+    assert calls and any(e.get("dx") == "phase" for e in recorded.values())
+    fresh_cache.unlink()
+    monkeypatch.setattr(conv_impl, "_memory", {})
+    monkeypatch.setattr(conv_impl, "measure", lambda *a, **kw: pytest.fail("measured again on resume"))
+    train_and_evaluate(c, workdir)
+    assert {k: v for k, v in conv_impl.made_choices().items() if k in recorded} == recorded

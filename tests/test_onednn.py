@@ -6,6 +6,7 @@ back to its pure-JAX forms.
 Skipped where oneDNN cannot be built (the reason is shown), unless ``CNNLAB_REQUIRE_ONEDNN=1``
 (CI, once it installed libdnnl-dev): then that is a failure."""
 
+import json
 import os
 import re
 import shutil
@@ -335,10 +336,57 @@ def test_bfloat16_parts_equal_float32_lax_to_bfloat16_rounding(needs_onednn, geo
     f32 = [a.astype(jnp.float32) for a in (x, k, g)]
     y, vjp = jax.vjp(lambda x, k: _lax(x, k, spec), *f32[:2])
     dx, dk = vjp(f32[2])
-    for got, want in ((onednn.forward(x, k, spec16), y), (onednn.input_grad(g, k, spec16), dx),
-                      (onednn.kernel_grad(x, g, spec16), dk)):
+    # cnnlab's oneDNN formulations: oneDNN's bfloat16 primitives where the CPU has them, else
+    # (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2) its float32 ones rounded to bfloat16.
+    forms = (conv_impl.FORWARDS["onednn"], conv_impl.INPUT_GRADS["onednn"],
+             conv_impl.KERNEL_GRADS["onednn"])
+    for form, (a, b), want in zip(forms, ((x, k), (g, k), (x, g)), (y, dx, dk)):
+        got = form(a, b, spec16)
         assert got.dtype == jnp.bfloat16
         assert _bf16_relative_error(got, want) < 4e-3
+        # rounded once from float32 (what the fallback computes): at most an ulp or two away
+        exact = form(a.astype(jnp.float32), b.astype(jnp.float32), spec).astype(jnp.bfloat16)
+        assert _bf16_relative_error(got, exact) < 8e-3
+    if onednn.supports_bfloat16():
+        np.testing.assert_array_equal(onednn.forward(x, k, spec16), forms[0](x, k, spec16))
+    else:  # the raw primitive is refused; cnnlab never sends it
+        with pytest.raises(Exception, match="primitive descriptor"):
+            jax.block_until_ready(onednn.forward(x, k, spec16))
+
+
+_AVX2_ONLY = """
+import json, jax, jax.numpy as jnp, numpy as np
+import cnnlab.functional as F
+from cnnlab.functional import conv_impl, onednn
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.standard_normal((4, 12, 12, 8)), jnp.bfloat16)
+k = jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.bfloat16)
+loss = lambda x, k: jnp.sum(F.conv2d(x, k, strides=2, padding="same").astype(jnp.float32))
+compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(x, k).compile()
+_, (dx, dk) = compiled(x, k)
+f32 = jax.grad(lambda x, k: jnp.sum(F.conv2d(x, k, strides=2, padding="same")), (0, 1))(
+    x.astype(jnp.float32), k.astype(jnp.float32))
+err = [float(np.linalg.norm(np.float32(a) - b) / np.linalg.norm(b)) for a, b in zip((dx, dk), f32)]
+print(json.dumps({"supports": onednn.supports_bfloat16(), "native": onednn.native_bfloat16(),
+                  "dtypes": [str(dx.dtype), str(dk.dtype)], "err": err,
+                  "custom_calls": compiled.as_text().count("cnnlab_onednn_conv")}))
+"""
+
+
+def test_without_native_bfloat16_onednn_falls_back_to_float32_rounded(needs_onednn, tmp_path):
+    # An AVX2-only CPU, emulated on any newer one: oneDNN refuses bfloat16 convolutions, and
+    # cnnlab's bfloat16 convolutions forced onto oneDNN compute in float32, rounded to bfloat16.
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", conv_impl.FORMULATION_ENV: "onednn",
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX2").strip()}
+    run = subprocess.run([sys.executable, "-c", _AVX2_ONLY], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["supports"] is False
+    assert got["native"][0] is False and "ONEDNN_MAX_CPU_ISA=AVX2" in got["native"][1]
+    assert got["dtypes"] == ["bfloat16", "bfloat16"]
+    assert max(got["err"]) < 4e-3
+    assert got["custom_calls"] >= 3  # the float32 primitives, in the compiled program
 
 
 def test_bfloat16_cnnlab_conv_runs_onednn_and_mixed_types_are_refused(needs_onednn, monkeypatch):

@@ -18,10 +18,14 @@ numbers are in experiments/bench/README.md.
 measurement, like cuDNN's benchmark mode (:func:`choose`): on the CPU backend, the first time a
 shape is traced each applicable formulation of each part is compiled and timed (interleaved,
 the best of 7, in a thread of its own; a forward-only use times the forward alone), the fastest
-is kept if it beats XLA's by 10%, and the choice is cached per machine (oneDNN's presence and
-version included) in ``<cache root>/conv_formulations.json``; elsewhere (other backends,
+is kept if it beats XLA's by 10%, and the choice is cached per machine (oneDNN's presence,
+version, bfloat16 support and ISA limit included) in ``<cache root>/conv_formulations.json``,
+one measurement per shape at a time across threads and processes (a lock file); a formulation
+that fails to run on this CPU is skipped, and :func:`pin_choices` makes a resumed run reuse the
+choices it recorded (:func:`made_choices`); elsewhere (other backends,
 multi-process runs, whose processes must compile the same program), and where nothing wins,
-XLA's. ``xla`` (or any all-``xla`` setting) uses lax's op alone (no custom VJP); ``onednn``
+XLA's. A bfloat16 convolution on oneDNN where oneDNN has no bfloat16 primitives (an
+AVX2-only CPU) computes in float32 and rounds to bfloat16. ``xla`` (or any all-``xla`` setting) uses lax's op alone (no custom VJP); ``onednn``
 forces oneDNN for all three parts; ``<input grad>/<kernel grad>`` (``phase/xla``, the forward
 XLA's) or ``<forward>/<input grad>/<kernel grad>`` (``onednn/phase/onednn``) forces each part;
 forcing oneDNN where it is unavailable is an error that says why. Covered: 2-D float32 or
@@ -36,11 +40,13 @@ set ``CNNLAB_CONV_FORMULATION=xla`` (reverse-over-reverse works in every form).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import platform
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +57,11 @@ import numpy as np
 from jax import lax
 
 from cnnlab._files import cache_root, write_text_atomic
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: each process measures under its own lock
+    fcntl = None
 from cnnlab.functional import onednn
 
 Array = jax.Array
@@ -106,11 +117,22 @@ def _onednn_applies(spec: ConvSpec) -> bool:
             and jax.default_backend() == "cpu" and onednn.available())
 
 
+def _on_onednn(part: Any, a: Array, b: Array, spec: ConvSpec) -> Array:
+    """``part(a, b, spec)`` of :mod:`cnnlab.functional.onednn`; a bfloat16 one on a CPU where
+    oneDNN has no bfloat16 convolutions (AVX2 only) computes in float32 and rounds the result
+    to bfloat16, as XLA's bfloat16 convolutions do on such a CPU."""
+    if spec.dtype == "bfloat16" and not onednn.supports_bfloat16():
+        f32 = dataclasses.replace(spec, dtype="float32")
+        out = part(a.astype(jnp.float32), b.astype(jnp.float32), f32)
+        return out.astype(jnp.bfloat16)
+    return part(a, b, spec)
+
+
 def _onednn_forward(x: Array, kernel: Array, spec: ConvSpec) -> Array:
     """oneDNN's forward convolution (:func:`cnnlab.functional.onednn.forward`)."""
     if not _onednn_applies(spec):
         return xla_forward(x, kernel, spec)
-    return onednn.forward(x, kernel, spec)
+    return _on_onednn(onednn.forward, x, kernel, spec)
 
 
 FORWARDS = {"xla": xla_forward, "onednn": _onednn_forward}
@@ -163,7 +185,7 @@ def _onednn_input_grad(g: Array, kernel: Array, spec: ConvSpec) -> Array:
     """oneDNN's backward-data convolution (:func:`cnnlab.functional.onednn.input_grad`)."""
     if not _onednn_applies(spec):
         return _xla_input_grad(g, kernel, spec)
-    return onednn.input_grad(g, kernel, spec)
+    return _on_onednn(onednn.input_grad, g, kernel, spec)
 
 
 # --------------------------------------------------------------------------- kernel gradient
@@ -179,7 +201,7 @@ def _onednn_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
     """oneDNN's backward-weights convolution (:func:`cnnlab.functional.onednn.kernel_grad`)."""
     if not _onednn_applies(spec):
         return _xla_kernel_grad(x, g, spec)
-    return onednn.kernel_grad(x, g, spec)
+    return _on_onednn(onednn.kernel_grad, x, g, spec)
 
 
 INPUT_GRADS = {"xla": _xla_input_grad, "phase": _phase_input_grad, "onednn": _onednn_input_grad}
@@ -267,12 +289,28 @@ def forced_formulations() -> tuple[str, str, str] | None:
     return forms
 
 
+def native_bfloat16() -> tuple[bool, str]:
+    """``(native, why)``: whether bfloat16 convolutions run natively here (what
+    ``mixed_precision="auto"`` decides on): off the CPU backend, yes; on the CPU,
+    :func:`cnnlab.functional.onednn.native_bfloat16`, unless ``CNNLAB_CONV_FORMULATION``
+    forces formulations without oneDNN (XLA:CPU emulates bfloat16 convolutions)."""
+    if jax.default_backend() != "cpu":
+        return True, f"the {jax.default_backend()} backend computes bfloat16 natively"
+    forced = forced_formulations()
+    if forced is not None and "onednn" not in forced:
+        return False, (f"{FORMULATION_ENV}={os.environ.get(FORMULATION_ENV)} leaves oneDNN's "
+                       "bfloat16 convolutions unused")
+    return onednn.native_bfloat16()
+
+
 def _machine_key() -> str:
     import jaxlib
 
+    limits = onednn.isa_limits()
+    bf16 = "bf16" if onednn.supports_bfloat16() else "no-bf16"
     return "|".join([jax.default_backend(), platform.machine(), platform.processor() or "?",
                      f"jaxlib {jaxlib.__version__}", os.environ.get("XLA_FLAGS", ""),
-                     f"onednn {onednn.version() or 'no'}"])
+                     f"onednn {onednn.version() or 'no'} {bf16} isa {limits.get('onednn', 'all')}"])
 
 
 def _spec_key(spec: ConvSpec) -> str:
@@ -286,19 +324,27 @@ def _cache_path() -> str:
 def _read_cache() -> dict[str, Any]:
     try:
         with open(_cache_path()) as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def measure(spec: ConvSpec, *, parts: Sequence[str] = PARTS,
             rounds: int = 7) -> dict[str, dict[str, float]]:
     """The fastest of ``rounds`` interleaved timings (ms) of every formulation of each of
     ``parts`` (``"fwd"``, ``"dx"``, ``"dw"``) that applies to ``spec`` (in its dtype); a part with
-    one formulation is not timed (empty). Runs in a thread of its own: called while a program
+    one formulation is not timed (empty). A formulation that fails to compile or run (oneDNN
+    refusing a primitive on this CPU, say) is left out, and why is kept in :data:`failed`;
+    XLA's must run. Runs in a thread of its own: called while a program
     is being traced, the timed calls would otherwise be traced into it instead of running."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(_measure, spec, tuple(parts), rounds).result()
+
+
+#: ``{(spec key, part, formulation): why}`` of the formulations that failed to run when
+#: measured in this process (skipped: the next fastest is used).
+failed: dict[tuple[str, str, str], str] = {}
 
 
 def _measure(spec: ConvSpec, parts: tuple[str, ...], rounds: int) -> dict[str, dict[str, float]]:
@@ -316,8 +362,14 @@ def _measure(spec: ConvSpec, parts: tuple[str, ...], rounds: int) -> dict[str, d
              for part in parts
              if len(names[part]) > 1  # a part with one formulation has nothing to choose
              for name in names[part]}
-    for fn, a in calls.values():
-        jax.block_until_ready(fn(*a))  # compile
+    for key, (fn, a) in list(calls.items()):
+        try:
+            jax.block_until_ready(fn(*a))  # compile, and run once
+        except Exception as e:  # noqa: BLE001  (a form this CPU cannot run: e.g. oneDNN's
+            if key[1] == "xla":  # primitive refused for its ISA; XLA's must run)
+                raise
+            del calls[key]
+            failed[(_spec_key(spec), *key)] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     best = {key: float("inf") for key in calls}
     for _ in range(rounds):
         for key, (fn, a) in calls.items():
@@ -345,23 +397,82 @@ def choose(spec: ConvSpec, parts: Sequence[str] = PARTS) -> tuple[str, ...]:
     if jax.default_backend() != "cpu" or jax.process_count() > 1:
         return ("xla",) * len(parts)  # processes of one program could measure differently: their programs must match
     key = f"{_machine_key()}|{_spec_key(spec)}"
-    entry = _memory.get(key) or _read_cache().get(key) or {}
-    missing = [part for part in parts if part not in entry]
-    if missing:
-        names = applicable(spec)
-        timed = [part for part in missing if len(names[part]) > 1]
-        times = measure(spec, parts=timed) if timed else {}
-        entry = {**entry, **{part: _fastest(times.get(part, {})) for part in missing}}
-        if timed:
-            entry["ms"] = {**entry.get("ms", {}), **times}
-            cache = _read_cache()  # another process may have written meanwhile
-            cache[key] = {**cache.get(key, {}), **entry}
-            try:
-                write_text_atomic(_cache_path(), json.dumps(cache, indent=1, sort_keys=True))
-            except OSError:
-                pass  # a read-only cache: the next process measures again
-    _memory[key] = entry
+    entry = _memory.get(key, {})
+    if any(part not in entry for part in parts):
+        with _measuring():  # one measurement per shape at a time, across threads and processes
+            entry = {**_valid_entry(_read_cache().get(key)), **_memory.get(key, {})}
+            missing = [part for part in parts if part not in entry]
+            names = applicable(spec)
+            timed = [part for part in missing if len(names[part]) > 1]
+            times = measure(spec, parts=timed) if timed else {}
+            entry = {**entry, **{part: _fastest(times.get(part, {})) for part in missing}}
+            if timed:
+                entry["ms"] = {**entry.get("ms", {}), **times}
+                cache = _read_cache()  # another process may have written meanwhile
+                cache[key] = {**_valid_entry(cache.get(key)), **entry}
+                try:
+                    write_text_atomic(_cache_path(), json.dumps(cache, indent=1, sort_keys=True))
+                except OSError:
+                    pass  # a read-only cache: the next process measures again
+            _memory[key] = entry
     return tuple(entry[part] for part in parts)
+
+
+def _valid_entry(entry: Any) -> dict[str, Any]:
+    """A cached entry's choices that name known formulations (a damaged or hand-edited cache
+    is measured again instead of breaking every trace)."""
+    if not isinstance(entry, dict):
+        return {}
+    valid = {part: entry[part] for part in PARTS
+             if isinstance(entry.get(part), str) and entry[part] in TABLES[part]}
+    if valid and isinstance(entry.get("ms"), dict):
+        valid["ms"] = entry["ms"]
+    return valid
+
+
+_thread_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _measuring():
+    """Holds this process's measurement lock and, where the cache directory allows,
+    ``<cache root>/conv_formulations.lock`` (``flock``): a shape is measured once, and every
+    thread and process on the machine then uses that measurement's choice."""
+    with _thread_lock:
+        try:
+            os.makedirs(cache_root(), exist_ok=True)
+            fd = os.open(str(cache_root() / (CACHE_FILE + ".lock")), os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is None:
+                os.close(fd)
+                fd = None
+        except OSError:
+            fd = None  # a read-only cache: this process's lock alone
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the flock
+
+
+def made_choices() -> dict[str, dict[str, str]]:
+    """``{machine and shape key: {part: formulation}}`` of every choice this process made or
+    read (what a run records, so that its resume compiles the same formulations)."""
+    return {key: {p: e[p] for p in PARTS if p in e} for key, e in _memory.items()}
+
+
+def pin_choices(choices: dict[str, Any]) -> None:
+    """Makes this process use ``choices`` (from :func:`made_choices`, e.g. a run's record)
+    for the shapes it has not chosen yet, where they were made on this machine and name
+    formulations that exist: a resumed run then computes what the uninterrupted one did,
+    whatever a later measurement would say."""
+    machine = _machine_key() + "|"
+    for key, entry in (choices or {}).items():
+        if isinstance(key, str) and key.startswith(machine) and key not in _memory:
+            valid = _valid_entry(entry)
+            if valid:
+                _memory[key] = valid
 
 
 def convolve(x: Array, kernel: Array, *, strides: Sequence[int], padding: Any,

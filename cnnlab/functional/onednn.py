@@ -160,11 +160,14 @@ def _load() -> dict[str, Any]:
         capsules = {t: jax.ffi.pycapsule(getattr(lib, t)) for t in _TARGETS.values()}
         lib.cnnlab_onednn_version.restype = ctypes.c_char_p
         version = lib.cnnlab_onednn_version().decode()
+        lib.cnnlab_onednn_supports_type.argtypes = [ctypes.c_int]
+        bfloat16 = lib.cnnlab_onednn_supports_type(1) == 1
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         return {"reason": f"{type(e).__name__}: {e}" if isinstance(e, AttributeError) else str(e)}
     for target, capsule in capsules.items():
         jax.ffi.register_ffi_target(target, capsule, platform="cpu")
-    return {"reason": None, "version": version, "path": str(path), "omp_wait_policy": policy}
+    return {"reason": None, "version": version, "path": str(path), "omp_wait_policy": policy,
+            "bfloat16": bfloat16}
 
 
 def _wait_policy() -> str:
@@ -213,6 +216,71 @@ def unavailable_reason() -> str | None:
 def version() -> str | None:
     """oneDNN's version (``"3.2.0"``, ``"2.6.3"``), or None when unavailable."""
     return _loaded().get("version")
+
+
+def supports_bfloat16() -> bool:
+    """Whether oneDNN creates bfloat16 convolutions on this CPU (under ``ONEDNN_MAX_CPU_ISA``):
+    oneDNN 3.2 needs AVX-512 (native on AVX512_BF16 and AMX, emulated on plain AVX-512) or
+    AVX2 VNNI-2, so an AVX2-only CPU has none. Where it does not, cnnlab's bfloat16
+    convolutions on oneDNN compute in float32 and round the result to bfloat16
+    (:mod:`cnnlab.functional.conv_impl`). False when oneDNN is unavailable."""
+    return bool(_loaded().get("bfloat16"))
+
+
+#: ``ONEDNN_MAX_CPU_ISA`` values (oneDNN 3.2; ``DNNL_MAX_CPU_ISA`` is the old name) that keep
+#: the CPU's own bfloat16 instructions.
+_BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
+              "AVX512_CORE_AMX_FP16")
+#: The CPU flags (``/proc/cpuinfo``) of native bfloat16 arithmetic.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def isa_limits(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The CPU ISA limits set in the environment: ``ONEDNN_MAX_CPU_ISA`` (or its old name
+    ``DNNL_MAX_CPU_ISA``) for oneDNN, ``--xla_cpu_max_isa`` in ``XLA_FLAGS`` for XLA (both
+    emulate an older CPU on a newer one); ``{}`` when neither is set."""
+    env = os.environ if environ is None else environ
+    limits = {}
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if env.get(name, "").strip():
+            limits["onednn"] = env[name].strip().upper()
+            break
+    for flag in env.get("XLA_FLAGS", "").split():
+        if flag.startswith("--xla_cpu_max_isa="):
+            limits["xla"] = flag.split("=", 1)[1].strip().upper()
+    return limits
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bfloat16(flags: set[str] | None = None,
+                    environ: dict[str, str] | None = None) -> tuple[bool, str]:
+    """``(native, why)``: whether this CPU computes bfloat16 in hardware for cnnlab (AMX or
+    AVX-512 BF16, not hidden by an ISA limit, and oneDNN's bfloat16 convolutions available),
+    with the reason in words."""
+    flags = cpu_flags() if flags is None else flags
+    have = [f for f in BF16_CPU_FLAGS if f in flags]
+    if not have:
+        return False, "the CPU has no native bfloat16 (neither amx_bf16 nor avx512_bf16)"
+    limits = isa_limits(environ)
+    if limits.get("onednn", "ALL") not in _BF16_ISAS:
+        return False, f"ONEDNN_MAX_CPU_ISA={limits['onednn']} hides the CPU's bfloat16 ({have[0]})"
+    if "xla" in limits and not any(t in limits["xla"] for t in ("BF16", "AMX")):
+        return False, f"--xla_cpu_max_isa={limits['xla']} hides the CPU's bfloat16 ({have[0]})"
+    if environ is None and not supports_bfloat16():
+        reason = unavailable_reason() or "oneDNN refuses bfloat16 convolutions here"
+        return False, f"the CPU has {have[0]}, but oneDNN's bfloat16 convolutions are not usable ({reason})"
+    return True, f"the CPU has {' and '.join(have)}"
 
 
 # --------------------------------------------------------------------------- the ops

@@ -371,6 +371,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnlab_onednn_conv_kernel_grad, KernelGrad,
                                   .Ret<Buffer>()  // dkernel [KH, KW, C_in, C_out]
                                   CNNLAB_CONV_ATTRS);
 
+// 1 when oneDNN can create all three convolution primitives for `type` (0: float32, 1:
+// bfloat16) on this CPU, under ONEDNN_MAX_CPU_ISA; 0 when any is refused (bfloat16 needs
+// AVX-512 or AVX2 VNNI-2 in oneDNN 3.2: an AVX2-only CPU has none), -1 on another error.
+extern "C" int cnnlab_onednn_supports_type(int bf16) {
+  const memory::data_type type = bf16 ? memory::data_type::bf16 : memory::data_type::f32;
+  // A small 3x3 convolution, strided and unstrided.
+  for (int64_t s : {1, 2}) {
+    const Geometry g{2, 8, 8, 16, 8 / s, 8 / s, 16, 3, 3, s, s, 1, 1, 1 - (s - 1), 1 - (s - 1),
+                     0, 0, type};
+    try {
+      for (Kind kind : {kForward, kInputGrad, kKernelGrad}) MakePlan(g, kind);
+    } catch (const dnnl::error&) {
+      return 0;
+    } catch (const std::exception&) {
+      return -1;
+    }
+  }
+  return 1;
+}
+
 // The oneDNN version the library runs with ("major.minor.patch"), for cnnlab's cache keys.
 extern "C" const char* cnnlab_onednn_version() {
   static std::string version = [] {
