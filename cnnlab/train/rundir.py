@@ -4,7 +4,9 @@
   dropped from their splits; :func:`check_split` refuses data that no longer gives this split.
 * ``environment.json``: cnnlab version and git commit, Python/JAX/Flax/Optax versions, platform
   and devices of the latest start (a different earlier one moves to ``environment_history/``).
-* ``config.json``: the resolved config; :func:`record_config` refuses a resume with another
+* ``conv_formulations.json``: the convolution formulation chosen for each shape (by machine),
+  which a resume on that machine compiles again rather than measuring anew.
+* ``config.json``: the resolved config (``mixed_precision: "auto"`` as decided here); :func:`record_config` refuses a resume with another
   config unless allowed, then keeps the old one in ``config_history/`` and the change with its
   step in ``config_changes.jsonl``.
 
@@ -36,6 +38,7 @@ from cnnlab.train.writers import write_json_atomic, write_text_atomic
 
 SPLIT_FILE = "split.json"
 ENVIRONMENT_FILE = "environment.json"
+FORMULATIONS_FILE = "conv_formulations.json"
 CONFIG_FILE = "config.json"
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
 
@@ -183,7 +186,16 @@ def environment() -> dict[str, Any]:
         "malloc": cnnlab.MALLOC,
         "conv_formulation": os.environ.get(conv_impl.FORMULATION_ENV, "auto"),
         "onednn": _onednn_state(),
+        "native_bfloat16": _bfloat16_state(),
+        "isa_limits": onednn.isa_limits(),
     }
+
+
+def _bfloat16_state() -> str:
+    """Whether this machine computes bfloat16 natively, and why (what ``mixed_precision="auto"``
+    decides on)."""
+    native, why = conv_impl.native_bfloat16()
+    return f"{'yes' if native else 'no'}: {why}"
 
 
 def _onednn_state() -> str:
@@ -216,6 +228,37 @@ def write_environment(workdir: str | os.PathLike) -> dict[str, Any]:
     env["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(path, env)
     return env
+
+
+# --------------------------------------------------------------------------- formulations
+
+
+def pin_formulations(workdir: str | os.PathLike) -> None:
+    """Makes this process compile the convolution formulations the run recorded (made on
+    this machine), so a resume computes what the uninterrupted run did even where a new
+    measurement would choose otherwise; an unreadable record is ignored (measured anew)."""
+    try:
+        with open(os.path.join(workdir, FORMULATIONS_FILE)) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return
+    if isinstance(recorded, dict):
+        conv_impl.pin_choices(recorded)
+
+
+def record_formulations(workdir: str | os.PathLike) -> None:
+    """Writes ``conv_formulations.json``: every convolution formulation this process chose
+    (by machine and shape), those recorded before kept; unchanged records are not rewritten."""
+    path = os.path.join(workdir, FORMULATIONS_FILE)
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = {}
+    old = old if isinstance(old, dict) else {}
+    merged = {**old, **conv_impl.made_choices()}
+    if merged != old:
+        write_json_atomic(path, merged)
 
 
 # --------------------------------------------------------------------------- config

@@ -39,6 +39,7 @@ from cnnlab.train.experiment import (
     resolve,
 )
 from cnnlab.train.group import NotPackable, Program, TrialOutcome, build_program, pack_key
+from cnnlab.train.group import varying as varying_fields
 from cnnlab.train.metrics import split_values
 from cnnlab.train.optim import learning_rate_at
 from cnnlab.train.writers import MetricWriter, image_grid, write_json_atomic
@@ -249,6 +250,8 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
     config = exp.config
     K = len(configs)
     t0 = time.perf_counter()
+    for wd in workdirs:  # a resume compiles the formulations its run chose
+        rundir.pin_formulations(wd)
     prog = build_program(exp, configs, vmap_width=vmap_width)
     states = prog.init()
     if start_step:
@@ -260,7 +263,7 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
         for k, grid in enumerate(_augmented_grids(exp, configs)):
             writers[k].write_image("augmented_batch", grid, 0)
     total_steps = config.num_epochs * exp.steps_per_epoch
-    varying = sorted(prog.h) + ([] if prog.shared else ["seed"])
+    varying = sorted(varying_fields(configs)) + ([] if prog.shared else ["seed"])
     say(
         f"Training {f'{K} packed trials of ' if K > 1 else ''}{config.model.name} on "
         f"{len(exp.dataset.train.labels)} images ({exp.num_classes} classes), {config.num_epochs} "
@@ -276,6 +279,8 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
         t = time.perf_counter()
         for k, state in enumerate(prog.trials(states)):
             if active[k] if only is None else k == only:
+                if is_main_process():  # first: the checkpoint must not outlive the record
+                    rundir.record_formulations(workdirs[k])
                 ckpts[k].save_latest(step, state)
         timings["save"] += time.perf_counter() - t
 
