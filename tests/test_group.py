@@ -15,7 +15,7 @@ from cnnlab.schema import copy_config
 from cnnlab.sweep.space import apply_point
 from cnnlab.train import StopTraining, pack_key, train_and_evaluate, train_trials
 from cnnlab.train.experiment import build_experiment, resolve
-from cnnlab.train.group import build_program, varying
+from cnnlab.train.group import build_program, traceable_values, varying
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.py")
@@ -40,7 +40,10 @@ def test_a_group_of_one_is_a_plain_run_without_a_trial_axis():
     exp = build_experiment(config)
     prog = build_program(exp, [config])
     state = prog.init()
-    assert prog.size == 1 and prog.h == {} and state.step.shape == ()
+    assert prog.size == 1 and state.step.shape == ()
+    # the nonzero traceable fields are traced scalars, as in a packed program (traced_values)
+    assert set(prog.h) == {k for k, v in traceable_values(config).items() if v != 0}
+    assert "optimizer.learning_rate" in prog.h and all(v.shape == () for v in prog.h.values())
     assert prog.trials(state) == (state,)
 
 

@@ -2,7 +2,9 @@
 
 K = 1 is an ordinary run: the plain train step on a plain state. K > 1 stacks the trials'
 states on a leading trial axis and maps the same step over it, with the hyperparameters in
-which the trials differ passed as traced ``[K]`` arrays. Which fields may differ is declared
+which the trials differ passed as traced ``[K]`` arrays. Either way every traceable field that
+is nonzero in some trial is a traced argument (:func:`traced_values`), so a trial's
+hyperparameter arithmetic is the same float32 arithmetic packed or alone. Which fields may differ is declared
 by their owners, not listed here: a model's traceable fields (``cnnlab.models.traceable_fields``),
 an optimizer's (``cnnlab.train.optim.traceable_optimizer_fields``), an augmentation op's
 (``augment_pipeline(...).traceable()``), plus ``seed``. :func:`pack_key` is equal exactly for
@@ -116,6 +118,23 @@ def varying(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, np.ndarra
     }
 
 
+def traced_values(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, np.ndarray]:
+    """``{config key: float32 [K]}`` (a float32 scalar for K = 1) of the traceable fields that
+    the programs of ``configs`` take as traced arguments: every one that is nonzero in some
+    trial, whether or not the trials differ in it, and for a single run too.
+
+    So a trial's hyperparameter arithmetic is the same float32 arithmetic packed or alone (a
+    Python constant would be folded in float64: ``1 - b1`` differs from float32's by an ulp,
+    which training grows). A field that is zero in every trial stays a constant, so that its
+    stage (a dropout, a penalty, an augmentation) is left out of the program; a traced zero
+    computes exactly what the left-out stage does, as the packing tests check."""
+    rows = [traceable_values(c) for c in configs]
+    if len(configs) == 1:
+        return {key: np.float32(v) for key, v in rows[0].items() if v != 0}
+    return {key: np.asarray([r[key] for r in rows], np.float32)
+            for key in rows[0] if any(r[key] != 0 for r in rows)}
+
+
 # ---------------------------------------------------------------------------------------------
 # The programs
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +212,7 @@ def build_program(
     K = len(configs)
     seeds = [int(c.seed) for c in configs]
     shared = len(set(seeds)) == 1
-    h_host = varying(configs) if K > 1 else {}
+    h_host = traced_values(configs)
     model_keys = [k for k in h_host if k.startswith("model.kwargs.")]
     opt_keys = [k for k in h_host if k.startswith("optimizer.")]
     aug_keys = [k for k in h_host if k.startswith("data.augment.")]
@@ -203,7 +222,7 @@ def build_program(
     )
 
     def train_step(state: TrainState, h: dict[str, jax.Array], batch):
-        """One trial's step with its traced hyperparameters ``h`` (empty for K = 1)."""
+        """One trial's step with its traced hyperparameters ``h`` (:func:`traced_values`)."""
         model = exp.model_with(**{k.split(".")[-1]: h[k] for k in model_keys}) if model_keys else exp.model
         tx = (optim.make_optimizer(config, exp.steps_per_epoch, {k.split(".")[-1]: h[k] for k in opt_keys})
               if opt_keys else exp.tx)
@@ -255,7 +274,7 @@ def build_program(
         chunk_spec = PartitionSpec(None, "data") if shared else PartitionSpec(None, None, "data")
         eval_spec = PartitionSpec("data")
     h = jax.device_put({k: jnp.asarray(v) for k, v in h_host.items()},
-                       NamedSharding(mesh, PartitionSpec(trial_axis)))
+                       NamedSharding(mesh, PartitionSpec(trial_axis) if K > 1 else PartitionSpec()))
 
     def init() -> TrainState:
         if K == 1:
