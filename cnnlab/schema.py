@@ -184,6 +184,10 @@ def default_config(schema: Schema) -> ml_collections.ConfigDict:
             c[key] = config_dict.placeholder(_types(node)[0])
         elif isinstance(node.default, Mapping):
             c[key] = ml_collections.ConfigDict(dict(node.default))
+        elif {bool, str} <= set(_types(node)):
+            # e.g. True, False or "auto": a reference of any type, so that a config file may
+            # assign either and the command line's value is parsed as a literal.
+            c[key] = config_dict.FieldReference(node.default, field_type=object)
         else:
             c[key] = node.default
     return c

@@ -13,9 +13,10 @@ parameters), 112x112 inputs and 230 epochs: about 52 minutes on 2 cores (47 at b
 (configs/sweeps/caltech101_hour.py; 96x96 for 320 epochs was the other); batch 32 with lr 0.1
 won against batch 64 with lr 0.2 (configs/sweeps/caltech101_recheck_blocks_batch.py). (The
 tutorial's strong affine augmentation hurt at this budget.) Mixed precision pays on CPUs
-with AMX or AVX-512 BF16 (``lscpu``: ``amx_bf16``, ``avx512_bf16``) and on GPUs; elsewhere
-bfloat16 can be slower than float32 (then ``--config.mixed_precision=False``; 230 epochs at
-112x112 in float32 take well over the hour).
+with AMX or AVX-512 BF16 (``lscpu``: ``amx_bf16``, ``avx512_bf16``) and on GPUs, so it is
+``"auto"``: bfloat16 there, float32 elsewhere (an AVX2-only CPU has no bfloat16 convolutions in
+oneDNN; the run prints and records which). In float32, 230 epochs at 112x112 take well over
+the hour (the README's config table gives the cost).
 
     CALTECH101_DIR=../shared/data/caltech101/101_ObjectCategories \\
         cnnlab train --config=configs/caltech101.py --workdir=runs/caltech101
@@ -34,7 +35,7 @@ def get_config():
     config.eval_batch_size = 256
     config.eval_every_epochs = 30
     config.eval_flip = True  # test-time flip averaging
-    config.mixed_precision = True  # bfloat16 compute, float32 parameters
+    config.mixed_precision = "auto"  # bfloat16 compute where the hardware has it, float32 elsewhere
 
     config.data.source = "folder"
     config.data.classes = "all"

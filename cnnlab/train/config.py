@@ -11,6 +11,7 @@ combinations, before any compute, as a :class:`cnnlab.schema.ConfigError`.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import ml_collections
 
@@ -39,6 +40,20 @@ TRAIN_METRICS = ("train/loss", "train/accuracy")
 
 def _positive_int(default: int, doc: str) -> Field:
     return Field(default, int, at_least(1), doc)
+
+
+_PRECISION_WORDS = {"auto": "auto", "true": True, "false": False, "bfloat16": True, "float32": False}
+
+
+def _precision_check(value: Any) -> str | None:
+    if isinstance(value, bool) or str(value).strip().lower() in _PRECISION_WORDS:
+        return None
+    return "must be True, False or 'auto'"
+
+
+def _precision(value: Any) -> bool | str:
+    """True, False or ``"auto"`` (also from the words true/false/bfloat16/float32)."""
+    return value if isinstance(value, bool) else _PRECISION_WORDS[str(value).strip().lower()]
 
 
 def train_schema() -> Schema:
@@ -87,8 +102,11 @@ def train_schema() -> Schema:
         },
         "normalization": Field("scale", str, choices=("scale", "mean_std"),
                                doc="x / 255, or per-channel mean/std of the training images"),
-        "mixed_precision": Field(False, bool, doc="compute in bfloat16, parameters in float32 "
-                                 "(on CPU: oneDNN's bfloat16 convolutions where faster)"),
+        "mixed_precision": Field(False, (bool, str), _precision_check, convert=_precision,
+                                 doc="compute in bfloat16, parameters in float32: True, False, "
+                                 "or auto (bfloat16 where the hardware computes it natively: GPU, "
+                                 "TPU, CPUs with AMX or AVX-512 BF16; float32 elsewhere; the run's "
+                                 "config.json records the choice)"),
         "checkpoint": {
             "every_epochs": _positive_int(1, "latest checkpoint every this many epochs"),
             "every_steps": Field(0, int, at_least(0), "also every this many steps (0: epoch ends only)"),

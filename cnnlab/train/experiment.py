@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cnnlab import data as data_lib
 from cnnlab import models
 from cnnlab.data.augmentations import AUGMENT_OPS
+from cnnlab.functional import conv_impl
 from cnnlab.train import optim
 from cnnlab.train.config import validate_config
 from cnnlab.train.distributed import is_main_process
@@ -58,10 +59,48 @@ class Experiment:
         return build_model(self.config, self.num_classes, **overrides)
 
 
+_announced: set[str] = set()
+
+
+def _announce_once(message: str) -> None:
+    if message not in _announced and is_main_process():
+        _announced.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
+def mixed_precision_choice(value: bool | str) -> tuple[bool, str]:
+    """``(bfloat16, why)`` for a ``mixed_precision`` value: ``"auto"`` is bfloat16 where the
+    hardware computes it natively (GPU, TPU, or a CPU with AMX or AVX-512 BF16 whose ISA is not
+    limited, with oneDNN's bfloat16 convolutions) and float32 elsewhere."""
+    if value != "auto":
+        return bool(value), "set in the config"
+    return conv_impl.native_bfloat16()
+
+
+def resolve_mixed_precision(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with ``mixed_precision`` decided for this machine (``"auto"`` -> True or
+    False, said once per process, and recorded as such in the run's ``config.json``). True on
+    a CPU without native bfloat16 is kept, and said once: there each bfloat16 convolution runs
+    on whichever of XLA's bfloat16 and oneDNN's float32 (rounded to bfloat16) measures faster."""
+    value = config.mixed_precision
+    bfloat16, why = mixed_precision_choice(value)
+    if value == "auto":
+        _announce_once(f"mixed_precision=auto: {'bfloat16' if bfloat16 else 'float32'} ({why}).")
+        config = ml_collections.ConfigDict({**config.to_dict(), "mixed_precision": bfloat16})
+    elif value and not (native := conv_impl.native_bfloat16())[0]:
+        why = native[1]
+        _announce_once(
+            f"mixed_precision=True on a CPU without native bfloat16 ({why}): "
+            "each bfloat16 convolution runs on the faster of XLA's emulated bfloat16 and oneDNN's "
+            "float32 rounded to bfloat16; float32 (mixed_precision=False) may be faster here.")
+    return config
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> Any:
-    """The config's model for ``num_classes`` (bfloat16 compute with ``mixed_precision``)."""
+    """The config's model for ``num_classes`` (bfloat16 compute with ``mixed_precision``;
+    ``"auto"`` as :func:`mixed_precision_choice` decides)."""
     kwargs = dict(config.model.kwargs.to_dict(), num_classes=num_classes)
-    if config.mixed_precision:
+    if mixed_precision_choice(config.mixed_precision)[0]:
         kwargs["dtype"] = jnp.bfloat16
     return models.get_model(config.model.name, **{**kwargs, **overrides})
 
@@ -100,8 +139,9 @@ def resolve_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> m
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The validated config with its global batch size for this machine's devices."""
-    return resolve_batch_size(validate_config(config), jax.device_count())
+    """The validated config with its global batch size for this machine's devices and its
+    ``mixed_precision`` decided for this machine (:func:`resolve_mixed_precision`)."""
+    return resolve_batch_size(resolve_mixed_precision(validate_config(config)), jax.device_count())
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
