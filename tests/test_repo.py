@@ -151,3 +151,11 @@ def test_only_the_optuna_adapter_touches_private_names_of_other_objects():
                and not node.attr.startswith("__")
                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))]
         assert not bad, bad
+
+
+def test_ci_runs_the_native_code_and_packing_tests_on_an_emulated_avx2_only_cpu():
+    ci = (ROOT / ".ci" / "run").read_text().replace("\\\n", " ")
+    step = next(line for line in ci.splitlines() if "ONEDNN_MAX_CPU_ISA=AVX2" in line)
+    assert "--xla_cpu_max_isa=AVX2" in step
+    for tests in ("test_onednn.py", "test_conv_formulations.py", "test_group.py", "test_precision.py"):
+        assert tests in step
