@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import errno
 import functools
 import os
@@ -155,12 +156,20 @@ def _own_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, object]]
     return keep, own
 
 
-def _key_error_message(error: KeyError, argv: list[str]) -> str:
-    lines = str(error.args[0] if error.args else error).splitlines()
-    key = lines[0].strip("'\"") if lines else ""
-    used = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and key in a.split("=", 1)[0]]
+def _key_error_message(error: BaseException, argv: list[str]) -> str:
+    """One plain line from ml_collections' error for an override naming no field (a KeyError,
+    possibly inside an AttributeError, whose text is ``'key'\\nDid you mean "keys" ...``)."""
+    text: object = error
+    while isinstance(text, BaseException):
+        text = text.args[0] if text.args else ""
+    lines = str(text).splitlines()
+    key = lines[0].strip().strip("'\"") if lines else ""
+    used = [a.split("=", 1)[0] for a in argv
+            if a.startswith("--config.") and key and a.split("=", 1)[0].endswith(key)]
     where = f" in {used[0]}" if used else ""
-    return " ".join([f"unknown config key {key!r}{where}.", *lines[1:]])
+    match = re.search(r'Did you mean "([^"]+)"', str(text))
+    hint = f" (did you mean {match.group(1)!r}?)" if match else ""
+    return f"unknown config key {key!r}{where}{hint}"
 
 
 
@@ -350,7 +359,9 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join([_USAGE, "", "commands:"]
                             + [f"  {n:<{width}}  {doc}" for n, doc in COMMANDS.items()]))
             sys.exit(0)
-        print(f"cnnlab: unknown command {given!r}.\n{_USAGE}", file=sys.stderr)
+        close = difflib.get_close_matches(str(given), list(COMMANDS), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"cnnlab: unknown command {given!r}{hint}.\n{_USAGE}", file=sys.stderr)
         sys.exit(_USAGE_EXIT)
     name = argv.pop(1)
     if name == "sweep" and len(argv) > 1 and argv[1] == "report":
