@@ -165,7 +165,7 @@ def _key_error_message(error: BaseException, argv: list[str]) -> str:
     lines = str(text).splitlines()
     key = lines[0].strip().strip("'\"") if lines else ""
     used = [a.split("=", 1)[0] for a in argv
-            if a.startswith("--config.") and key and a.split("=", 1)[0].endswith(key)]
+            if a.startswith("--config.") and key in a.split("=", 1)[0][len("--config."):].split(".")]
     where = f" in {used[0]}" if used else ""
     match = re.search(r'Did you mean "([^"]+)"', str(text))
     hint = f" (did you mean {match.group(1)!r}?)" if match else ""
@@ -347,6 +347,9 @@ def _user_error(e: BaseException, command: str) -> tuple[str, int] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from cnnlab import runtime
+
+    runtime.configure()  # the command's own process: XLA:CPU's flags and malloc, before JAX starts
     argv = list(sys.argv if argv is None else argv)
     verbose = os.environ.get(_VERBOSE_ENV, "") not in ("", "0")
     for flag in [a for a in argv[1:] if a in ("--verbose", "--verbose=true", "--verbose=1")]:

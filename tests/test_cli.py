@@ -75,10 +75,17 @@ def test_command_help_lists_its_own_flags_and_the_config_fields():
 def test_a_typo_override_is_one_clean_line_and_verbose_shows_the_traceback(tmp_path):
     args = train_args(tmp_path / "run", "--config.optimzer.learning_rate=0.1")
     proc = cnnlab(*args)
-    assert_clean_error(proc, "unknown config key 'optimzer' in --config.optimzer.learning_rate",
-                       'Did you mean "optimizer" instead of "optimzer"?', code=2)
+    assert_clean_error(proc, "unknown config key 'optimzer' in --config.optimzer.learning_rate "
+                       "(did you mean 'optimizer'?)", code=2)
     assert "\\n" not in proc.stderr
     assert not (tmp_path / "run").exists()
+    # the commonest typo, a top-level key: one plain line too (it used to print a garbled repr)
+    top = cnnlab(*train_args(tmp_path / "run", "--config.num_epoch=1"))
+    assert_clean_error(top, "cnnlab train: error: unknown config key 'num_epoch' in --config.num_epoch "
+                       "(did you mean 'num_epochs'?)", code=2)
+    assert "\\" not in top.stderr
+    typo = cnnlab("trian")
+    assert typo.returncode == 2 and "unknown command 'trian' (did you mean 'train'?)" in typo.stderr
     for verbose in (cnnlab(*args, "--verbose"), cnnlab(*args, env={"CNNLAB_VERBOSE": "1"})):
         assert verbose.returncode == 2 and "Traceback (most recent call last)" in verbose.stderr
 
