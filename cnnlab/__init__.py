@@ -1,12 +1,9 @@
 """cnnlab: Keras-exact convolutional layers in JAX/Flax, config-driven training and sweeps."""
 
-from cnnlab import backend as _backend
 from cnnlab._lazy import lazy_attributes
 
-#: XLA:CPU's convolution kernels, chosen before JAX starts (``cnnlab.backend.configure_xla_cpu``).
-CPU_CONVOLUTIONS = _backend.configure_xla_cpu()
-#: How glibc's malloc is set up for XLA's per-call buffers (``cnnlab.backend.configure_malloc``).
-MALLOC = _backend.configure_malloc()
+# Importing cnnlab changes no process state; cnnlab.runtime.configure() makes the CPU settings
+# the cnnlab commands make for themselves.
 
 __version__ = "0.1.0"
 

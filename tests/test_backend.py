@@ -1,5 +1,7 @@
-"""cnnlab.backend: XLA:CPU's convolution kernels chosen at ``import cnnlab``."""
+"""cnnlab.backend and cnnlab.runtime: XLA:CPU's convolution kernels and malloc's mode, set by
+``cnnlab.runtime.configure()`` (the commands call it), never by ``import cnnlab``."""
 
+import json
 import os
 import subprocess
 import sys
@@ -43,7 +45,9 @@ def test_the_users_own_choice_and_older_jaxlibs_are_left_alone(monkeypatch):
 
 
 _COMPILED = """
-import re, cnnlab, jax, jax.numpy as jnp
+import re, cnnlab.runtime
+mode = cnnlab.runtime.configure()["cpu_convolutions"]  # before JAX starts
+import jax, jax.numpy as jnp
 from cnnlab import functional as F
 x, k = jnp.ones((4, 24, 24, 16)), jnp.ones((3, 3, 16, 32))
 grad = jax.jit(jax.grad(lambda k: jnp.sum(F.conv2d(x, k, padding="same") ** 2)))
@@ -52,7 +56,7 @@ text = grad.lower(k).compile().as_text()
 bodies = {m.group(1): m.group(0) for m in re.finditer(r"^%(\\S+) \\(.*?^}", text, re.M | re.S)}
 ynn = re.findall(r"calls=%([\\w.]+), .*__ynn_fusion", text)
 in_ynn = sum(" convolution(" in bodies.get(name, "") for name in ynn)
-print(cnnlab.CPU_CONVOLUTIONS, text.count(" convolution("), in_ynn)
+print(mode, text.count(" convolution("), in_ynn)
 """
 
 
@@ -95,7 +99,8 @@ def test_malloc_modes_and_what_is_left_alone(monkeypatch):
 
 _PAGE_FAULTS = """
 import ctypes, resource
-import cnnlab  # sets up malloc as CNNLAB_MALLOC says
+import cnnlab.runtime
+mode = cnnlab.runtime.configure()["malloc"]  # sets up malloc as CNNLAB_MALLOC says
 
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -114,7 +119,7 @@ cycle()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
     cycle()
-print(cnnlab.MALLOC, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, size)
+print(mode, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, size)
 """
 
 
@@ -136,3 +141,54 @@ def test_retained_memory_spares_repeated_large_blocks_their_page_faults():
     # Handed back on free, each of the 5 blocks is fresh pages again; retained, it is reused.
     assert faults["system"] > 5 * int(size) // 4096 // 2, faults
     assert faults["retain"] < int(size) // 4096 // 10, faults
+
+
+_IMPORT_ONLY = """
+import ctypes, json, os, resource, subprocess, sys
+before = dict(os.environ)
+import cnnlab, cnnlab.functional, cnnlab.nn, cnnlab.models, cnnlab.train, cnnlab.sweep, cnnlab.interop
+import cnnlab.runtime
+import numpy as np
+
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+a = np.ones(400 * 2**20 // 8)  # 400 MB
+peak = rss_mb()
+del a
+child = subprocess.run([sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"],
+                       capture_output=True, text=True).stdout
+print(json.dumps({"same_env": dict(os.environ) == before, "child_env_same": json.loads(child) == before,
+                  "peak": peak, "after_free": rss_mb(), "runtime": cnnlab.runtime.state()}))
+"""
+
+
+def test_importing_cnnlab_changes_no_process_state():
+    # No environment variable (a child process sees the parent's environment as it was) and no
+    # mallopt: a freed 400 MB array goes back to the system, as without cnnlab.
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
+    out = subprocess.run([sys.executable, "-c", _IMPORT_ONLY], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["same_env"] and got["child_env_same"]
+    assert got["peak"] - got["after_free"] > 350, got
+    assert got["runtime"] == {"cpu_convolutions": "not configured", "malloc": "not configured"}
+
+
+def test_configure_is_the_opt_in_and_runs_once(monkeypatch):
+    from cnnlab import runtime
+
+    monkeypatch.setattr(runtime, "_state", {})
+    monkeypatch.setattr(backend, "_jaxlib_has_ynnpack", lambda: True)
+    monkeypatch.setattr(backend, "_cpu_backend_started", lambda: False)
+    monkeypatch.setattr(backend, "configure_malloc", lambda environ=None: "system")
+    env = {}
+    assert runtime.configure(env) == {"cpu_convolutions": "eigen", "malloc": "system"}
+    assert env["XLA_FLAGS"] == FLAG
+    env2 = {}
+    assert runtime.configure(env2)["cpu_convolutions"] == "eigen" and env2 == {}  # once per process
+    assert runtime.state() == {"cpu_convolutions": "eigen", "malloc": "system"}

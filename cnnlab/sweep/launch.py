@@ -81,7 +81,11 @@ def run_sweep(
 
 def _worker_main(base_dict: dict, sweep: Sweep, workdir: str, options: StorageOptions,
                  worker_kwargs: dict[str, Any], log_path: str) -> None:
-    """A ``--workers`` child: output to its log file, then the worker loop."""
+    """A ``--workers`` child: the command's process settings, output to its log file, then the
+    worker loop."""
+    from cnnlab import runtime
+
+    runtime.configure()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

@@ -30,7 +30,7 @@ from typing import Any
 
 import jax
 
-import cnnlab
+from cnnlab import runtime
 from cnnlab.data.dataset import Dataset
 from cnnlab.functional import conv_impl, onednn
 from cnnlab.schema import flatten
@@ -182,8 +182,7 @@ def environment() -> dict[str, Any]:
         "device_kinds": sorted({d.device_kind for d in devices}),
         "process_count": jax.process_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "cpu_convolutions": cnnlab.CPU_CONVOLUTIONS,
-        "malloc": cnnlab.MALLOC,
+        **runtime.state(),
         "conv_formulation": os.environ.get(conv_impl.FORMULATION_ENV, "auto"),
         "onednn": _onednn_state(),
         "native_bfloat16": _bfloat16_state(),

@@ -67,6 +67,9 @@ def main() -> None:
     sys.path.insert(0, REPO)
     import importlib.util
 
+    import cnnlab.runtime
+
+    cnnlab.runtime.configure()  # what the cnnlab commands do first, before JAX starts
     import jax
     import numpy as np
 

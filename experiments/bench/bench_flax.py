@@ -29,8 +29,11 @@ def main() -> None:
     from functools import partial
     from typing import Any
 
-    if args.model == "cnnlab":  # before JAX starts its backend: cnnlab sets XLA:CPU's flags
+    if args.model == "cnnlab":  # before JAX starts its backend: a library user's one opt-in call
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        import cnnlab.runtime
+
+        cnnlab.runtime.configure()
         import cnnlab.models
 
     import flax.linen as nn

@@ -23,6 +23,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import cnnlab.runtime  # noqa: E402
+
+cnnlab.runtime.configure()  # the cnnlab commands' XLA:CPU flags, before JAX starts
 from cnnlab.functional import conv_impl  # noqa: E402
 
 sys.path.insert(0, HERE)

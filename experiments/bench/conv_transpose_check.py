@@ -18,7 +18,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import cnnlab  # noqa: E402,F401  (XLA:CPU settings before JAX starts)
+import cnnlab.runtime  # noqa: E402
+
+cnnlab.runtime.configure()  # XLA:CPU settings before JAX starts
 from cnnlab import functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

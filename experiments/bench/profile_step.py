@@ -30,7 +30,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _TRACE_AND_RUN = """
 import atexit, os, runpy, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[2])))))
-import cnnlab  # before JAX starts its backend: cnnlab sets XLA:CPU's flags on import
+import cnnlab.runtime  # noqa: E402
+
+cnnlab.runtime.configure()  # before JAX starts its backend: the cnnlab commands' XLA:CPU flags
 import jax
 options = jax.profiler.ProfileOptions()
 options.python_tracer_level = 0  # Python's own calls untraced: they would slow the host side
