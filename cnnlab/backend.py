@@ -5,9 +5,9 @@ function receives ``data_format=None``. It starts as ``"channels_last"`` and can
 changed with :func:`set_image_data_format` or the ``CNNLAB_IMAGE_DATA_FORMAT``
 environment variable (read once, at import).
 
-``import cnnlab`` also chooses XLA:CPU's convolution kernels (:func:`configure_xla_cpu`),
-before JAX starts its CPU backend, and tells glibc's malloc to keep freed memory
-(:func:`configure_malloc`).
+:func:`configure_xla_cpu` chooses XLA:CPU's convolution kernels before JAX starts its CPU
+backend, and :func:`configure_malloc` tells glibc's malloc to keep freed memory; neither runs
+at ``import cnnlab``: :func:`cnnlab.runtime.configure` calls both (the commands do).
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def configure_xla_cpu(environ: dict[str, str] | None = None) -> str:
     ``XLA_FLAGS``; ``ynnpack`` leaves XLA's default. A ``XLA_FLAGS`` that already sets
     ``--xla_cpu_experimental_ynn_fusion_type`` is the user's choice and is left as it is
     (``"user"``); so is a jaxlib older than 0.10 (``"xla-default"``). Only CPU programs are
-    affected. When JAX's backend started before ``import cnnlab``, the flag can no longer
-    apply: a warning says so.
+    affected. When JAX's backend has started already, the flag can no longer apply: a warning
+    says so, ``XLA_FLAGS`` is left as the backend read it, and the mode is ``"too-late"``.
     """
     env = os.environ if environ is None else environ
     mode = env.get(CPU_CONVOLUTIONS_ENV, "eigen").strip().lower() or "eigen"
@@ -108,12 +108,13 @@ def configure_xla_cpu(environ: dict[str, str] | None = None) -> str:
         return mode
     if not _jaxlib_has_ynnpack():
         return "xla-default"
-    env["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS_FLAG}".strip()
-    if _cpu_backend_started():
+    if _cpu_backend_started():  # the flag could no longer apply: XLA_FLAGS keeps saying what runs
         warnings.warn(
-            "cnnlab was imported after JAX started its backend, so XLA:CPU keeps its YNNPACK "
-            "convolutions (slower training on CPU): import cnnlab before running JAX code, or set "
-            f"XLA_FLAGS={EIGEN_CONVOLUTIONS_FLAG}", stacklevel=3)
+            "cnnlab.runtime.configure() was called after JAX started its backend, so XLA:CPU keeps "
+            "its YNNPACK convolutions (slower training on CPU): call it before running JAX code, or "
+            f"set XLA_FLAGS={EIGEN_CONVOLUTIONS_FLAG}", stacklevel=3)
+        return "too-late"
+    env["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS_FLAG}".strip()
     return mode
 
 

@@ -1,4 +1,4 @@
-"""cnnlab.functional.conv_impl: every formulation equals lax.conv_general_dilated and its
+"""cnnlab.native.conv_impl: every formulation equals lax.conv_general_dilated and its
 autodiff; the per-shape choice is measured once, cached per machine and forced by the
 environment. oneDNN's forms fall back to XLA's where oneDNN is unavailable; tests/test_onednn.py
 tests them where it is."""
@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 
 import cnnlab.functional as F
-from cnnlab.functional import conv_impl, onednn
+from cnnlab.native import conv_impl, onednn
 
 ATOL = RTOL = 2e-5
 GEOMETRIES = [  # kernel, strides, padding, dilation
@@ -359,7 +359,7 @@ def test_threads_measuring_one_shape_at_once_measure_it_once_and_agree(fresh_cac
 
 _OTHER_PROCESS = """
 import json, sys
-from cnnlab.functional import conv_impl
+from cnnlab.native import conv_impl
 spec = conv_impl.ConvSpec.make((2, 11, 9, 3), (3, 3, 3, 4), strides=(2, 2), padding="SAME", dilation=(1, 1))
 print(json.dumps(conv_impl.choose(spec)))
 """
@@ -408,3 +408,45 @@ def test_a_resumed_run_compiles_the_formulations_its_run_recorded(fresh_cache, m
     monkeypatch.setattr(conv_impl, "measure", lambda *a, **kw: pytest.fail("measured again on resume"))
     train_and_evaluate(c, workdir)
     assert {k: v for k, v in conv_impl.made_choices().items() if k in recorded} == recorded
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_one_and_says_so(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("CNNLAB_CACHE_DIR", str(blocker / "cache"))  # uncreatable, even by root
+    monkeypatch.setenv(conv_impl.FORMULATION_ENV, "auto")
+    monkeypatch.setattr(conv_impl, "_memory", {})
+    monkeypatch.setattr(conv_impl, "_unwritable", set())
+    monkeypatch.setattr(onednn, "_fallback_root", lambda: tmp_path / "fallback")
+    monkeypatch.setattr(onednn, "_state", {"reason": "unavailable for this test"})
+    calls = []
+    monkeypatch.setattr(conv_impl, "measure", _fake_measure(calls))
+    x, k, g, spec = _case(GEOMETRIES[1])
+    assert conv_impl.choose(spec) == ("xla", "phase", "xla")
+    assert "cannot be written" in capsys.readouterr().err
+    assert (tmp_path / "fallback" / conv_impl.CACHE_FILE).exists()
+
+
+_PURE_LAX = """
+import jax, jax.numpy as jnp
+import cnnlab.functional as F
+from cnnlab.native import conv_impl, onednn
+g = jax.grad(lambda k: jnp.sum(F.conv2d(jnp.ones((2, 9, 9, 3)), k, strides=2, padding="same")))
+g(jnp.ones((3, 3, 3, 4)))
+print(onednn._state == {}, conv_impl._memory == {})
+"""
+
+
+def test_functional_stays_pure_lax_unless_the_fast_path_is_on(tmp_path):
+    # Under CNNLAB_CONV_FORMULATION=xla nothing of the native package runs: no oneDNN build or
+    # load, no measurement, no cache file.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, conv_impl.FORMULATION_ENV: "xla", "CNNLAB_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", _PURE_LAX], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True", "True"]
+    assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""cnnlab.functional.onednn: oneDNN's forward, input gradient and kernel gradient equal
+"""cnnlab.native.onednn: oneDNN's forward, input gradient and kernel gradient equal
 lax.conv_general_dilated and its autodiff over every geometry, through cnnlab's conv in both data
 formats, under jit and vmap (batched kernels) and to second order; without oneDNN cnnlab falls
 back to its pure-JAX forms.
@@ -20,7 +20,7 @@ import pytest
 from jax import lax
 
 import cnnlab.functional as F
-from cnnlab.functional import conv_impl, onednn
+from cnnlab.native import conv_impl, onednn
 
 ATOL = RTOL = 2e-5
 TARGETS = ("cnnlab_onednn_conv_forward", "cnnlab_onednn_conv_input_grad",
@@ -203,9 +203,55 @@ def test_a_failed_build_leaves_nothing_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
     state = onednn._load()  # what a fresh process would find
     assert state["reason"].startswith("building the oneDNN convolutions failed"), state
-    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []  # no partial library
-    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    # no partial library; the failure is recorded, so later processes do not build again
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [onednn.RECORD]
+    monkeypatch.setattr(onednn, "_build", lambda path: pytest.fail("built again"))
+    again = onednn._load()["reason"]
+    assert again.startswith("building the oneDNN convolutions failed") and "remembered" in again
+    monkeypatch.setenv("CXX", "no-such-compiler-here")  # another compiler: another key, tried anew
     assert "no C++ compiler (no-such-compiler-here)" in onednn._load()["reason"]
+
+
+_DAMAGED = """
+import json, sys
+from cnnlab.native import onednn
+print(json.dumps({"available": onednn.available(), "reason": onednn.unavailable_reason(),
+                  "path": onednn._loaded().get("path"), "notes": onednn._loaded().get("notes")}))
+"""
+
+
+def _fresh_process(env):
+    run = subprocess.run([sys.executable, "-c", _DAMAGED], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, (run.returncode, run.stderr[-3000:])  # -7 would be SIGBUS
+    return json.loads(run.stdout.strip().splitlines()[-1]), run.stderr
+
+
+@pytest.mark.parametrize("damage", ["cut short", "empty", "garbage"])
+def test_a_damaged_library_is_rebuilt_never_loaded(needs_onednn, tmp_path, damage):
+    # A library cut short with its ELF header intact used to kill every later process with
+    # SIGBUS; an empty or garbage one turned oneDNN off for good.
+    env = {**os.environ, "CNNLAB_CACHE_DIR": str(tmp_path)}
+    first, _ = _fresh_process(env)
+    assert first["available"], first
+    lib = first["path"]
+    data = open(lib, "rb").read()
+    with open(lib, "wb") as f:
+        f.write({"cut short": data[: len(data) // 2], "empty": b"", "garbage": b"\x7fELF" + b"x" * 999}[damage])
+    second, stderr = _fresh_process(env)
+    assert second["available"] and second["path"] == lib, second
+    assert "rebuilding it" in stderr and stderr.count("rebuilding it") == 1
+    assert open(lib, "rb").read() == data or onednn._fingerprint(onednn.Path(lib))["size"] > 0
+
+
+def test_a_read_only_cache_builds_in_a_temporary_one_and_says_so(needs_onednn, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    env = {**os.environ, "CNNLAB_CACHE_DIR": str(blocker / "cache")}  # cannot be created, even by root
+    got, stderr = _fresh_process(env)
+    assert got["available"], got
+    assert got["path"].startswith(str(onednn._fallback_root())), got
+    assert "cannot be written" in stderr and "instead" in stderr
 
 
 def test_build_errors_name_the_missing_piece():
@@ -223,7 +269,7 @@ def test_without_onednn_cnnlab_falls_back_to_its_jax_forms(tmp_path):
 import json, os
 import jax, jax.numpy as jnp, numpy as np
 import cnnlab.functional as F
-from cnnlab.functional import conv_impl, onednn
+from cnnlab.native import conv_impl, onednn
 
 assert not onednn.available() and "CNNLAB_ONEDNN=0" in onednn.unavailable_reason()
 x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 12, 12, 3), np.float32))
@@ -294,7 +340,7 @@ def test_the_system_onednn_also_builds_and_equals_lax(tmp_path):
     # CNNLAB_ONEDNN=system: the oneDNN 2 code paths of conv.cc, built and checked on all parts.
     script = """
 import jax, jax.numpy as jnp, numpy as np
-from cnnlab.functional import conv_impl, onednn
+from cnnlab.native import conv_impl, onednn
 assert onednn.available(), onednn.unavailable_reason()
 assert onednn.wheel_dirs() is None
 x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 13, 11, 3), np.float32))
@@ -357,7 +403,7 @@ def test_bfloat16_parts_equal_float32_lax_to_bfloat16_rounding(needs_onednn, geo
 _AVX2_ONLY = """
 import json, jax, jax.numpy as jnp, numpy as np
 import cnnlab.functional as F
-from cnnlab.functional import conv_impl, onednn
+from cnnlab.native import conv_impl, onednn
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.standard_normal((4, 12, 12, 8)), jnp.bfloat16)
 k = jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.bfloat16)

@@ -10,7 +10,7 @@ import sys
 import pytest
 from helpers import SMOKE, tiny_config
 
-from cnnlab.functional import conv_impl, onednn
+from cnnlab.native import conv_impl, onednn
 from cnnlab.schema import ConfigError
 from cnnlab.train import default_config, experiment, train_and_evaluate
 

@@ -123,6 +123,9 @@ def test_the_cycle_check_sees_function_level_and_relative_imports(tmp_path, monk
 def test_layering_is_one_way():
     forbidden = {
         "functional": ("flax", "cnnlab.nn", "cnnlab.models", "cnnlab.train", "cnnlab.data"),
+        # the fast convolution paths (oneDNN's build, the formulations and their caches)
+        "native": ("flax", "cnnlab.functional", "cnnlab.nn", "cnnlab.models", "cnnlab.train",
+                   "cnnlab.data"),
         "data": ("flax", "cnnlab.nn", "cnnlab.models", "cnnlab.train"),
         "nn": ("cnnlab.models", "cnnlab.train", "cnnlab.data"),
         "models": ("cnnlab.train", "cnnlab.data"),

@@ -103,7 +103,7 @@ def test_check_split_reports_val_fraction_change_and_old_runs_warn(tmp_path):
 
 @pytest.mark.parametrize("setting", ["auto", "onednn/xla/xla", "xla", "xla/phase/xla"])
 def test_environment_records_onednn_only_where_it_may_run(tmp_path, monkeypatch, setting):
-    from cnnlab.functional import onednn
+    from cnnlab.native import onednn
 
     monkeypatch.setenv("CNNLAB_CONV_FORMULATION", setting)
     if "onednn" in setting and not onednn.available():

@@ -34,7 +34,6 @@ from jax import lax
 
 from cnnlab import backend
 from cnnlab import initializers as initializers_lib
-from cnnlab.functional import conv_impl
 from cnnlab.functional._args import (
     Padding,
     check_output_size,
@@ -47,6 +46,7 @@ from cnnlab.functional._args import (
     spatial_axes,
 )
 from cnnlab.functional.core import bias_activation
+from cnnlab.native import conv_impl
 
 Array = jax.Array
 ActivationLike = str | Callable[[Array], Array] | None

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cnnlab import data as data_lib
 from cnnlab import models
 from cnnlab.data.augmentations import AUGMENT_OPS
-from cnnlab.functional import conv_impl
+from cnnlab.native import conv_impl
 from cnnlab.train import optim
 from cnnlab.train.config import validate_config
 from cnnlab.train.distributed import is_main_process

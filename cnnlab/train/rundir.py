@@ -32,7 +32,7 @@ import jax
 
 from cnnlab import runtime
 from cnnlab.data.dataset import Dataset
-from cnnlab.functional import conv_impl, onednn
+from cnnlab.native import conv_impl, onednn
 from cnnlab.schema import flatten
 from cnnlab.train.writers import write_json_atomic, write_text_atomic
 
@@ -186,6 +186,7 @@ def environment() -> dict[str, Any]:
         "conv_formulation": os.environ.get(conv_impl.FORMULATION_ENV, "auto"),
         "onednn": _onednn_state(),
         "native_bfloat16": _bfloat16_state(),
+        "fallbacks": onednn.announced(),
         "isa_limits": onednn.isa_limits(),
     }
 

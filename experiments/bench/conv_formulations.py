@@ -1,5 +1,5 @@
 """Each StridedNet convolution's three parts (forward, input gradient, kernel gradient) timed
-alone, XLA's own formulation against the alternatives in ``cnnlab.functional.conv_impl``.
+alone, XLA's own formulation against the alternatives in ``cnnlab.native.conv_impl``.
 
     python experiments/bench/conv_formulations.py                    # batch 32 and 128
     python experiments/bench/conv_formulations.py --batches 32 --repeats 7 --json out.json
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import cnnlab.runtime  # noqa: E402
 
 cnnlab.runtime.configure()  # the cnnlab commands' XLA:CPU flags, before JAX starts
-from cnnlab.functional import conv_impl  # noqa: E402
+from cnnlab.native import conv_impl  # noqa: E402
 
 sys.path.insert(0, HERE)
 from common import jax_ms  # noqa: E402

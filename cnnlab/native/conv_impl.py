@@ -6,7 +6,7 @@ than the forward. ``"phase"`` forms the same sums sub-pixel: each of the ``sh * 
 the input gradient is a stride-1 convolution of the output gradient with the kernel taps that
 land on that phase (no multiplications by inserted zeros), and the phases are interleaved.
 ``"onednn"`` runs each part (forward, input gradient, kernel gradient) on oneDNN's convolutions,
-what PyTorch runs on x86, through ``jax.ffi`` (:mod:`cnnlab.functional.onednn`: built on first
+what PyTorch runs on x86, through ``jax.ffi`` (:mod:`cnnlab.native.onednn`: built on first
 use where a C++ compiler and oneDNN are installed, else absent and never chosen).
 
 :func:`conv2d` runs the chosen forward and gradients behind a ``jax.custom_vjp``; ``"xla"`` is
@@ -49,6 +49,7 @@ import platform
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -62,7 +63,7 @@ try:
     import fcntl
 except ImportError:  # not POSIX: each process measures under its own lock
     fcntl = None
-from cnnlab.functional import onednn
+from cnnlab.native import onednn
 
 Array = jax.Array
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -118,7 +119,7 @@ def _onednn_applies(spec: ConvSpec) -> bool:
 
 
 def _on_onednn(part: Any, a: Array, b: Array, spec: ConvSpec) -> Array:
-    """``part(a, b, spec)`` of :mod:`cnnlab.functional.onednn`; a bfloat16 one on a CPU where
+    """``part(a, b, spec)`` of :mod:`cnnlab.native.onednn`; a bfloat16 one on a CPU where
     oneDNN has no bfloat16 convolutions (AVX2 only) computes in float32 and rounds the result
     to bfloat16, as XLA's bfloat16 convolutions do on such a CPU."""
     if spec.dtype == "bfloat16" and not onednn.supports_bfloat16():
@@ -129,7 +130,7 @@ def _on_onednn(part: Any, a: Array, b: Array, spec: ConvSpec) -> Array:
 
 
 def _onednn_forward(x: Array, kernel: Array, spec: ConvSpec) -> Array:
-    """oneDNN's forward convolution (:func:`cnnlab.functional.onednn.forward`)."""
+    """oneDNN's forward convolution (:func:`cnnlab.native.onednn.forward`)."""
     if not _onednn_applies(spec):
         return xla_forward(x, kernel, spec)
     return _on_onednn(onednn.forward, x, kernel, spec)
@@ -182,7 +183,7 @@ def _phase_applies(spec: ConvSpec) -> bool:
 
 
 def _onednn_input_grad(g: Array, kernel: Array, spec: ConvSpec) -> Array:
-    """oneDNN's backward-data convolution (:func:`cnnlab.functional.onednn.input_grad`)."""
+    """oneDNN's backward-data convolution (:func:`cnnlab.native.onednn.input_grad`)."""
     if not _onednn_applies(spec):
         return _xla_input_grad(g, kernel, spec)
     return _on_onednn(onednn.input_grad, g, kernel, spec)
@@ -198,7 +199,7 @@ def _xla_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
 
 
 def _onednn_kernel_grad(x: Array, g: Array, spec: ConvSpec) -> Array:
-    """oneDNN's backward-weights convolution (:func:`cnnlab.functional.onednn.kernel_grad`)."""
+    """oneDNN's backward-weights convolution (:func:`cnnlab.native.onednn.kernel_grad`)."""
     if not _onednn_applies(spec):
         return _xla_kernel_grad(x, g, spec)
     return _on_onednn(onednn.kernel_grad, x, g, spec)
@@ -292,7 +293,7 @@ def forced_formulations() -> tuple[str, str, str] | None:
 def native_bfloat16() -> tuple[bool, str]:
     """``(native, why)``: whether bfloat16 convolutions run natively here (what
     ``mixed_precision="auto"`` decides on): off the CPU backend, yes; on the CPU,
-    :func:`cnnlab.functional.onednn.native_bfloat16`, unless ``CNNLAB_CONV_FORMULATION``
+    :func:`cnnlab.native.onednn.native_bfloat16`, unless ``CNNLAB_CONV_FORMULATION``
     forces formulations without oneDNN (XLA:CPU emulates bfloat16 convolutions)."""
     if jax.default_backend() != "cpu":
         return True, f"the {jax.default_backend()} backend computes bfloat16 natively"
@@ -317,8 +318,25 @@ def _spec_key(spec: ConvSpec) -> str:
     return json.dumps(dataclasses.astuple(spec))
 
 
+_unwritable: set[str] = set()  # cache roots found read-only or uncreatable in this process
+
+
+def _cache_dir() -> Path:
+    """The cache root, or (where it cannot be written) a temporary one of this user's."""
+    root = cache_root()
+    return onednn._fallback_root() if str(root) in _unwritable else root
+
+
+def _cache_unwritable(error: OSError) -> None:
+    root = cache_root()
+    if str(root) not in _unwritable:
+        _unwritable.add(str(root))
+        onednn.announce(f"the cache {root} cannot be written ({error.strerror or error}): "
+                        f"convolution formulations are cached in {onednn._fallback_root()} instead")
+
+
 def _cache_path() -> str:
-    return str(cache_root() / CACHE_FILE)
+    return str(_cache_dir() / CACHE_FILE)
 
 
 def _read_cache() -> dict[str, Any]:
@@ -410,10 +428,15 @@ def choose(spec: ConvSpec, parts: Sequence[str] = PARTS) -> tuple[str, ...]:
                 entry["ms"] = {**entry.get("ms", {}), **times}
                 cache = _read_cache()  # another process may have written meanwhile
                 cache[key] = {**_valid_entry(cache.get(key)), **entry}
+                text = json.dumps(cache, indent=1, sort_keys=True)
                 try:
-                    write_text_atomic(_cache_path(), json.dumps(cache, indent=1, sort_keys=True))
-                except OSError:
-                    pass  # a read-only cache: the next process measures again
+                    write_text_atomic(_cache_path(), text)
+                except OSError as e:  # a read-only cache: a temporary one
+                    _cache_unwritable(e)
+                    try:
+                        write_text_atomic(_cache_path(), text)
+                    except OSError:
+                        pass  # nowhere to write: the next process measures again
             _memory[key] = entry
     return tuple(entry[part] for part in parts)
 
@@ -440,8 +463,12 @@ def _measuring():
     thread and process on the machine then uses that measurement's choice."""
     with _thread_lock:
         try:
-            os.makedirs(cache_root(), exist_ok=True)
-            fd = os.open(str(cache_root() / (CACHE_FILE + ".lock")), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.makedirs(_cache_dir(), exist_ok=True)
+            except OSError as e:
+                _cache_unwritable(e)
+                os.makedirs(_cache_dir(), exist_ok=True)
+            fd = os.open(str(_cache_dir() / (CACHE_FILE + ".lock")), os.O_RDWR | os.O_CREAT, 0o644)
             if fcntl is None:
                 os.close(fd)
                 fd = None

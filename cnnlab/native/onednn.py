@@ -1,5 +1,5 @@
 """oneDNN's 2-D convolutions on XLA:CPU, through ``jax.ffi`` (one formulation of
-:mod:`cnnlab.functional.conv_impl`).
+:mod:`cnnlab.native.conv_impl`).
 
 XLA:CPU runs convolutions on Eigen kernels, about half as fast on x86 as oneDNN's (what
 PyTorch runs). ``onednn/conv.cc`` binds oneDNN's forward, backward-data (input gradient) and
@@ -30,10 +30,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -42,10 +44,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from cnnlab._files import cache_root
+from cnnlab._files import cache_root, write_text_atomic
 
 Array = jax.Array
-#: ``cnnlab.functional.conv_impl.ConvSpec`` (not imported: conv_impl imports this module).
+#: ``cnnlab.native.conv_impl.ConvSpec`` (not imported: conv_impl imports this module).
 ConvSpec = Any
 
 ENV = "CNNLAB_ONEDNN"
@@ -104,19 +106,65 @@ def _build_command(source: Path, output: str) -> list[str]:
             str(source), "-o", output, "-ldnnl"]
 
 
-def _library_path() -> Path:
-    """Where this source, built for this jaxlib with this command, lives in the cache."""
+@functools.cache
+def _compiler_id(cxx: str) -> str:
+    """The compiler's own version line (part of the build's cache key), or "" if it will not say."""
+    try:
+        out = subprocess.run([*shlex.split(cxx), "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else ""
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return ""
+
+
+def _library_path(root: Path | None = None) -> Path:
+    """Where this source, built for this jaxlib with this command and compiler, lives under
+    ``root`` (default: the cache root)."""
     import jaxlib
 
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update(f"jaxlib {jaxlib.__version__}\0".encode())
     digest.update("\0".join(_build_command(SOURCE, "")).encode())
-    return cache_root() / "onednn" / digest.hexdigest()[:16] / "libcnnlab_onednn.so"
+    digest.update(_compiler_id(os.environ.get("CXX", "g++")).encode())
+    return (root or cache_root()) / "onednn" / digest.hexdigest()[:16] / "libcnnlab_onednn.so"
+
+
+#: Beside the library: ``{"size", "sha256"}`` of the good build, or ``{"failed": reason}``.
+RECORD = "build.json"
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(RECORD)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(_record_path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _intact(path: Path) -> bool:
+    """Whether the library is the one its build recorded (a file cut short but with its ELF
+    header intact would crash the process that loads it with SIGBUS)."""
+    record = _read_record(path)
+    try:
+        return bool(record.get("sha256")) and _fingerprint(path) == {
+            "size": record.get("size"), "sha256": record.get("sha256")}
+    except OSError:
+        return False
 
 
 def _build(path: Path) -> None:
-    """Compiles into a temporary file beside ``path`` and renames it there, so that a killed
-    build never leaves a partial library behind for a later process to load."""
+    """Compiles into a temporary file beside ``path``, flushes it to disk and renames it there,
+    then records its size and hash; so a killed build never leaves a partial library behind,
+    and a damaged one is found before it is loaded. A failed build is recorded with its reason
+    (remembered until the source, the command or the compiler changes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".so")
     os.close(fd)
@@ -124,12 +172,38 @@ def _build(path: Path) -> None:
         proc = subprocess.run(_build_command(SOURCE, tmp), capture_output=True, text=True,
                               timeout=600)
         if proc.returncode != 0:
-            raise RuntimeError(_explain(proc.stderr, proc.returncode))
+            reason = _explain(proc.stderr, proc.returncode)
+            write_text_atomic(_record_path(path), json.dumps({"failed": reason}))
+            raise RuntimeError(reason)
         os.chmod(tmp, 0o755)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        fingerprint = _fingerprint(Path(tmp))
         os.replace(tmp, path)
+        write_text_atomic(_record_path(path), json.dumps(fingerprint))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fallback_root() -> Path:
+    """A cache root of this user's under the temporary directory, for a read-only cache."""
+    return Path(tempfile.gettempdir()) / f"cnnlab-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
+_said: set[str] = set()
+
+
+def announced() -> list[str]:
+    """Every fallback this process announced (what ``environment.json`` records)."""
+    return sorted(_said)
+
+
+def announce(message: str) -> None:
+    """Prints ``cnnlab: <message>`` to stderr once per process (fallbacks say why)."""
+    if message not in _said:
+        _said.add(message)
+        print(f"cnnlab: {message}", file=sys.stderr, flush=True)
 
 
 def _explain(stderr: str, returncode: int) -> str:
@@ -149,12 +223,9 @@ def _load() -> dict[str, Any]:
     if _setting() == "off":
         return {"reason": f"turned off by {ENV}={os.environ[ENV]}"}
     cxx = shlex.split(os.environ.get("CXX", "g++")) or ["g++"]
+    notes: list[str] = []
     try:
-        path = _library_path()
-        if not path.exists():
-            if shutil.which(cxx[0]) is None:
-                return {"reason": f"no C++ compiler ({cxx[0]}) to build the oneDNN convolutions"}
-            _build(path)
+        path = _ready_library(cxx, notes)
         policy = _wait_policy()
         lib = _load_library(path, policy)
         capsules = {t: jax.ffi.pycapsule(getattr(lib, t)) for t in _TARGETS.values()}
@@ -163,11 +234,51 @@ def _load() -> dict[str, Any]:
         lib.cnnlab_onednn_supports_type.argtypes = [ctypes.c_int]
         bfloat16 = lib.cnnlab_onednn_supports_type(1) == 1
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
-        return {"reason": f"{type(e).__name__}: {e}" if isinstance(e, AttributeError) else str(e)}
+        reason = f"{type(e).__name__}: {e}" if isinstance(e, AttributeError) else str(e)
+        announce(f"oneDNN's convolutions are unavailable ({reason}); convolutions run on XLA's "
+                 "formulations")
+        return {"reason": reason, "notes": notes}
     for target, capsule in capsules.items():
         jax.ffi.register_ffi_target(target, capsule, platform="cpu")
     return {"reason": None, "version": version, "path": str(path), "omp_wait_policy": policy,
-            "bfloat16": bfloat16}
+            "bfloat16": bfloat16, "notes": notes}
+
+
+def _ready_library(cxx: list[str], notes: list[str]) -> Path:
+    """The path of an intact library, built now if needed: a damaged one (size or hash not
+    the recorded ones) is rebuilt, a read-only or uncreatable cache falls back to a temporary
+    one, and a build that failed before raises its remembered reason. Each fallback is said."""
+    path = _library_path()
+    for attempt in range(2):
+        failed = _read_record(path).get("failed")
+        if failed:
+            raise RuntimeError(f"{failed} (remembered from an earlier build; it is retried when the "
+                               f"source, command or compiler changes, or after deleting {path.parent})")
+        if path.exists() and _intact(path):
+            return path
+        if path.exists():
+            why = ("is not the build it recorded (damaged)" if _read_record(path)
+                   else "has no build record (damaged, or built by an older cnnlab)")
+            note = f"the oneDNN library {path} {why}: rebuilding it"
+            notes.append(note)
+            announce(note)
+        if shutil.which(cxx[0]) is None:
+            raise RuntimeError(f"no C++ compiler ({cxx[0]}) to build the oneDNN convolutions")
+        try:
+            if path.exists():
+                path.unlink()
+            _build(path)
+            return path
+        except OSError as e:
+            if attempt:
+                raise
+            temp = _library_path(_fallback_root())
+            note = (f"the cache {path.parent} cannot be written ({e.strerror or e}): building "
+                    f"the oneDNN library in {temp.parent} instead")
+            notes.append(note)
+            announce(note)
+            path = temp
+    raise AssertionError("unreachable")
 
 
 def _wait_policy() -> str:
@@ -223,7 +334,7 @@ def supports_bfloat16() -> bool:
     oneDNN 3.2 needs AVX-512 (native on AVX512_BF16 and AMX, emulated on plain AVX-512) or
     AVX2 VNNI-2, so an AVX2-only CPU has none. Where it does not, cnnlab's bfloat16
     convolutions on oneDNN compute in float32 and round the result to bfloat16
-    (:mod:`cnnlab.functional.conv_impl`). False when oneDNN is unavailable."""
+    (:mod:`cnnlab.native.conv_impl`). False when oneDNN is unavailable."""
     return bool(_loaded().get("bfloat16"))
 
 
