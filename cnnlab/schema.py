@@ -68,7 +68,7 @@ class Field:
         return self.convert(value) if self.convert is not None else value
 
     def type_name(self) -> str:
-        names = "|".join(t.__name__ for t in _types(self))
+        names = "|".join("any" if t is object else t.__name__ for t in _types(self))
         return f"{names}|None" if self.default is None else names
 
 

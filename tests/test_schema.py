@@ -145,11 +145,53 @@ def test_cli_rejects_a_typo_override_before_compute(tmp_path):
 
 
 def test_every_field_is_documented_once():
-    lines = config_help().splitlines()
+    lines = config_help().split("\n\nmodel.kwargs for model.name=")[0].splitlines()
     documented = [line.split(" (", 1)[0] for line in lines]
     assert sorted(documented) == sorted(flatten(default_config()))
     assert "data.data_dir (str|None, None): " in config_help()
     assert all(line.split("): ", 1)[1] for line in lines)  # a doc on every line
+
+
+def test_every_models_arguments_are_listed_with_type_default_and_doc():
+    from cnnlab import models
+
+    help_text = config_help()
+    for name in models.MODELS.names():
+        block = help_text.split(f"model.kwargs for model.name={name}:\n", 1)[1].split("\n\n", 1)[0]
+        listed = [line.split(" (", 1)[0] for line in block.splitlines()]
+        assert listed == [f"model.kwargs.{f}" for f in models.model_schema(name)], name
+        assert all(line.split("): ", 1)[1] for line in block.splitlines()), name  # a doc each
+    assert ("model.kwargs.widths (tuple, (32, 64, 128)): filters of each stage (two 3x3 convs, the "
+            "second strided)") in help_text
+    assert "model.kwargs.dropout (float, 0.25): dropout rate after each stage (traceable)" in help_text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"widths": 16}, "config key 'model.kwargs.widths': invalid value 16 (must be tuple)"),
+    ({"dense_units": "many"}, "config key 'model.kwargs.dense_units': invalid value 'many' (must be int)"),
+    ({"widht": (8,)}, "unknown config key 'model.kwargs.widht' (did you mean 'model.kwargs.widths'?)"),
+    ({"dropout": True}, "config key 'model.kwargs.dropout': invalid value True (must be float)"),
+])
+def test_model_arguments_are_checked_by_their_fields(kwargs, message):
+    from cnnlab.train import validate_config
+
+    c = default_config()
+    c.model.name = "stridednet"
+    c.model.kwargs = kwargs
+    with pytest.raises(ConfigError) as e:
+        validate_config(c)
+    assert str(e.value) == message
+    c.model.kwargs = {"widths": [8, 16], "dropout": 0}  # a list is a tuple, an int a float
+    assert validate_config(c).model.kwargs.to_dict() == {"widths": (8, 16), "dropout": 0.0}
+
+
+def test_a_bad_model_argument_is_refused_before_anything_is_written(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnnlab", "train", f"--config={SMOKE}", f"--workdir={tmp_path / 'run'}",
+         "--config.model.kwargs.widths=16"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "config key 'model.kwargs.widths': invalid value 16 (must be tuple)" in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_help_prints_the_flags_and_every_field(tmp_path):

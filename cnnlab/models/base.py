@@ -16,10 +16,10 @@ class Classifier(flax_nn.Module):
     traced values) and the compute ``dtype``."""
 
     num_classes: int
-    kernel_initializer: Any = "he_normal"
-    weight_decay: float = 1e-4
-    head_dropout: float = 0.0
-    dtype: Any = None
+    kernel_initializer: Any = "he_normal"  # Keras name or config of the kernels' initializer
+    weight_decay: float = 1e-4  # L2 penalty on convolution kernels (Keras l2)
+    head_dropout: float = 0.0  # dropout rate before the logits
+    dtype: Any = None  # compute dtype (set by mixed_precision; parameters stay float32)
 
     def conv_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of every convolution: initializer, L2 penalty and dtype."""

@@ -57,9 +57,9 @@ class InceptionNet(Classifier):
     global average pooling and Dense logits. ``stage_widths[i]`` is a stage's branch width
     (1x1 = 3x3 = width, 5x5 = pool = width // 2)."""
 
-    stem_filters: int = 32
-    stage_widths: Sequence[int] = (32, 64, 96)
-    modules_per_stage: int = 1
+    stem_filters: int = 32  # filters of the stem convolution
+    stage_widths: Sequence[int] = (32, 64, 96)  # filters of each branch in each stage
+    modules_per_stage: int = 1  # inception modules per stage
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:

@@ -47,12 +47,12 @@ class ResNet(Classifier):
     """Stem conv (stride 2, optionally BN-ReLU-maxpool 3x3/2) then stages of residual modules; the first module of every stage
     after the first downsamples with stride 2; global average pooling; Dense logits."""
 
-    stem_filters: int = 32
-    stem_kernel: int = 5
-    stem_pool: bool = False
-    stage_filters: Sequence[int] = (64, 128, 256)
-    stage_depths: Sequence[int] = (2, 2, 2)
-    bottleneck: bool = True
+    stem_filters: int = 32  # filters of the strided stem convolution
+    stem_kernel: int = 5  # kernel size of the stem convolution
+    stem_pool: bool = False  # 3x3/2 max-pool after the stem
+    stage_filters: Sequence[int] = (64, 128, 256)  # output filters of each stage
+    stage_depths: Sequence[int] = (2, 2, 2)  # residual blocks per stage
+    bottleneck: bool = True  # bottleneck blocks (1x1-3x3-1x1); False: basic (3x3-3x3)
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:

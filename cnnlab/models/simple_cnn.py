@@ -17,13 +17,13 @@ class SimpleCNN(Classifier):
     """For each width: Conv 3x3 same + ReLU -> MaxPool 2x2; then Flatten -> Dense -> ReLU ->
     Dropout -> Dense ``num_classes`` (logits)."""
 
-    widths: Sequence[int] = (32, 64, 128)
-    kernel_size: int = 3
-    padding: str = "same"
-    dense_units: int = 256
-    weight_decay: float = 0.0
-    head_dropout: float = 0.5
-    global_pool: bool = False
+    widths: Sequence[int] = (32, 64, 128)  # filters of each conv-pool stage
+    kernel_size: int = 3  # kernel size of every convolution
+    padding: str = "same"  # Keras padding of every convolution
+    dense_units: int = 256  # units of the hidden dense layer
+    weight_decay: float = 0.0  # L2 penalty on convolution kernels
+    head_dropout: float = 0.5  # dropout rate before the logits
+    global_pool: bool = False  # global average pooling instead of flattening
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:

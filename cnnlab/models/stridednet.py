@@ -23,12 +23,12 @@ class StridedNet(Classifier):
     in the tutorial.
     """
 
-    widths: Sequence[int] = (32, 64, 128)
-    stem_filters: int = 16
-    dense_units: int = 512
-    weight_decay: float = 5e-4
-    dropout: float = 0.25
-    head_dropout: float = 0.5
+    widths: Sequence[int] = (32, 64, 128)  # filters of each stage (two 3x3 convs, the second strided)
+    stem_filters: int = 16  # filters of the 7x7/2 stem convolution
+    dense_units: int = 512  # units of the hidden dense layer
+    weight_decay: float = 5e-4  # L2 penalty on convolution kernels (the tutorial's l2(5e-4))
+    dropout: float = 0.25  # dropout rate after each stage
+    head_dropout: float = 0.5  # dropout rate before the logits
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:

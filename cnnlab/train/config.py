@@ -128,8 +128,13 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def config_help() -> str:
-    """Every config field as ``key (type, default): doc`` lines."""
-    return "\n".join(field_docs(train_schema()))
+    """Every config field as ``key (type, default): doc`` lines, then each registered model's
+    arguments (``model.kwargs.<name>``, from its dataclass fields)."""
+    lines = field_docs(train_schema())
+    for name in models.MODELS.names():
+        lines += ["", f"model.kwargs for model.name={name}:"]
+        lines += field_docs(models.model_schema(name), prefix="model.kwargs.")
+    return "\n".join(lines)
 
 
 def selection_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -144,12 +149,15 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
       ConfigError: the first problem, naming the key and the bad value.
     """
     c = ml_collections.ConfigDict(resolve(train_schema(), config))
-    fields = models.model_fields(c.model.name) - {"num_classes"}
-    for key in c.model.kwargs:
+    fields = models.model_schema(c.model.name)
+    kwargs = {}
+    for key, value in c.model.kwargs.items():
         if key == "num_classes":
-            raise invalid("model.kwargs.num_classes", c.model.kwargs[key], "set from the data; remove it")
+            raise invalid("model.kwargs.num_classes", value, "set from the data; remove it")
         if key not in fields:
             raise unknown(f"model.kwargs.{key}", [f"model.kwargs.{f}" for f in sorted(fields)])
+        kwargs[key] = fields[key].resolve(f"model.kwargs.{key}", value)
+    c.model.kwargs = kwargs
     if c.schedule.warmup_epochs > c.num_epochs:
         raise invalid("schedule.warmup_epochs", c.schedule.warmup_epochs,
                       f"must be <= num_epochs={c.num_epochs}")
