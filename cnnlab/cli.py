@@ -341,8 +341,10 @@ def _user_error(e: BaseException, command: str) -> tuple[str, int] | None:
         return (str(e) if e.filename is None or e.filename in str(e) else f"{e}: {e.filename}"), _ERROR_EXIT
     if isinstance(e, (ValueError, FloatingPointError, ImportError)) and _raised_in_cnnlab(e):
         from cnnlab.schema import ConfigError
+        from cnnlab.train.rundir import ConfigChangedError
 
-        return str(e), (_USAGE_EXIT if isinstance(e, ConfigError) else _ERROR_EXIT)
+        config_error = isinstance(e, (ConfigError, ConfigChangedError))  # a config change too
+        return str(e), (_USAGE_EXIT if config_error else _ERROR_EXIT)
     return None
 
 

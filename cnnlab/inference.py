@@ -32,7 +32,7 @@ from cnnlab.data import decode_images
 from cnnlab.data._decode import resize_image, to_rgb
 from cnnlab.data.config import image_hw
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 # --------------------------------------------------------------------------- preprocessing

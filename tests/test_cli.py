@@ -195,7 +195,7 @@ def test_ctrl_c_before_the_first_step_says_the_command_starts_it_again(tmp_path)
 def test_a_changed_config_on_resume_is_a_clean_error(interrupted_run):
     workdir = interrupted_run[0]
     proc = cnnlab(*train_args(workdir, "--config.optimizer.learning_rate=0.5"))
-    assert_clean_error(proc, "optimizer.learning_rate", "--allow_config_change", code=1)
+    assert_clean_error(proc, "optimizer.learning_rate", "--allow_config_change", code=2)  # a config error, as the README says
 
 
 # --------------------------------------------------------------------------- read-only runs

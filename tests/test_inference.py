@@ -252,3 +252,18 @@ def test_the_readmes_python_example_runs(trained, capsys):
     exec(compile(code, "README.md", "exec"), {})
     names = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(names) == 2 and set(names) <= set(cnnlab.load_run(str(trained["run"])).class_names)
+
+
+def test_cli_reads_every_image_format_pillow_does_in_a_folder(trained, run, capsys, tmp_path):
+    # TIFF, BMP, WebP, PNG, GIF and PPM files in a folder are classified (TIFF used to be skipped).
+    from PIL import Image
+
+    src = trained["images"] / trained["test_files"][0]
+    image = Image.open(src).convert("RGB")
+    for ext in ("tif", "tiff", "bmp", "webp", "png", "gif", "ppm"):
+        image.save(tmp_path / f"img.{ext}", **({"lossless": True} if ext == "webp" else {}))
+    out = json.loads(_cli(capsys, trained["run"], "--format=json", "--top_k=1", str(tmp_path)).out)
+    assert sorted(r["file"].rsplit(".", 1)[1] for r in out) == sorted(["tif", "tiff", "bmp", "webp", "png", "gif", "ppm"])
+    want = run.class_names[int(run.predict(np.asarray(image)[None])[0].argmax())]
+    lossless = [r for r in out if r["file"].rsplit(".", 1)[1] in ("tif", "tiff", "bmp", "png", "ppm")]
+    assert all(r["predictions"][0]["class"] == want for r in lossless)
