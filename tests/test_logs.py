@@ -141,3 +141,25 @@ def test_trial_labels_name_the_swept_values():
     values = {"optimizer.learning_rate": 1e-3, "model.kwargs.dropout": 0.3, "seed": 1}
     assert format_values(values) == "learning_rate=0.001, dropout=0.3, seed=1"
     assert format_values({}) == ""
+
+
+def test_tensorboard_holds_every_finished_epoch_when_the_run_is_killed(tmp_path):
+    # SIGKILL right after epoch 1 (3 steps of the tiny config): its points are on disk, as the
+    # trainer flushes TensorBoard every epoch (tensorboardX alone flushes every 2 minutes).
+    import os
+    import subprocess
+    import sys
+
+    from helpers import SMOKE, TINY
+
+    overrides = [f"--config.{line.split(' = ')[0][2:]}={line.split(' = ')[1]}"
+                 for line in TINY.strip().splitlines()]
+    env = {**os.environ, "CNNLAB_FAULT_KILL_AT_STEP": "3"}
+    run = subprocess.run([sys.executable, "-m", "cnnlab", "train", f"--config={SMOKE}",
+                          f"--workdir={tmp_path / 'run'}", *overrides, "--config.checkpoint.every_steps=0"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == -9, run.stderr[-2000:]
+    epochs = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1]
+    tags = _events(tmp_path / "run" / "tb")
+    assert [s for s, _ in tags["val/accuracy"]] == [epochs[0]["step"]]

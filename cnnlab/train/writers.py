@@ -134,6 +134,12 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.add_image(name, image, step, dataformats="HWC")
 
+    def flush(self) -> None:
+        """Writes TensorBoard's buffered events to disk (the trainer calls it every epoch, so a
+        killed run loses at most the current epoch's points)."""
+        if self.enabled and self._tb is not None:
+            self._tb.flush()
+
     def close(self) -> None:
         if not self.enabled:
             return
