@@ -96,9 +96,10 @@ def test_pack_key_ignores_exactly_the_traceable_fields():
         assert (keys[0] == keys[1]) == (name == "adamw")
 
 
-def test_finished_resumed_and_fresh_trials_train_in_one_call(tmp_path):
-    """A finished trial is re-evaluated, a half-trained one resumes from its step, a fresh one
-    starts: each ends with exactly the records of the same config trained straight through."""
+def test_finished_resumed_and_fresh_trials_train_in_one_call(tmp_path, capsys):
+    """A finished trial is re-evaluated (and says it is complete), a half-trained one resumes
+    from its step, a fresh one starts: each ends with exactly the records of the same config
+    trained straight through."""
     configs = [apply_point(tiny_config(), {"optimizer.learning_rate": lr}) for lr in (3e-3, 1e-3, 2e-3)]
     dirs = [str(tmp_path / f"t{k}") for k in range(3)]
     train_and_evaluate(configs[0], dirs[0])
@@ -108,8 +109,12 @@ def test_finished_resumed_and_fresh_trials_train_in_one_call(tmp_path):
 
     train_and_evaluate(configs[1], dirs[1], on_epoch_end=stop_after_first_epoch)
     assert [r["epoch"] for r in epoch_records(dirs[1])] == [1]
+    capsys.readouterr()
     outcomes, _ = train_trials(configs, dirs)
     assert all(o.error is None for o in outcomes)
+    out = capsys.readouterr().out
+    assert f"[0] {dirs[0]} is complete (2 epochs" in out and "nothing to train" in out
+    assert f"{dirs[1]} is complete" not in out
     for k, config in enumerate(configs):
         train_and_evaluate(config, str(tmp_path / f"straight{k}"))
         assert_same_epoch_records(dirs[k], str(tmp_path / f"straight{k}"), k)

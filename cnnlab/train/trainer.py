@@ -208,6 +208,9 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
     states = None
     try:
         for k in [k for k in range(K) if starts[k] >= total_steps]:  # finished: evaluate as is
+            say(f"{tag(k)}{workdirs[k]} is complete ({config.num_epochs} epochs, step {starts[k]}): "
+                "nothing to train; evaluating its latest checkpoint (a new run needs a new "
+                "--workdir, more epochs --config.num_epochs=N --allow_config_change).")
             outcomes[k].metrics = evaluate(None, workdirs[k], which="latest",
                                            exp=exp.for_config(resolved[k]))
         for start in sorted({s for s in starts if s < total_steps}):
@@ -314,6 +317,8 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
                 if is_main_process():
                     np.save(os.path.join(workdirs[k], "confusion_last.npy"), results[k]["test"]["confusion"])
             timings["save"] += time.perf_counter() - t
+        for w in writers:  # TensorBoard's buffer: a kill loses at most this epoch's points
+            w.flush()
         for k in range(K):
             if active[k]:
                 summary = "  ".join(f"{m}={v:.4f}" for m, v in records[k].items()
