@@ -1,5 +1,6 @@
-"""Extending cnnlab from a user's own package: a model, an augmentation op and a metric, each
-in one file of the user's, imported by the user's config file, without editing cnnlab."""
+"""Extending cnnlab from a user's own package: a model (its typed arguments in --help), a loss
+with its own field, an augmentation op and a metric, each in one file of the user's, imported by
+the user's config file, without editing cnnlab."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import textwrap
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 USER_MODULE = '''
-"""A user's extensions: one model, one augmentation op, one metric."""
+"""A user's extensions: one model, one loss, one augmentation op, one metric."""
 import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
@@ -19,14 +20,14 @@ import jax.numpy as jnp
 from cnnlab import models, nn
 from cnnlab.data import register_augment
 from cnnlab.schema import Field, in_range
-from cnnlab.train import metrics
+from cnnlab.train import losses, metrics
 
 
 @models.register("tiny_net", traceable=("dropout",))
 class TinyNet(flax_nn.Module):
     num_classes: int
-    width: int = 8
-    dropout: float = 0.1
+    width: int = 8  # filters of the convolution
+    dropout: float = 0.1  # dropout rate before the logits
 
     @flax_nn.compact
     def __call__(self, x, training=False):
@@ -34,6 +35,13 @@ class TinyNet(flax_nn.Module):
         x = nn.GlobalAveragePooling2D()(x)
         x = nn.Dropout(self.dropout)(x, training=training)
         return nn.Dense(self.num_classes)(x)
+
+
+@losses.register("poly1", epsilon=Field(1.0, float, in_range(-1, 10), "weight of the first polynomial term",
+                                        traceable=True))
+def poly1(logits, targets, *, epsilon):
+    pt = jnp.sum(targets * jax.nn.softmax(logits), -1)
+    return -jnp.sum(targets * jax.nn.log_softmax(logits), -1) + epsilon * (1 - pt)
 
 
 @register_augment("invert", p=Field(0.5, float, in_range(0, 1), "probability of inverting", traceable=True))
@@ -66,6 +74,8 @@ def get_config():
     c.model.kwargs = {{"width": 8}}
     c.data.augment.ops = ("keras_affine", "invert")
     c.data.augment.invert.p = 0.25
+    c.loss.name = "poly1"
+    c.loss.poly1.epsilon = 2.0
     c.metrics = ("loss", "accuracy", "top2_accuracy")
     c.checkpoint.best_metric = "val/top2_accuracy"
     return c
@@ -92,6 +102,7 @@ def test_a_user_model_op_and_metric_train_evaluate_and_pack(tmp_path):
     assert last["test/top2_accuracy"] >= last["test/accuracy"]
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["name"] == "tiny_net" and config["data"]["augment"]["ops"] == ["keras_affine", "invert"]
+    assert config["loss"] == {"name": "poly1", "label_smoothing": 0.0, "poly1": {"epsilon": 2.0}}
     assert [e["module"] for e in json.loads((run / "extensions.json").read_text())] == ["my_extensions"]
 
     # Another process, elsewhere, re-evaluates the run: the recorded extensions are imported.
@@ -108,11 +119,24 @@ def test_a_user_model_op_and_metric_train_evaluate_and_pack(tmp_path):
         from cnnlab.train.experiment import resolve
         from cnnlab.train.group import varying
         base = my_config.get_config()
-        configs = [resolve(apply_point(base, {{"data.augment.invert.p": p, "model.kwargs.dropout": d}}))
-                   for p, d in ((0.25, 0.1), (0.75, 0.0))]
+        configs = [resolve(apply_point(base, {{"data.augment.invert.p": p, "model.kwargs.dropout": d,
+                                               "loss.poly1.epsilon": e}}))
+                   for p, d, e in ((0.25, 0.1, 2.0), (0.75, 0.0, 0.5))]
         assert len({{pack_key(c) for c in configs}}) == 1
         print(sorted(varying(configs)))
     """)
     out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "['data.augment.invert.p', 'model.kwargs.dropout']"
+    assert out.stdout.strip() == "['data.augment.invert.p', 'loss.poly1.epsilon', 'model.kwargs.dropout']"
+
+    # --help lists the user's model arguments (typed, with their docs) and the loss's field.
+    out = _cnnlab("train", "--help", f"--config={user / 'my_config.py'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "model.kwargs.width (int, 8): filters of the convolution" in out.stdout
+    assert "model.kwargs.dropout (float, 0.1): dropout rate before the logits (traceable)" in out.stdout
+    assert "loss.poly1.epsilon (float, 1.0): weight of the first polynomial term (traceable)" in out.stdout
+    # and a bad value of either is one clean line before anything is written
+    out = _cnnlab("train", f"--config={user / 'my_config.py'}", f"--workdir={tmp_path / 'bad'}",
+                  "--config.model.kwargs.width=wide")
+    assert out.returncode == 2 and "'model.kwargs.width': invalid value 'wide' (must be int)" in out.stderr
+    assert not (tmp_path / "bad").exists()

@@ -122,6 +122,9 @@ def test_default_config_validates_and_validation_is_idempotent():
         listed = tuple(f"data.augment.{op}." for op in once.data.augment.ops)
         unlisted = {k for k in flatten(default_config())
                     if k.startswith("data.augment.") and k != "data.augment.ops" and not k.startswith(listed)}
+        # the losses not chosen: their sections are dropped too
+        unlisted |= {k for k in flatten(default_config()) if k.startswith("loss.")
+                     and k not in ("loss.name", "loss.label_smoothing") and not k.startswith(f"loss.{once.loss.name}")}
         assert unlisted, "some ops are not listed in these configs"
         assert set(flatten(default_config())) - {"model.kwargs"} - unlisted <= set(flatten(once))
         assert not unlisted & set(flatten(once))  # only the listed ops' parameters are kept

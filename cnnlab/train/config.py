@@ -31,8 +31,8 @@ from cnnlab.schema import (
     unknown,
 )
 from cnnlab.schema import default_config as schema_defaults
+from cnnlab.train import losses, optim
 from cnnlab.train import metrics as metrics_lib
-from cnnlab.train import optim
 
 #: The train-split metrics a checkpoint may also be selected on.
 TRAIN_METRICS = ("train/loss", "train/accuracy")
@@ -97,9 +97,7 @@ def train_schema() -> Schema:
             "step_epochs": _positive_int(30, "step: epochs between decays"),
             "step_factor": Field(0.1, float, greater_than(0), "step: lr factor per decay"),
         },
-        "loss": {
-            "label_smoothing": Field(0.0, float, in_range(0, 1), "label smoothing of the cross-entropy"),
-        },
+        "loss": losses.loss_schema(),
         "normalization": Field("scale", str, choices=("scale", "mean_std"),
                                doc="x / 255, or per-channel mean/std of the training images"),
         "mixed_precision": Field(False, (bool, str), _precision_check, convert=_precision,

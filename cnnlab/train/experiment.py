@@ -20,7 +20,7 @@ from cnnlab import data as data_lib
 from cnnlab import models
 from cnnlab.data.augmentations import AUGMENT_OPS
 from cnnlab.native import conv_impl
-from cnnlab.train import optim
+from cnnlab.train import losses, optim
 from cnnlab.train.config import validate_config
 from cnnlab.train.distributed import is_main_process
 from cnnlab.train.metrics import METRICS
@@ -187,11 +187,11 @@ EXTENSIONS_FILE = "extensions.json"
 
 def extension_modules(config: ml_collections.ConfigDict) -> list[dict[str, str]]:
     """``[{"module", "file"}]`` of the modules outside cnnlab that registered what ``config``
-    names (model, optimizer, schedule, metrics, augmentation ops), so that ``cnnlab eval`` and
+    names (model, optimizer, schedule, metrics, augmentation ops, loss), so that ``cnnlab eval`` and
     ``report`` can import them again."""
     used = [(models.MODELS, config.model.name), (optim.OPTIMIZERS, config.optimizer.name),
             (optim.SCHEDULES, config.schedule.name), *((METRICS, m) for m in config.metrics),
-            *((AUGMENT_OPS, op) for op in config.data.augment.ops)]
+            *((AUGMENT_OPS, op) for op in config.data.augment.ops), (losses.LOSSES, config.loss.name)]
     names = sorted({m for registry, name in used if (m := registry.module_of(name))} - {None})
     return [{"module": m, "file": getattr(sys.modules.get(m), "__file__", None)}
             for m in names if m.split(".")[0] != "cnnlab"]

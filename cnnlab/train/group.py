@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cnnlab import data as data_lib
 from cnnlab import models, nn
 from cnnlab.schema import flatten
-from cnnlab.train import optim
+from cnnlab.train import losses, optim
 from cnnlab.train.experiment import Experiment, initial_state, resolve
 from cnnlab.train.steps import (
     TrainState,
@@ -89,6 +89,9 @@ def traceable_values(config: ml_collections.ConfigDict) -> dict[str, float]:
         values[f"optimizer.{f}"] = float(config.optimizer[f])
     for k, v in _pipeline(config).traceable().items():
         values[f"data.augment.{k}"] = float(v)
+    loss_fields = losses.loss_values(config)
+    for f in losses.LOSSES.lookup(config.loss.name).traceable():
+        values[f"loss.{config.loss.name}.{f}"] = float(loss_fields[f])
     return values
 
 
@@ -216,6 +219,7 @@ def build_program(
     model_keys = [k for k in h_host if k.startswith("model.kwargs.")]
     opt_keys = [k for k in h_host if k.startswith("optimizer.")]
     aug_keys = [k for k in h_host if k.startswith("data.augment.")]
+    loss_keys = [k for k in h_host if k.startswith("loss.")]
     pipeline = data_lib.augment_pipeline(config.data.augment, exp.num_classes)
     constraints = nn.collect_constraints(
         exp.model, jnp.zeros((1, *exp.image_shape), jnp.float32), training=False
@@ -232,8 +236,10 @@ def build_program(
             images, targets = pipeline(key, images, labels, traced)
             return exp.normalize(images), targets
 
+        loss_fn = losses.make_loss(config, {k.split(".")[-1]: h[k] for k in loss_keys})
         step = make_train_step(model, tx, num_classes=exp.num_classes, preprocess=preprocess,
-                               constraints=constraints, label_smoothing=config.loss.label_smoothing)
+                               constraints=constraints, label_smoothing=config.loss.label_smoothing,
+                               loss_fn=loss_fn)
         return step(state, batch)
 
     eval_one = make_eval_step(exp.model, num_classes=exp.num_classes, normalize=exp.normalize,

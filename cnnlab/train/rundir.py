@@ -270,6 +270,13 @@ def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(plain, sort_keys=True, default=str))
 
 
+def _default_values() -> dict[str, Any]:
+    """Every training field's default, flattened as ``config.json`` holds it."""
+    from cnnlab.train.config import default_config
+
+    return flatten(_plain(default_config()))
+
+
 def record_config(
     workdir: str | os.PathLike,
     config: Mapping[str, Any],
@@ -300,7 +307,10 @@ def record_config(
     old_flat, new_flat = flatten(old), flatten(new)
     keys = sorted({*old_flat, *new_flat})
     pairs = {k: (old_flat.get(k, _ABSENT), new_flat.get(k, _ABSENT)) for k in keys}
-    differ = {k: (a, b) for k, (a, b) in pairs.items() if a != b}
+    defaults = _default_values()
+    # A field a newer cnnlab added, at its default, is not a change (the old run computed that).
+    differ = {k: (a, b) for k, (a, b) in pairs.items()
+              if a != b and not (a is _ABSENT and k in defaults and b == defaults[k])}
     changes = {k: v for k, v in differ.items() if k not in OPERATIONAL_KEYS}
     if changes and not allow_config_change:
         listed = "; ".join(

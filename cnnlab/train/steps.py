@@ -93,12 +93,17 @@ def make_train_step(
     preprocess: Callable[[Array, Array, Array], tuple[Array, Array]],
     constraints: nn.penalties.ConstraintMap,
     label_smoothing: float = 0.0,
+    loss_fn: Callable[[Array, Array], Array] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
     """Builds ``train_step(state, batch) -> (state, metrics)``.
 
     ``preprocess(key, images_uint8, int_labels) -> (float images, soft labels [B, K])`` does the
     on-device augmentation and normalization (mixup/cutmix may change the labels).
+    ``loss_fn(float32 logits, targets) -> [B]`` is the per-example loss
+    (:func:`cnnlab.train.losses.make_loss`; default: softmax cross-entropy); the metrics' ``ce``
+    is its batch mean, ``loss`` that plus the penalties.
     """
+    per_example_loss = loss_fn or optax.softmax_cross_entropy
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         step_rng = jax.random.fold_in(state.rng, state.step)
@@ -119,7 +124,7 @@ def make_train_step(
                 rngs={"dropout": dropout_rng},
                 mutable=["batch_stats", nn.LOSSES],
             )
-            ce = jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+            ce = jnp.mean(per_example_loss(logits.astype(jnp.float32), targets))
             penalty = nn.regularization_loss(updates.get(nn.LOSSES))
             return ce + penalty, (ce, logits, updates.get("batch_stats", {}))
 

@@ -1,0 +1,111 @@
+"""cnnlab.train.losses: losses by name with their own config fields (traceable ones pack), the
+focal loss, a user's loss from their own module, and runs recorded before the loss registry
+resuming unchanged."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_same_epoch_records, epoch_records, tiny_config
+
+from cnnlab.schema import ConfigError, Field, in_range
+from cnnlab.sweep import apply_point
+from cnnlab.train import losses, pack_key, train_and_evaluate, train_trials, validate_config
+from cnnlab.train.group import varying
+
+
+@losses.register("poly1_test", epsilon=Field(1.0, float, in_range(-1, 10), "first polynomial term",
+                                             traceable=True))
+def poly1(logits, targets, *, epsilon):
+    ce = optax.softmax_cross_entropy(logits, targets)
+    return ce + epsilon * (1.0 - jnp.sum(targets * jax.nn.softmax(logits), -1))
+
+
+def _targets(seed=0, batch=6, k=5):
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(rng.standard_normal((batch, k)) * 3, jnp.float32)
+    targets = jax.nn.softmax(jnp.asarray(rng.standard_normal((batch, k)), jnp.float32) * 4)
+    return logits, targets
+
+
+def test_focal_is_the_formula_and_gamma_zero_is_the_cross_entropy():
+    logits, targets = _targets()
+    p = np.asarray(jax.nn.softmax(logits), np.float64)
+    t = np.asarray(targets, np.float64)
+    want = -(t * (1 - p) ** 2 * np.log(p)).sum(-1)
+    np.testing.assert_allclose(losses.focal(logits, targets, gamma=2.0), want, rtol=1e-5)
+    np.testing.assert_allclose(losses.focal(logits, targets, gamma=0.0),
+                               optax.softmax_cross_entropy(logits, targets), rtol=1e-6)
+    # finite gradients where a probability rounds to 1
+    sure = jnp.asarray([[100.0, 0.0, 0.0]])
+    g = jax.grad(lambda x: losses.focal(x, jnp.asarray([[1.0, 0.0, 0.0]]), gamma=0.5).sum())(sure)
+    assert np.isfinite(np.asarray(g)).all()
+
+
+def test_the_loss_section_holds_the_chosen_losss_fields_checked():
+    c = tiny_config()
+    assert validate_config(c).loss.to_dict() == {"name": "softmax_cross_entropy", "label_smoothing": 0.0}
+    c.loss.name = "focal"
+    c.loss.focal.gamma = 3.0
+    assert validate_config(c).loss.focal.gamma == 3.0
+    c.loss.focal.gamma = -1.0
+    with pytest.raises(ConfigError, match=r"'loss.focal.gamma': invalid value -1.0 \(must be >= 0\)"):
+        validate_config(c)
+    c.loss.focal.gamma = 2.0
+    c.loss.name = "focla"
+    with pytest.raises(ConfigError, match="did you mean 'focal'"):
+        validate_config(c)
+    c.loss.name = "softmax_cross_entropy"
+    c.loss.focal.gamma = 5.0
+    with pytest.warns(UserWarning, match="loss.focal.gamma set, but loss.name is 'softmax_cross_entropy'"):
+        resolved = validate_config(c)
+    assert "focal" not in resolved.loss
+
+
+def test_a_users_loss_trains_and_its_traceable_field_packs(tmp_path):
+    base = tiny_config()
+    base.loss.name = "poly1_test"
+    configs = [apply_point(base, {"loss.poly1_test.epsilon": e}) for e in (0.5, 2.0)]
+    assert len({pack_key(c) for c in configs}) == 1
+    assert set(varying([validate_config(c) for c in configs])) == {"loss.poly1_test.epsilon"}
+    outcomes, _ = train_trials(configs, [str(tmp_path / f"packed{k}") for k in range(2)])
+    assert all(o.error is None for o in outcomes)
+    for k, c in enumerate(configs):
+        train_and_evaluate(c, str(tmp_path / f"alone{k}"))
+        assert_same_epoch_records(str(tmp_path / f"packed{k}"), str(tmp_path / f"alone{k}"), k)
+    with open(tmp_path / "alone0" / "extensions.json") as f:
+        assert any(e["module"] == __name__.split(".")[-1] or e["module"] == __name__ for e in json.load(f))
+    # the loss is what trains: a larger epsilon gives a larger training loss at the same start
+    first = [epoch_records(str(tmp_path / f"alone{k}"))[0]["train/loss"] for k in range(2)]
+    assert first[1] > first[0]
+
+
+def test_the_focal_loss_trains(tmp_path):
+    c = tiny_config()
+    c.loss.name = "focal"
+    c.num_epochs = 1
+    final = train_and_evaluate(c, str(tmp_path / "run"))
+    assert np.isfinite(final["train/loss"])
+
+
+def test_a_run_recorded_before_the_loss_registry_resumes_unchanged(tmp_path):
+    # Its config.json has loss: {label_smoothing} only; the new fields at their defaults are no change.
+    c = tiny_config()
+    workdir = str(tmp_path / "run")
+    c.num_epochs = 1
+    train_and_evaluate(c, workdir)
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        recorded = json.load(f)
+    recorded["loss"] = {"label_smoothing": 0.0}
+    with open(path, "w") as f:
+        json.dump(recorded, f)
+    c.num_epochs = 2
+    with pytest.raises(Exception, match="1 key.*num_epochs: 1 -> 2"):  # a real change is still refused
+        train_and_evaluate(c, workdir)
+    c.num_epochs = 1
+    train_and_evaluate(c, workdir)  # no change: evaluates the finished run
