@@ -83,12 +83,13 @@ def resolve_mixed_precision(config: ml_collections.ConfigDict) -> ml_collections
     a CPU without native bfloat16 is kept, and said once: there each bfloat16 convolution runs
     on whichever of XLA's bfloat16 and oneDNN's float32 (rounded to bfloat16) measures faster."""
     value = config.mixed_precision
-    bfloat16, why = mixed_precision_choice(value)
+    if not value:
+        return config
+    native, why = conv_impl.native_bfloat16()
     if value == "auto":
-        _announce_once(f"mixed_precision=auto: {'bfloat16' if bfloat16 else 'float32'} ({why}).")
-        config = ml_collections.ConfigDict({**config.to_dict(), "mixed_precision": bfloat16})
-    elif value and not (native := conv_impl.native_bfloat16())[0]:
-        why = native[1]
+        _announce_once(f"mixed_precision=auto: {'bfloat16' if native else 'float32'} ({why}).")
+        config = ml_collections.ConfigDict({**config.to_dict(), "mixed_precision": native})
+    elif not native:
         _announce_once(
             f"mixed_precision=True on a CPU without native bfloat16 ({why}): "
             "each bfloat16 convolution runs on the faster of XLA's emulated bfloat16 and oneDNN's "
