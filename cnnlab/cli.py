@@ -196,11 +196,12 @@ def _report(argv: list[str]) -> None:
     del argv
     import json
 
+    from cnnlab import runfiles
     from cnnlab.train.report import format_report, write_reports
     from cnnlab.train.trainer import load_run_config
 
     load_run_config(FLAGS.workdir)  # validates the run directory
-    with open(os.path.join(FLAGS.workdir, "classes.json")) as f:
+    with open(os.path.join(FLAGS.workdir, runfiles.CLASSES)) as f:
         class_names = json.load(f)
     report = write_reports(FLAGS.workdir, class_names, output_dir=FLAGS.output_dir)
     if report:

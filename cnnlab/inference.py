@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnlab import runfiles
 from cnnlab.data import decode_images
 from cnnlab.data._decode import resize_image, to_rgb
 from cnnlab.data.config import image_hw
@@ -191,12 +192,12 @@ def load_run(workdir: str, *, which: str = "best") -> Run:
     if which not in ("best", "latest"):
         raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
     config = load_run_config(workdir)
-    classes = os.path.join(workdir, "classes.json")
+    classes = os.path.join(workdir, runfiles.CLASSES)
     if not os.path.exists(classes):
         raise FileNotFoundError(f"No classes.json in {workdir!r}: is it a cnnlab run directory?")
     with open(classes) as f:
         class_names = list(json.load(f))
-    if not os.path.isdir(os.path.join(workdir, "checkpoints", "latest")):
+    if not os.path.isdir(os.path.join(workdir, runfiles.CHECKPOINTS, runfiles.LATEST)):
         raise FileNotFoundError(f"No checkpoints in {workdir!r}: the run has not saved a step yet.")
     norm = _normalization(workdir, config)
 

@@ -117,7 +117,7 @@ def test_a_user_model_op_and_metric_train_evaluate_and_pack(tmp_path):
         from cnnlab.sweep.space import apply_point
         from cnnlab.train import pack_key
         from cnnlab.train.experiment import resolve
-        from cnnlab.train.group import varying
+        from cnnlab.train.packing import varying
         base = my_config.get_config()
         configs = [resolve(apply_point(base, {{"data.augment.invert.p": p, "model.kwargs.dropout": d,
                                                "loss.poly1.epsilon": e}}))

@@ -15,7 +15,7 @@ from helpers import assert_same_epoch_records, epoch_records, tiny_config
 from cnnlab.schema import ConfigError, Field, in_range
 from cnnlab.sweep import apply_point
 from cnnlab.train import losses, pack_key, train_and_evaluate, train_trials, validate_config
-from cnnlab.train.group import varying
+from cnnlab.train.packing import varying
 
 
 @losses.register("poly1_test", epsilon=Field(1.0, float, in_range(-1, 10), "first polynomial term",

@@ -160,5 +160,5 @@ def test_ci_runs_the_native_code_and_packing_tests_on_an_emulated_avx2_only_cpu(
     ci = (ROOT / ".ci" / "run").read_text().replace("\\\n", " ")
     step = next(line for line in ci.splitlines() if "ONEDNN_MAX_CPU_ISA=AVX2" in line)
     assert "--xla_cpu_max_isa=AVX2" in step
-    for tests in ("test_onednn.py", "test_conv_formulations.py", "test_group.py", "test_precision.py"):
+    for tests in ("test_onednn.py", "test_conv_formulations.py", "test_packing.py", "test_precision.py"):
         assert tests in step

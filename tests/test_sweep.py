@@ -1,7 +1,7 @@
 """Sweeps end to end on synthetic data: a packed grid with failing trials, packed-vs-alone
 equality, the worker's one training entry point, resume after SIGKILL, and workers sharing one
 study (SQLite; PostgreSQL on loopback where its binaries are installed) without ever running a
-trial twice. (Packing itself is tested in test_group.py.)"""
+trial twice. (Packing itself is tested in test_packing.py.)"""
 
 import json
 import os

@@ -21,7 +21,7 @@ trials per compiled program); ``cnnlab sweep report --workdir=<dir>`` rewrites t
 Modules: :mod:`~cnnlab.sweep.space` (declaring and validating sweeps), :mod:`~cnnlab.sweep.study`
 (the Optuna study: storage, slots, recovery), :mod:`~cnnlab.sweep.worker` (claiming and training
 trials), :mod:`~cnnlab.sweep.launch` (``run_sweep``, worker processes), :mod:`~cnnlab.sweep.report`
-(tables, plots, best config); :mod:`~cnnlab.train.group` trains K trials in one program.
+(tables, plots, best config); :mod:`~cnnlab.train.packing` trains K trials in one program.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def run_sweep(
             ``grace_period`` is considered interrupted and retried (at most ``max_retry`` times).
         poll_interval: seconds between checks while other workers hold the last trials.
         vmap_width: packed trials computed side by side by ``jax.vmap`` (the others loop in
-            the same program); default: all on GPU/TPU, 1 on CPU (see ``cnnlab.train.group.over_trials``).
+            the same program); default: all on GPU/TPU, 1 on CPU (see ``cnnlab.train.packing.over_trials``).
     """
     base = copy_config(base)
     validate_sweep(sweep, base)

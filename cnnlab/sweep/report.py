@@ -27,6 +27,7 @@ from typing import Any
 
 import ml_collections
 
+from cnnlab import runfiles
 from cnnlab.sweep import study as study_lib
 from cnnlab.sweep._optuna_adapter import load as load_optuna
 from cnnlab.sweep.files import write_config_file
@@ -182,7 +183,7 @@ def _plot_params(path: str, rows, info) -> None:
 
 
 def _curve(row: dict[str, Any], metric: str) -> tuple[list[int], list[float]]:
-    path = os.path.join(row["workdir"], "metrics.jsonl") if row["workdir"] else ""
+    path = os.path.join(row["workdir"], runfiles.METRICS) if row["workdir"] else ""
     records = [r for r in read_metrics(path) if r.get("kind") == "epoch" and metric in r] if path else []
     if records:
         return [r["epoch"] for r in records], [r[metric] for r in records]

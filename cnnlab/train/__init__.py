@@ -2,7 +2,7 @@
 checkpoints, metrics and reports."""
 
 from cnnlab.train.config import default_config, validate_config
-from cnnlab.train.group import NotPackable, TrialOutcome, pack_key
+from cnnlab.train.packing import NotPackable, TrialOutcome, pack_key
 from cnnlab.train.trainer import (
     NonFiniteLossError,
     StopTraining,

@@ -12,6 +12,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from cnnlab import runfiles
+
 
 def _manager(directory: str, **options: Any) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
@@ -28,9 +30,9 @@ class Checkpoints:
     def __init__(self, workdir: str, *, keep: int, best_metric: str, best_mode: str) -> None:
         self.best_metric = best_metric
         self.best_mode = best_mode
-        self.latest = _manager(os.path.join(workdir, "checkpoints", "latest"), max_to_keep=keep)
+        self.latest = _manager(os.path.join(workdir, runfiles.CHECKPOINTS, runfiles.LATEST), max_to_keep=keep)
         self.best = _manager(
-            os.path.join(workdir, "checkpoints", "best"),
+            os.path.join(workdir, runfiles.CHECKPOINTS, runfiles.BEST),
             max_to_keep=1,
             best_fn=lambda metrics: float(metrics[best_metric]),
             best_mode=best_mode,

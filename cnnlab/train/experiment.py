@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cnnlab import data as data_lib
-from cnnlab import models
+from cnnlab import models, runfiles
 from cnnlab.data.augmentations import AUGMENT_OPS
 from cnnlab.native import conv_impl
 from cnnlab.train import losses, optim
@@ -106,7 +106,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, **overrides
     return models.get_model(config.model.name, **{**kwargs, **overrides})
 
 
-PREPROCESSING_FILE = "preprocessing.json"
+PREPROCESSING_FILE = runfiles.PREPROCESSING
 
 
 def normalization_record(config: ml_collections.ConfigDict, train_images: np.ndarray) -> dict[str, Any]:
@@ -183,7 +183,7 @@ def initial_state(exp: Experiment) -> TrainState:
     )()
 
 
-EXTENSIONS_FILE = "extensions.json"
+EXTENSIONS_FILE = runfiles.EXTENSIONS
 
 
 def extension_modules(config: ml_collections.ConfigDict) -> list[dict[str, str]]:
@@ -222,7 +222,7 @@ def import_extensions(workdir: str) -> None:
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run saved in its workdir (its extension modules imported)."""
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, runfiles.CONFIG)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No config.json in {workdir!r}: is it a cnnlab run directory?")
     import_extensions(workdir)

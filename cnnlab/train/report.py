@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnnlab import runfiles
 from cnnlab.train.writers import read_metrics, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
@@ -156,19 +157,19 @@ def write_reports(workdir: str, class_names: Sequence[str] | None = None, *,
     default ``workdir``, nothing written when that is read-only); returns the classification
     report."""
     if class_names is None:
-        with open(os.path.join(workdir, "classes.json")) as f:
+        with open(os.path.join(workdir, runfiles.CLASSES)) as f:
             class_names = json.load(f)
     target = output_dir_for(workdir, output_dir)
-    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    records = read_metrics(os.path.join(workdir, runfiles.METRICS))
     if records and target is not None:
-        plot_curves(records, os.path.join(target, "plot.png"))
-    confusion_path = os.path.join(workdir, "confusion_last.npy")
+        plot_curves(records, os.path.join(target, runfiles.PLOT))
+    confusion_path = os.path.join(workdir, runfiles.CONFUSION_LAST)
     if not os.path.exists(confusion_path):
         return {}
     confusion = np.load(confusion_path)
     report = classification_report(confusion, class_names)
     if target is not None:
-        write_json_atomic(os.path.join(target, "classification_report.json"), report)
-        write_text_atomic(os.path.join(target, "classification_report.txt"), format_report(report, class_names))
-        plot_confusion(confusion, class_names, os.path.join(target, "confusion_matrix.png"))
+        write_json_atomic(os.path.join(target, runfiles.REPORT_JSON), report)
+        write_text_atomic(os.path.join(target, runfiles.REPORT_TEXT), format_report(report, class_names))
+        plot_confusion(confusion, class_names, os.path.join(target, runfiles.CONFUSION_PLOT))
     return report

@@ -30,17 +30,17 @@ from typing import Any
 
 import jax
 
-from cnnlab import runtime
+from cnnlab import runfiles, runtime
 from cnnlab.data.dataset import Dataset
 from cnnlab.native import conv_impl, onednn
 from cnnlab.schema import flatten
 from cnnlab.train.writers import write_json_atomic, write_text_atomic
 
-SPLIT_FILE = "split.json"
-ENVIRONMENT_FILE = "environment.json"
-FORMULATIONS_FILE = "conv_formulations.json"
-CONFIG_FILE = "config.json"
-CONFIG_CHANGES_FILE = "config_changes.jsonl"
+SPLIT_FILE = runfiles.SPLIT
+ENVIRONMENT_FILE = runfiles.ENVIRONMENT
+FORMULATIONS_FILE = runfiles.FORMULATIONS
+CONFIG_FILE = runfiles.CONFIG
+CONFIG_CHANGES_FILE = runfiles.CONFIG_CHANGES
 
 #: Flattened config keys that do not change results: resuming with other values is allowed
 #: silently (``config.json`` takes the new values, no history entry).

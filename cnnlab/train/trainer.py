@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from cnnlab import data as data_lib
+from cnnlab import runfiles
 from cnnlab.train import report as report_lib
 from cnnlab.train import rundir
 from cnnlab.train.checkpoint import Checkpoints
@@ -38,10 +39,10 @@ from cnnlab.train.experiment import (
     load_run_config,
     resolve,
 )
-from cnnlab.train.group import NotPackable, Program, TrialOutcome, build_program, pack_key
-from cnnlab.train.group import varying as varying_fields
 from cnnlab.train.metrics import split_values
 from cnnlab.train.optim import learning_rate_at
+from cnnlab.train.packing import NotPackable, Program, TrialOutcome, build_program, pack_key
+from cnnlab.train.packing import varying as varying_fields
 from cnnlab.train.writers import MetricWriter, image_grid, write_json_atomic
 
 # Fault injection for the kill-and-resume tests: SIGKILL this process right after this global
@@ -165,7 +166,7 @@ def train_trials(
     vmap_width: int | None = None,
     allow_config_change: bool = False,
 ) -> tuple[list[TrialOutcome], dict[str, float]]:
-    """Trains K >= 1 trials (equal :func:`~cnnlab.train.group.pack_key` when K > 1), trial
+    """Trains K >= 1 trials (equal :func:`~cnnlab.train.packing.pack_key` when K > 1), trial
     ``k`` in ``workdirs[k]``, in one compiled program; resumes each from its checkpoint.
 
     ``on_epoch_end(k, epoch, record)`` runs for each running trial after each evaluation and may
@@ -237,7 +238,7 @@ def _record_run(workdir: str, config, exp: Experiment, *, step: int, allow_confi
     dataset = exp.dataset
     os.makedirs(workdir, exist_ok=True)
     rundir.record_config(workdir, config.to_dict(), step=step, allow_config_change=allow_config_change)
-    write_json_atomic(os.path.join(workdir, "classes.json"), list(dataset.class_names))
+    write_json_atomic(os.path.join(workdir, runfiles.CLASSES), list(dataset.class_names))
     write_json_atomic(os.path.join(workdir, EXTENSIONS_FILE), extension_modules(config))
     write_json_atomic(os.path.join(workdir, PREPROCESSING_FILE), exp.normalization)
     if step:
@@ -315,7 +316,7 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
                 writers[k].write("epoch", step, records[k])
                 ckpts[k].save_best(step, state, records[k])
                 if is_main_process():
-                    np.save(os.path.join(workdirs[k], "confusion_last.npy"), results[k]["test"]["confusion"])
+                    np.save(os.path.join(workdirs[k], runfiles.CONFUSION_LAST), results[k]["test"]["confusion"])
             timings["save"] += time.perf_counter() - t
         for w in writers:  # TensorBoard's buffer: a kill loses at most this epoch's points
             w.flush()
@@ -474,5 +475,5 @@ def evaluate(
     if target is not None:
         for name, res in results.items():
             np.save(os.path.join(target, f"confusion_{name}_{which}.npy"), res["confusion"])
-        write_json_atomic(os.path.join(target, f"eval_{which}.json"), out)
+        write_json_atomic(os.path.join(target, runfiles.eval_record(which)), out)
     return out

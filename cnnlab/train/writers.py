@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnlab import runfiles
 from cnnlab._files import write_text_atomic
 
 
@@ -95,7 +96,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = os.path.join(workdir, runfiles.METRICS)
         self._tb = None
         if not enabled:
             return
@@ -105,7 +106,7 @@ class MetricWriter:
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
+            self._tb = SummaryWriter(os.path.join(workdir, runfiles.TENSORBOARD), purge_step=resume_step + 1)
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             self._tb = None
 

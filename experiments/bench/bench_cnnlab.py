@@ -154,7 +154,7 @@ def main() -> None:
               if lo in cpu_at and hi in cpu_at else None)
 
     exp = trainer.build_experiment(config)
-    from cnnlab.train.group import build_program
+    from cnnlab.train.packing import build_program
 
     program = build_program(exp, [exp.config])
 

@@ -192,7 +192,7 @@ import jax, jax.numpy as jnp, numpy as np
 from cnnlab import data as D, sweep
 from cnnlab.sweep.space import apply_point
 from cnnlab.train.experiment import build_experiment, resolve
-from cnnlab.train.group import build_program
+from cnnlab.train.packing import build_program
 ks, augment, lrs, steps, width = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 base = sweep.config_from_file("configs/stridednet.py")
 if augment == "none":

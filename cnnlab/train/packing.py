@@ -1,4 +1,4 @@
-"""A group of K >= 1 trials as one set of jit-compiled programs (the trainer's loop runs them).
+"""Packing: K >= 1 trials as one set of jit-compiled programs (the trainer's loop runs them).
 
 K = 1 is an ordinary run: the plain train step on a plain state. K > 1 stacks the trials'
 states on a leading trial axis and maps the same step over it, with the hyperparameters in

@@ -15,7 +15,7 @@ from cnnlab.schema import copy_config
 from cnnlab.sweep.space import apply_point
 from cnnlab.train import StopTraining, pack_key, train_and_evaluate, train_trials
 from cnnlab.train.experiment import build_experiment, resolve
-from cnnlab.train.group import build_program, traceable_values, varying
+from cnnlab.train.packing import build_program, traceable_values, varying
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.py")
@@ -136,7 +136,7 @@ from cnnlab import sweep
 from cnnlab.sweep.space import apply_point
 from cnnlab.train import train_trials
 from cnnlab.train.experiment import build_experiment, resolve
-from cnnlab.train.group import build_program
+from cnnlab.train.packing import build_program
 
 smoke, tiny, out = sys.argv[1], sys.argv[2], sys.argv[3]
 base = sweep.config_from_file(smoke)
