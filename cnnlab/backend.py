@@ -3,7 +3,8 @@
 The only global state in cnnlab: the default image data format used when a layer or
 function receives ``data_format=None``. It starts as ``"channels_last"`` and can be
 changed with :func:`set_image_data_format` or the ``CNNLAB_IMAGE_DATA_FORMAT``
-environment variable (read once, at import).
+environment variable (read once, at import); :func:`image_data_format_scope` sets it for the
+code inside (a run builds and traces its model in its config's ``image_data_format``).
 
 :func:`configure_xla_cpu` chooses XLA:CPU's convolution kernels before JAX starts its CPU
 backend, and :func:`configure_malloc` tells glibc's malloc to keep freed memory; neither runs
@@ -12,11 +13,14 @@ at ``import cnnlab``: :func:`cnnlab.runtime.configure` calls both (the commands 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import os
 import platform
 import sys
 import warnings
+from collections.abc import Iterator
 from importlib import metadata
 
 _VALID_DATA_FORMATS = ("channels_last", "channels_first")
@@ -35,9 +39,29 @@ def _check_data_format(value: str) -> str:
 _IMAGE_DATA_FORMAT = _check_data_format(os.environ.get("CNNLAB_IMAGE_DATA_FORMAT", "channels_last"))
 
 
+_SCOPED_DATA_FORMAT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "image_data_format", default=None)
+
+
 def image_data_format() -> str:
     """Returns the default data format: ``"channels_last"`` or ``"channels_first"``."""
-    return _IMAGE_DATA_FORMAT
+    return _SCOPED_DATA_FORMAT.get() or _IMAGE_DATA_FORMAT
+
+
+@contextlib.contextmanager
+def image_data_format_scope(data_format: str) -> Iterator[None]:
+    """The default data format is ``data_format`` for the code inside (this thread/context)."""
+    token = _SCOPED_DATA_FORMAT.set(_check_data_format(data_format))
+    try:
+        yield
+    finally:
+        _SCOPED_DATA_FORMAT.reset(token)
+
+
+def channel_axis() -> int:
+    """The channel axis of a 4-D image batch in the default data format (-1 or 1), for models
+    that normalize or concatenate over channels."""
+    return 1 if image_data_format() == "channels_first" else -1
 
 
 def set_image_data_format(data_format: str) -> None:
@@ -49,7 +73,7 @@ def set_image_data_format(data_format: str) -> None:
 def standardize_data_format(data_format: str | None) -> str:
     """Resolves ``None`` to the package default and validates the value (case-insensitive)."""
     if data_format is None:
-        return _IMAGE_DATA_FORMAT
+        return image_data_format()
     return _check_data_format(data_format)
 
 

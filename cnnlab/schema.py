@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -36,7 +37,11 @@ class Field:
     ``check(value)`` returning ``None`` or the reason (``"must be > 0"``); a one-line ``doc``;
     ``choices`` (values, or a function returning them, e.g. a registry looked up at validation
     time; applied to each item of a tuple); ``convert`` normalizing a valid value; ``traceable``:
-    a float value may be a traced scalar, so trials packed into one program can differ in it."""
+    a float value may be a traced scalar, so trials packed into one program can differ in it;
+    ``affects_results``: False for a field that changes how a run goes but not what it computes
+    (a progress bar, a data path whose images the split record checks). These two flags are the
+    one source for what a resume may change silently, what packed trials may differ in, and
+    what a sweep's fingerprint ignores."""
 
     default: Any
     type_: type | tuple[type, ...]
@@ -45,6 +50,7 @@ class Field:
     choices: Iterable[Any] | Callable[[], Iterable[Any]] | None = None
     convert: Callable[[Any], Any] | None = None
     traceable: bool = False
+    affects_results: bool = True
 
     def valid_choices(self) -> list[Any] | None:
         if self.choices is None:
@@ -84,6 +90,40 @@ class Section(dict):
         self.finalize = finalize
 
 
+def chosen_part_section(kind: str, shared: Mapping[str, Field],
+                        parts: Mapping[str, Mapping[str, Field]]) -> Section:
+    """A section for a component chosen by name among registered parts, each owning its fields:
+    ``shared`` (with the ``name`` field) at the top, then one sub-section per part that has
+    fields (``<kind>.<part>.<field>``). Resolved, only the chosen part's sub-section is kept (a
+    run records what it uses); a field changed for a part not chosen has no effect and is
+    warned about."""
+    reserved = sorted(set(shared) & set(parts))
+    if reserved:
+        raise ValueError(f"{kind} name(s) {reserved} clash with the section's own fields")
+    fields = {**shared, **{name: dict(p) for name, p in parts.items() if p}}
+
+    def chosen_only(resolved: dict[str, Any], path: str) -> dict[str, Any]:
+        chosen = resolved["name"]
+        for part, values in resolved.items():
+            if part in shared or part == chosen or not isinstance(values, dict):
+                continue
+            changed = sorted(f for f, v in values.items() if v != parts[part][f].default)
+            if changed:
+                warnings.warn(f"{path}.{part}.{', '.join(changed)} set, but {path}.name is "
+                              f"{chosen!r}: no effect", UserWarning, stacklevel=2)
+        return {k: v for k, v in resolved.items() if k in shared or k == chosen}
+
+    return Section(fields, chosen_only)
+
+
+def part_values(section: Any, part: str, fields: Mapping[str, Field]) -> dict[str, Any]:
+    """The values of ``part``'s ``fields`` in a (validated) chosen-part section, defaults
+    filled in."""
+    values = section.get(part) if hasattr(section, "get") else None
+    values = dict(values) if values else {}
+    return {f: values.get(f, field.default) for f, field in fields.items()}
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -104,7 +144,9 @@ def unknown(path: str, valid_paths: Iterable[str], deeper: Iterable[str] = ()) -
     valid_paths = list(valid_paths)
     name = path.rsplit(".", 1)[-1]
     for candidates in (valid_paths, deeper):
-        by_name = {p.rsplit(".", 1)[-1]: p for p in candidates}
+        by_name: dict[str, str] = {}
+        for p in candidates:  # the first declared, where several sections share a field name
+            by_name.setdefault(p.rsplit(".", 1)[-1], p)
         match = closest(name, by_name)
         if match:
             return ConfigError(f"unknown config key {path!r} (did you mean {by_name[match]!r}?)")
@@ -215,6 +257,17 @@ def resolve(schema: Schema, config: Any, *, prefix: str = "") -> dict[str, Any]:
                 raise invalid(path, sub, "must be a group of fields")
             out[key] = resolve(node, sub, prefix=path + ".")
     return schema.finalize(out, prefix.rstrip(".")) if isinstance(schema, Section) else out
+
+
+def keys_without_effect(schema: Schema, prefix: str = "") -> tuple[str, ...]:
+    """The flattened keys of the fields declared ``affects_results=False``."""
+    out: list[str] = []
+    for key, node in schema.items():
+        if isinstance(node, Field):
+            out += [prefix + key] if not node.affects_results else []
+        else:
+            out += keys_without_effect(node, f"{prefix}{key}.")
+    return tuple(out)
 
 
 def _leaves(schema: Schema, prefix: str) -> list[str]:

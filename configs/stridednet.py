@@ -53,7 +53,7 @@ def get_config():
     # --config.num_epochs (or a sweep file) changes it too (a float reference: `1e-4 / ref`
     # would take the int type of num_epochs). INIT_LR stays a constant: the trials of a
     # learning-rate sweep then share one decay and still pack into one program.
-    config.schedule.decay = FieldReference(INIT_LR) / config.get_ref("num_epochs")
+    config.schedule.keras_decay.decay = FieldReference(INIT_LR) / config.get_ref("num_epochs")
     config.normalization = "scale"
     config.checkpoint.best_metric = "val/accuracy"
     return config

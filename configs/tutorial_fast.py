@@ -51,8 +51,8 @@ def get_config():
 
     config.optimizer.name = "sgd"
     config.optimizer.learning_rate = 0.05
-    config.optimizer.momentum = 0.9
-    config.optimizer.nesterov = True
+    config.optimizer.sgd.momentum = 0.9
+    config.optimizer.sgd.nesterov = True
     config.schedule.name = "cosine"
     config.schedule.warmup_epochs = 1.0
     config.loss.label_smoothing = 0.1

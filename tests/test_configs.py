@@ -29,12 +29,12 @@ def test_stridednet_legacy_decay_follows_num_epochs(epochs):
     config = _load(ROOT / "configs" / "stridednet.py", *overrides)
     assert config.num_epochs == (50 if epochs is None else epochs)
     assert config.schedule.name == "keras_decay"
-    assert config.schedule.decay == pytest.approx(config.optimizer.learning_rate / config.num_epochs)
+    assert config.schedule.keras_decay.decay == pytest.approx(config.optimizer.learning_rate / config.num_epochs)
 
 
 def test_stridednet_decay_can_still_be_overridden():
-    config = _load(ROOT / "configs" / "stridednet.py", "--config.num_epochs=10", "--config.schedule.decay=0.01")
-    assert config.schedule.decay == 0.01
+    config = _load(ROOT / "configs" / "stridednet.py", "--config.num_epochs=10", "--config.schedule.keras_decay.decay=0.01")
+    assert config.schedule.keras_decay.decay == 0.01
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)

@@ -417,7 +417,7 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_one_and_says_so(tmp_path,
     monkeypatch.setenv(conv_impl.FORMULATION_ENV, "auto")
     monkeypatch.setattr(conv_impl, "_memory", {})
     monkeypatch.setattr(conv_impl, "_unwritable", set())
-    monkeypatch.setattr(onednn, "_fallback_root", lambda: tmp_path / "fallback")
+    monkeypatch.setattr(onednn, "fallback_root", lambda: tmp_path / "fallback")
     monkeypatch.setattr(onednn, "_state", {"reason": "unavailable for this test"})
     calls = []
     monkeypatch.setattr(conv_impl, "measure", _fake_measure(calls))

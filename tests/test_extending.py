@@ -1,6 +1,6 @@
 """Extending cnnlab from a user's own package: a model (its typed arguments in --help), a loss
-with its own field, an augmentation op and a metric, each in one file of the user's, imported by
-the user's config file, without editing cnnlab."""
+with its own field, an optimizer with its own field, an augmentation op and a metric, each in one
+file of the user's, imported by the user's config file, without editing cnnlab."""
 
 import json
 import os
@@ -12,15 +12,16 @@ import textwrap
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 USER_MODULE = '''
-"""A user's extensions: one model, one loss, one augmentation op, one metric."""
+"""A user's extensions: one model, one loss, one optimizer, one augmentation op, one metric."""
 import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from cnnlab import models, nn
 from cnnlab.data import register_augment
 from cnnlab.schema import Field, in_range
-from cnnlab.train import losses, metrics
+from cnnlab.train import losses, metrics, optim
 
 
 @models.register("tiny_net", traceable=("dropout",))
@@ -42,6 +43,12 @@ class TinyNet(flax_nn.Module):
 def poly1(logits, targets, *, epsilon):
     pt = jnp.sum(targets * jax.nn.softmax(logits), -1)
     return -jnp.sum(targets * jax.nn.log_softmax(logits), -1) + epsilon * (1 - pt)
+
+
+@optim.register_optimizer("lion", b1=Field(0.9, float, in_range(0, 1), "update interpolation", traceable=True),
+                          b2=Field(0.99, float, in_range(0, 1), "momentum decay"))
+def lion(learning_rate, *, b1, b2):
+    return optax.lion(learning_rate, b1=b1, b2=b2)
 
 
 @register_augment("invert", p=Field(0.5, float, in_range(0, 1), "probability of inverting", traceable=True))
@@ -76,6 +83,9 @@ def get_config():
     c.data.augment.invert.p = 0.25
     c.loss.name = "poly1"
     c.loss.poly1.epsilon = 2.0
+    c.optimizer.name = "lion"
+    c.optimizer.learning_rate = 3e-4
+    c.optimizer.lion.b1 = 0.95
     c.metrics = ("loss", "accuracy", "top2_accuracy")
     c.checkpoint.best_metric = "val/top2_accuracy"
     return c
@@ -103,6 +113,8 @@ def test_a_user_model_op_and_metric_train_evaluate_and_pack(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["name"] == "tiny_net" and config["data"]["augment"]["ops"] == ["keras_affine", "invert"]
     assert config["loss"] == {"name": "poly1", "label_smoothing": 0.0, "poly1": {"epsilon": 2.0}}
+    assert config["optimizer"]["name"] == "lion" and config["optimizer"]["lion"] == {"b1": 0.95, "b2": 0.99}
+    assert "adam" not in config["optimizer"]  # only the chosen optimizer's section is recorded
     assert [e["module"] for e in json.loads((run / "extensions.json").read_text())] == ["my_extensions"]
 
     # Another process, elsewhere, re-evaluates the run: the recorded extensions are imported.
@@ -120,14 +132,15 @@ def test_a_user_model_op_and_metric_train_evaluate_and_pack(tmp_path):
         from cnnlab.train.packing import varying
         base = my_config.get_config()
         configs = [resolve(apply_point(base, {{"data.augment.invert.p": p, "model.kwargs.dropout": d,
-                                               "loss.poly1.epsilon": e}}))
-                   for p, d, e in ((0.25, 0.1, 2.0), (0.75, 0.0, 0.5))]
+                                               "loss.poly1.epsilon": e, "optimizer.lion.b1": b1}}))
+                   for p, d, e, b1 in ((0.25, 0.1, 2.0, 0.95), (0.75, 0.0, 0.5, 0.9))]
         assert len({{pack_key(c) for c in configs}}) == 1
         print(sorted(varying(configs)))
     """)
     out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "['data.augment.invert.p', 'loss.poly1.epsilon', 'model.kwargs.dropout']"
+    assert out.stdout.strip() == ("['data.augment.invert.p', 'loss.poly1.epsilon', 'model.kwargs.dropout', "
+                                  "'optimizer.lion.b1']")
 
     # --help lists the user's model arguments (typed, with their docs) and the loss's field.
     out = _cnnlab("train", "--help", f"--config={user / 'my_config.py'}")
@@ -135,6 +148,8 @@ def test_a_user_model_op_and_metric_train_evaluate_and_pack(tmp_path):
     assert "model.kwargs.width (int, 8): filters of the convolution" in out.stdout
     assert "model.kwargs.dropout (float, 0.1): dropout rate before the logits (traceable)" in out.stdout
     assert "loss.poly1.epsilon (float, 1.0): weight of the first polynomial term (traceable)" in out.stdout
+    assert "optimizer.lion.b1 (float, 0.9): update interpolation (traceable)" in out.stdout
+    assert "optimizer.lion.b2 (float, 0.99): momentum decay" in out.stdout
     # and a bad value of either is one clean line before anything is written
     out = _cnnlab("train", f"--config={user / 'my_config.py'}", f"--workdir={tmp_path / 'bad'}",
                   "--config.model.kwargs.width=wide")

@@ -44,7 +44,7 @@ def run(tmp_path_factory):
     config.log_every_steps = 1
     config.optimizer.learning_rate = LR
     config.schedule.name = "keras_decay"
-    config.schedule.decay = DECAY
+    config.schedule.keras_decay.decay = DECAY
     config.schedule.warmup_epochs = 1.0
     train_and_evaluate(config, str(workdir))
     return workdir, config, read_metrics(str(workdir / "metrics.jsonl"))

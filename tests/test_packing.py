@@ -56,9 +56,9 @@ def test_packed_trials_differing_in_traced_fields_equal_each_alone(tmp_path):
     base.data.image_size = 24
     base.data.augment.ops = ("keras_affine", "mixup")
     points = [
-        {"optimizer.learning_rate": 3e-3, "optimizer.b1": 0.9, "model.kwargs.weight_decay": 0.0,
+        {"optimizer.learning_rate": 3e-3, "optimizer.adam.b1": 0.9, "model.kwargs.weight_decay": 0.0,
          "model.kwargs.dropout": 0.0, "model.kwargs.head_dropout": 0.5, "seed": 0, **AUGMENT_POINTS[0]},
-        {"optimizer.learning_rate": 1e-3, "optimizer.b1": 0.8, "model.kwargs.weight_decay": 1e-3,
+        {"optimizer.learning_rate": 1e-3, "optimizer.adam.b1": 0.8, "model.kwargs.weight_decay": 1e-3,
          "model.kwargs.dropout": 0.3, "model.kwargs.head_dropout": 0.0, "seed": 1, **AUGMENT_POINTS[1]},
     ]
     configs = [resolve(apply_point(base, p)) for p in points]
@@ -78,7 +78,7 @@ def test_pack_key_ignores_exactly_the_traceable_fields():
     base.model.name = "stridednet"
     base.model.kwargs = {"widths": (8,), "dense_units": 16}
     key = pack_key(base)
-    same = {"seed": 7, "optimizer.learning_rate": 0.5, "optimizer.b1": 0.8, "optimizer.eps": 1e-3,
+    same = {"seed": 7, "optimizer.learning_rate": 0.5, "optimizer.adam.b1": 0.8, "optimizer.adam.eps": 1e-3,
             "model.kwargs.weight_decay": 1e-3, "progress": False, "model.kwargs.head_dropout": 0.1,
             **AUGMENT_SAME}
     for k, v in same.items():

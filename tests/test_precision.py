@@ -10,6 +10,7 @@ import sys
 import pytest
 from helpers import SMOKE, tiny_config
 
+from cnnlab import _notices
 from cnnlab.native import conv_impl, onednn
 from cnnlab.schema import ConfigError
 from cnnlab.train import default_config, experiment, train_and_evaluate
@@ -25,7 +26,7 @@ from cnnlab.train import default_config, experiment, train_and_evaluate
     ({"amx_bf16"}, {"XLA_FLAGS": "--foo --xla_cpu_max_isa=AVX2"}, False, "--xla_cpu_max_isa=AVX2"),
 ])
 def test_native_bfloat16_reads_the_cpu_flags_and_the_isa_limits(flags, environ, native, words):
-    got, why = onednn.native_bfloat16(flags, environ)
+    got, why = onednn.native_bfloat16(flags, environ, probe=False)
     assert got is native and words in why
 
 
@@ -44,7 +45,7 @@ def test_the_field_takes_booleans_words_and_auto_from_files_and_flags():
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_decides_by_the_hardware_and_the_run_records_it(tmp_path, monkeypatch, capsys, native):
     monkeypatch.setattr(conv_impl, "native_bfloat16", lambda: (native, "test says so"))
-    monkeypatch.setattr(experiment, "_announced", set())
+    monkeypatch.setattr(_notices, "_said", {})
     c = tiny_config()
     c.mixed_precision = "auto"
     r = experiment.resolve(c)
@@ -62,7 +63,7 @@ def test_auto_decides_by_the_hardware_and_the_run_records_it(tmp_path, monkeypat
 
 def test_true_without_native_bfloat16_says_so_once_and_runs(monkeypatch, capsys):
     monkeypatch.setattr(conv_impl, "native_bfloat16", lambda: (False, "no bf16 here"))
-    monkeypatch.setattr(experiment, "_announced", set())
+    monkeypatch.setattr(_notices, "_said", {})
     c = tiny_config()
     c.mixed_precision = True
     for _ in range(3):

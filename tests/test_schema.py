@@ -122,9 +122,11 @@ def test_default_config_validates_and_validation_is_idempotent():
         listed = tuple(f"data.augment.{op}." for op in once.data.augment.ops)
         unlisted = {k for k in flatten(default_config())
                     if k.startswith("data.augment.") and k != "data.augment.ops" and not k.startswith(listed)}
-        # the losses not chosen: their sections are dropped too
-        unlisted |= {k for k in flatten(default_config()) if k.startswith("loss.")
-                     and k not in ("loss.name", "loss.label_smoothing") and not k.startswith(f"loss.{once.loss.name}")}
+        # so are the sections of the losses, optimizers and schedules not chosen
+        for section in ("loss", "optimizer", "schedule"):
+            chosen = f"{section}.{once[section].name}."
+            unlisted |= {k for k in flatten(default_config()) if k.startswith(f"{section}.")
+                         and k.count(".") == 2 and not k.startswith(chosen)}
         assert unlisted, "some ops are not listed in these configs"
         assert set(flatten(default_config())) - {"model.kwargs"} - unlisted <= set(flatten(once))
         assert not unlisted & set(flatten(once))  # only the listed ops' parameters are kept
@@ -336,3 +338,39 @@ def test_warnings_are_not_issued_for_default_selection():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         validate_config(default_config())
+
+
+def test_fields_declared_without_effect_are_what_resume_packing_and_sweeps_ignore(tmp_path):
+    """``Field.affects_results`` is the one source: the resume check, the pack key and the sweep
+    fingerprint all ignore exactly the fields declared without effect."""
+    from cnnlab import sweep
+    from cnnlab.schema import keys_without_effect
+    from cnnlab.sweep import space
+    from cnnlab.train import pack_key
+    from cnnlab.train.config import train_schema
+    from cnnlab.train.rundir import ConfigChangedError, record_config
+
+    without = set(keys_without_effect(train_schema()))
+    assert without == {"progress", "log_every_steps", "data.data_dir", "data.cache_dir",
+                       "data.use_cache", "data.cache_verify", "data.num_workers"}
+    base = default_config()
+    study = sweep.Sweep(space={"optimizer.learning_rate": sweep.loguniform(1e-4, 1e-2)}, metric="val/accuracy")
+    for key, value in (("progress", False), ("log_every_steps", 3), ("data.num_workers", 0),
+                       ("data.data_dir", str(tmp_path)), ("seed", 5), ("optimizer.learning_rate", 0.5)):
+        changed = default_config()
+        node, name = changed, key.split(".")
+        for part in name[:-1]:
+            node = node[part]
+        node[name[-1]] = value
+        workdir = tmp_path / key
+        workdir.mkdir()
+        record_config(workdir, validate_config(base), step=0)
+        ignored = key in without
+        if ignored:
+            record_config(workdir, validate_config(changed), step=5)
+        else:
+            with pytest.raises(ConfigChangedError, match=key):
+                record_config(workdir, validate_config(changed), step=5)
+        # seed and traceable fields pack; a field without effect packs too
+        assert (pack_key(changed) == pack_key(base)) == (ignored or key in ("seed", "optimizer.learning_rate"))
+        assert (space.fingerprint(changed, study) == space.fingerprint(base, study)) == ignored

@@ -144,7 +144,7 @@ def test_random_draws_depend_only_on_seed_and_index():
     sw = sweep.Sweep(
         space={
             "optimizer.learning_rate": sweep.loguniform(1e-4, 1e-2),
-            "optimizer.b1": sweep.uniform(0.8, 0.95, step=0.05),
+            "optimizer.adam.b1": sweep.uniform(0.8, 0.95, step=0.05),
             "num_epochs": sweep.integer(1, 9, step=2),
             "model.kwargs.widths": sweep.choice([(8,), (8, 16)]),
         },
@@ -156,7 +156,7 @@ def test_random_draws_depend_only_on_seed_and_index():
     assert draws != [space.sample_random(dataclasses.replace(sw, seed=4), i) for i in range(20)]
     for d in draws:
         assert 1e-4 <= d["optimizer.learning_rate"] <= 1e-2
-        assert min(abs(d["optimizer.b1"] - v) for v in (0.8, 0.85, 0.9, 0.95)) < 1e-9
+        assert min(abs(d["optimizer.adam.b1"] - v) for v in (0.8, 0.85, 0.9, 0.95)) < 1e-9
         assert d["num_epochs"] in (1, 3, 5, 7, 9)
         assert d["model.kwargs.widths"] in ("[8]", "[8, 16]")  # categorical labels
     assert len({d["model.kwargs.widths"] for d in draws}) == 2

@@ -116,7 +116,7 @@ def test_sigkill_and_resume_ends_with_exactly_the_same_metrics(tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     config = smoke_config(**{
-        "optimizer.name": "sgd", "optimizer.learning_rate": 1e12, "optimizer.momentum": 0.0,
+        "optimizer.name": "sgd", "optimizer.learning_rate": 1e12, "optimizer.sgd.momentum": 0.0,
         "checkpoint.every_steps": 1, "log_every_steps": 1, "num_epochs": 2,
     })
     with pytest.raises(NonFiniteLossError, match=r"step \d+") as err:

@@ -43,8 +43,8 @@ def _size_check(v: Any) -> str | None:
     return None if ok and (pair or isinstance(v, int)) else "must be a positive int or (height, width)"
 
 
-def _path(doc: str) -> Field:
-    return Field(None, str, doc=doc, convert=lambda v: v or None)
+def _path(doc: str, *, affects_results: bool = True) -> Field:
+    return Field(None, str, doc=doc, convert=lambda v: v or None, affects_results=affects_results)
 
 
 def _fraction(default: float, doc: str, *, allow_zero: bool) -> Field:
@@ -60,7 +60,7 @@ def data_schema() -> Schema:
         "source": Field("folder", str, choices=("folder", "synthetic", "tfds"),
                         doc="101_ObjectCategories tree or archive, generated shapes, or tensorflow-datasets"),
         "data_dir": _path("folder source: the class root, a folder holding it or its archive "
-                          "(else $CALTECH101_DIR)"),
+                          "(else $CALTECH101_DIR)", affects_results=False),
         "classes": Field("tutorial4", (str, tuple), _classes_check, convert=_classes,
                          doc="'all', a preset (tutorial4 = Faces, Leopards, Motorbikes, airplanes), "
                              "'a,b,c' or a list; labels index the sorted list"),
@@ -83,11 +83,15 @@ def data_schema() -> Schema:
                           doc="Pillow filter (antialiased when downscaling)"),
         "pad_value": Field(0, int, in_range(0, 255, hi_open=False), "letterbox colour of resize='pad'"),
         "fast_decode": Field(False, bool, doc="let the JPEG decoder downscale (faster, not bit-identical)"),
-        "cache_dir": _path("cache root (else $CNNLAB_CACHE_DIR, else ~/.cache/cnnlab)"),
-        "use_cache": Field(True, bool, doc="read/write prepared arrays in the cache (folder source)"),
-        "cache_verify": Field("full", str, choices=("full", "sample"),
+        # where and how the images are read: the split record checks the same images come back
+        "cache_dir": _path("cache root (else $CNNLAB_CACHE_DIR, else ~/.cache/cnnlab)",
+                           affects_results=False),
+        "use_cache": Field(True, bool, doc="read/write prepared arrays in the cache (folder source)",
+                           affects_results=False),
+        "cache_verify": Field("full", str, choices=("full", "sample"), affects_results=False,
                               doc="checksum the whole image array on load, or 256 sampled blocks"),
-        "num_workers": Field(-1, int, at_least(-1), "decoding threads: -1 all cores, 0 in-process"),
+        "num_workers": Field(-1, int, at_least(-1), "decoding threads: -1 all cores, 0 in-process",
+                             affects_results=False),
         "synthetic_num_classes": Field(4, int, in_range(2, 64, hi_open=False), "synthetic classes"),
         "synthetic_per_class": Field(100, int, at_least(2), "synthetic images per class"),
         "synthetic_seed": Field(0, int, at_least(0), "synthetic images' seed"),

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab import nn
+from cnnlab.backend import channel_axis
 from cnnlab.models.base import Classifier
 from cnnlab.models.registry import register
 
@@ -26,7 +27,7 @@ class ConvBN(flax_nn.Module):
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
         x = nn.Conv2D(self.filters, self.kernel_size, strides=self.strides, padding="same",
                       use_bias=False, **(self.conv_kwargs or {}))(x)
-        return nn.Activation("relu")(nn.BatchNormalization()(x, training=training))
+        return nn.Activation("relu")(nn.BatchNormalization(axis=channel_axis())(x, training=training))
 
 
 class InceptionModule(flax_nn.Module):
@@ -48,7 +49,7 @@ class InceptionModule(flax_nn.Module):
         b5 = ConvBN(self.filters_5x5, 5, conv_kwargs=kw)(b5, training)
         bp = nn.MaxPooling2D((3, 3), strides=(1, 1), padding="same")(x)
         bp = ConvBN(self.filters_pool, 1, conv_kwargs=kw)(bp, training)
-        return jnp.concatenate([b1, b3, b5, bp], axis=-1)
+        return jnp.concatenate([b1, b3, b5, bp], axis=channel_axis())
 
 
 @register("inception", traceable=("weight_decay", "head_dropout"))
@@ -67,7 +68,7 @@ class InceptionNet(Classifier):
         x = ConvBN(self.stem_filters, 5, strides=2, conv_kwargs=kw)(x, training)
         for stage, width in enumerate(self.stage_widths):
             if stage > 0:
-                x = ConvBN(x.shape[-1], 3, strides=2, conv_kwargs=kw)(x, training)
+                x = ConvBN(x.shape[channel_axis()], 3, strides=2, conv_kwargs=kw)(x, training)
             for _ in range(self.modules_per_stage):
                 x = InceptionModule(width, width, width // 2, width // 2, kw)(x, training)
         return self.pooled_head(x, training)

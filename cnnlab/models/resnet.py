@@ -9,6 +9,7 @@ import flax.linen as flax_nn
 import jax
 
 from cnnlab import nn
+from cnnlab.backend import channel_axis
 from cnnlab.models.base import Classifier
 from cnnlab.models.registry import register
 
@@ -25,19 +26,19 @@ class ResidualModule(flax_nn.Module):
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
         kw = dict(self.conv_kwargs or {})
         shortcut = x
-        y = nn.Activation("relu")(nn.BatchNormalization()(x, training=training))
-        if self.strides != 1 or x.shape[-1] != self.filters:
+        y = nn.Activation("relu")(nn.BatchNormalization(axis=channel_axis())(x, training=training))
+        if self.strides != 1 or x.shape[channel_axis()] != self.filters:
             shortcut = nn.Conv2D(self.filters, 1, strides=self.strides, use_bias=False, **kw)(y)
         if self.bottleneck:
             mid = max(self.filters // 4, 8)
             y = nn.Conv2D(mid, 1, use_bias=False, **kw)(y)
-            y = nn.Activation("relu")(nn.BatchNormalization()(y, training=training))
+            y = nn.Activation("relu")(nn.BatchNormalization(axis=channel_axis())(y, training=training))
             y = nn.Conv2D(mid, 3, strides=self.strides, padding="same", use_bias=False, **kw)(y)
-            y = nn.Activation("relu")(nn.BatchNormalization()(y, training=training))
+            y = nn.Activation("relu")(nn.BatchNormalization(axis=channel_axis())(y, training=training))
             y = nn.Conv2D(self.filters, 1, use_bias=False, **kw)(y)
         else:
             y = nn.Conv2D(self.filters, 3, strides=self.strides, padding="same", use_bias=False, **kw)(y)
-            y = nn.Activation("relu")(nn.BatchNormalization()(y, training=training))
+            y = nn.Activation("relu")(nn.BatchNormalization(axis=channel_axis())(y, training=training))
             y = nn.Conv2D(self.filters, 3, padding="same", use_bias=False, **kw)(y)
         return y + shortcut
 
@@ -64,11 +65,11 @@ class ResNet(Classifier):
         kw = self.conv_kwargs()
         x = nn.Conv2D(self.stem_filters, self.stem_kernel, strides=2, padding="same", use_bias=False, **kw)(x)
         if self.stem_pool:
-            x = nn.Activation("relu")(nn.BatchNormalization()(x, training=training))
+            x = nn.Activation("relu")(nn.BatchNormalization(axis=channel_axis())(x, training=training))
             x = nn.MaxPooling2D((3, 3), strides=(2, 2), padding="same")(x)
         for stage, (filters, depth) in enumerate(zip(self.stage_filters, self.stage_depths)):
             for block in range(depth):
                 strides = 2 if (block == 0 and stage > 0) else 1
                 x = ResidualModule(filters, strides, self.bottleneck, kw)(x, training=training)
-        x = nn.Activation("relu")(nn.BatchNormalization()(x, training=training))
+        x = nn.Activation("relu")(nn.BatchNormalization(axis=channel_axis())(x, training=training))
         return self.pooled_head(x, training)

@@ -8,6 +8,7 @@ import flax.linen as flax_nn
 import jax
 
 from cnnlab import nn
+from cnnlab.backend import channel_axis
 from cnnlab.models.base import Classifier
 from cnnlab.models.registry import register
 
@@ -36,13 +37,13 @@ class StridedNet(Classifier):
         x = nn.Conv2D(self.stem_filters, (7, 7), strides=(2, 2), padding="valid", **conv)(x)
         for width in self.widths:
             x = nn.Conv2D(width, (3, 3), padding="same", **conv)(x)
-            x = nn.BatchNormalization()(nn.Activation("relu")(x), training=training)
+            x = nn.BatchNormalization(axis=channel_axis())(nn.Activation("relu")(x), training=training)
             x = nn.Conv2D(width, (3, 3), strides=(2, 2), padding="same", **conv)(x)
-            x = nn.BatchNormalization()(nn.Activation("relu")(x), training=training)
+            x = nn.BatchNormalization(axis=channel_axis())(nn.Activation("relu")(x), training=training)
             x = nn.Dropout(self.dropout)(x, training=training)
         x = nn.Flatten()(x)
         x = nn.Dense(self.dense_units, kernel_initializer=self.kernel_initializer, dtype=self.dtype)(x)
-        x = nn.BatchNormalization()(nn.Activation("relu")(x), training=training)
+        x = nn.BatchNormalization(axis=channel_axis())(nn.Activation("relu")(x), training=training)
         x = nn.Dropout(self.head_dropout)(x, training=training)
         x = nn.Dense(self.num_classes, kernel_initializer=self.kernel_initializer, dtype=self.dtype)(x)
         return x.astype("float32")

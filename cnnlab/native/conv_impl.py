@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -266,10 +267,56 @@ def has_alternatives(spec: ConvSpec) -> bool:
     return any(len(names) > 1 for names in applicable(spec).values())
 
 
+_scoped_mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("conv_formulation", default=None)
+
+
+def formulation_setting() -> str:
+    """The formulation setting in force: ``CNNLAB_CONV_FORMULATION`` where set (an override),
+    else the one of the enclosing :func:`formulation` scope (a run's ``conv_formulation``),
+    else ``auto``."""
+    mode = os.environ.get(FORMULATION_ENV, "").strip().lower() or _scoped_mode.get() or "auto"
+    return mode.strip().lower() or "auto"
+
+
+@contextlib.contextmanager
+def formulation(mode: str | None):
+    """Convolutions traced inside use formulation setting ``mode`` (as
+    ``CNNLAB_CONV_FORMULATION`` takes it; ``None``: leave it as it is), unless the environment
+    variable overrides it."""
+    if mode is None:
+        yield
+        return
+    token = _scoped_mode.set(mode)
+    try:
+        yield
+    finally:
+        _scoped_mode.reset(token)
+
+
+def check_setting(mode: str) -> str | None:
+    """Why ``mode`` is not a valid formulation setting, or None (for config checks; whether
+    oneDNN is available is checked where the setting is used)."""
+    try:
+        parse_setting(mode, check_available=False)
+        return None
+    except ValueError as e:
+        return str(e)
+
+
 def forced_formulations() -> tuple[str, str, str] | None:
-    """The formulations ``CNNLAB_CONV_FORMULATION`` forces, ``(forward, input grad, kernel
-    grad)``, or None under ``auto``; a bad setting raises a ValueError naming it."""
-    mode = os.environ.get(FORMULATION_ENV, "auto").strip().lower() or "auto"
+    """The formulations the setting (:func:`formulation_setting`) forces, ``(forward, input
+    grad, kernel grad)``, or None under ``auto``; a bad setting raises a ValueError naming it."""
+    mode = formulation_setting()
+    try:
+        return parse_setting(mode)
+    except ValueError as e:
+        where = FORMULATION_ENV if os.environ.get(FORMULATION_ENV, "").strip() else "conv_formulation"
+        raise ValueError(f"{where}={mode!r}: {e}") from None
+
+
+def parse_setting(mode: str, *, check_available: bool = True) -> tuple[str, str, str] | None:
+    """``(forward, input grad, kernel grad)`` for a formulation setting, None for ``auto``."""
+    mode = mode.strip().lower() or "auto"
     if mode == "auto":
         return None
     if mode in ("xla", "onednn"):
@@ -280,12 +327,12 @@ def forced_formulations() -> tuple[str, str, str] | None:
             forms = ("xla", *forms)
         if len(forms) != 3 or any(f not in t for f, t in zip(forms, TABLES.values())):
             raise ValueError(
-                f"{FORMULATION_ENV}={mode!r}: expected auto, xla, onednn, <input grad>/<kernel grad> "
+                "expected auto, xla, onednn, <input grad>/<kernel grad> "
                 f"or <forward>/<input grad>/<kernel grad>, with the forward one of {', '.join(FORWARDS)}, "
                 f"the input grad one of {', '.join(INPUT_GRADS)} and the kernel grad one of "
                 f"{', '.join(KERNEL_GRADS)}")
-    if "onednn" in forms and not onednn.available():
-        raise ValueError(f"{FORMULATION_ENV}={mode!r}: oneDNN's convolutions are unavailable: "
+    if check_available and "onednn" in forms and not onednn.available():
+        raise ValueError("oneDNN's convolutions are unavailable: "
                          f"{onednn.unavailable_reason()}")
     return forms
 
@@ -299,7 +346,7 @@ def native_bfloat16() -> tuple[bool, str]:
         return True, f"the {jax.default_backend()} backend computes bfloat16 natively"
     forced = forced_formulations()
     if forced is not None and "onednn" not in forced:
-        return False, (f"{FORMULATION_ENV}={os.environ.get(FORMULATION_ENV)} leaves oneDNN's "
+        return False, (f"conv formulation {formulation_setting()!r} leaves oneDNN's "
                        "bfloat16 convolutions unused")
     return onednn.native_bfloat16()
 
@@ -324,7 +371,7 @@ _unwritable: set[str] = set()  # cache roots found read-only or uncreatable in t
 def _cache_dir() -> Path:
     """The cache root, or (where it cannot be written) a temporary one of this user's."""
     root = cache_root()
-    return onednn._fallback_root() if str(root) in _unwritable else root
+    return onednn.fallback_root() if str(root) in _unwritable else root
 
 
 def _cache_unwritable(error: OSError) -> None:
@@ -332,7 +379,7 @@ def _cache_unwritable(error: OSError) -> None:
     if str(root) not in _unwritable:
         _unwritable.add(str(root))
         onednn.announce(f"the cache {root} cannot be written ({error.strerror or error}): "
-                        f"convolution formulations are cached in {onednn._fallback_root()} instead")
+                        f"convolution formulations are cached in {onednn.fallback_root()} instead")
 
 
 def _cache_path() -> str:

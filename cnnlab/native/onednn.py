@@ -35,7 +35,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -45,6 +44,7 @@ import jax
 import numpy as np
 
 from cnnlab._files import cache_root, write_text_atomic
+from cnnlab._notices import said, say_once
 
 Array = jax.Array
 #: ``cnnlab.native.conv_impl.ConvSpec`` (not imported: conv_impl imports this module).
@@ -186,24 +186,19 @@ def _build(path: Path) -> None:
             os.unlink(tmp)
 
 
-def _fallback_root() -> Path:
+def fallback_root() -> Path:
     """A cache root of this user's under the temporary directory, for a read-only cache."""
     return Path(tempfile.gettempdir()) / f"cnnlab-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
-_said: set[str] = set()
-
-
 def announced() -> list[str]:
     """Every fallback this process announced (what ``environment.json`` records)."""
-    return sorted(_said)
+    return said("fallback")
 
 
 def announce(message: str) -> None:
     """Prints ``cnnlab: <message>`` to stderr once per process (fallbacks say why)."""
-    if message not in _said:
-        _said.add(message)
-        print(f"cnnlab: {message}", file=sys.stderr, flush=True)
+    say_once(message, topic="fallback")
 
 
 def _explain(stderr: str, returncode: int) -> str:
@@ -272,7 +267,7 @@ def _ready_library(cxx: list[str], notes: list[str]) -> Path:
         except OSError as e:
             if attempt:
                 raise
-            temp = _library_path(_fallback_root())
+            temp = _library_path(fallback_root())
             note = (f"the cache {path.parent} cannot be written ({e.strerror or e}): building "
                     f"the oneDNN library in {temp.parent} instead")
             notes.append(note)
@@ -374,11 +369,13 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def native_bfloat16(flags: set[str] | None = None,
-                    environ: dict[str, str] | None = None) -> tuple[bool, str]:
+def native_bfloat16(flags: set[str] | None = None, environ: dict[str, str] | None = None, *,
+                    probe: bool = True) -> tuple[bool, str]:
     """``(native, why)``: whether this CPU computes bfloat16 in hardware for cnnlab (AMX or
     AVX-512 BF16, not hidden by an ISA limit, and oneDNN's bfloat16 convolutions available),
-    with the reason in words."""
+    with the reason in words. ``flags``/``environ``: another CPU's flags and environment (default:
+    this process's); ``probe``: also ask this process's oneDNN library whether it creates
+    bfloat16 convolutions (False for a hypothetical CPU)."""
     flags = cpu_flags() if flags is None else flags
     have = [f for f in BF16_CPU_FLAGS if f in flags]
     if not have:
@@ -388,7 +385,7 @@ def native_bfloat16(flags: set[str] | None = None,
         return False, f"ONEDNN_MAX_CPU_ISA={limits['onednn']} hides the CPU's bfloat16 ({have[0]})"
     if "xla" in limits and not any(t in limits["xla"] for t in ("BF16", "AMX")):
         return False, f"--xla_cpu_max_isa={limits['xla']} hides the CPU's bfloat16 ({have[0]})"
-    if environ is None and not supports_bfloat16():
+    if probe and not supports_bfloat16():
         reason = unavailable_reason() or "oneDNN refuses bfloat16 convolutions here"
         return False, f"the CPU has {have[0]}, but oneDNN's bfloat16 convolutions are not usable ({reason})"
     return True, f"the CPU has {' and '.join(have)}"

@@ -36,19 +36,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cnnlab.schema import ConfigError, copy_config, one_of
-from cnnlab.train.config import selection_metrics, validate_config
+from cnnlab.schema import ConfigError, copy_config, flatten, keys_without_effect, one_of
+from cnnlab.train.config import selection_metrics, train_schema, validate_config
 
 Point = dict[str, Any]
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 MODES = ("max", "min")
-
-# Config fields that describe how a run is shown, not what it computes: a sweep may be resumed
-# with them changed.
-_COSMETIC = ("progress",)
-
 
 # --- Grids ----------------------------------------------------------------------------------------
 
@@ -364,7 +359,8 @@ def get_field(config: ml_collections.ConfigDict, key: str, default: Any = None) 
 
 def fingerprint(base: ml_collections.ConfigDict, sweep: Sweep) -> str:
     """A hash of the base config and the sweep: a study only resumes the sweep it was made by."""
-    plain = {k: v for k, v in base.to_dict().items() if k not in _COSMETIC}
+    without_effect = set(keys_without_effect(train_schema()))
+    plain = {k: v for k, v in flatten(base).items() if k not in without_effect}
     text = json.dumps({"base": jsonable(plain), "sweep": sweep.to_dict()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

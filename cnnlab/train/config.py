@@ -17,14 +17,13 @@ import ml_collections
 
 from cnnlab import models
 from cnnlab.data.config import data_schema
+from cnnlab.native import conv_impl
 from cnnlab.schema import (
     ConfigError,
     Field,
     Schema,
     at_least,
     field_docs,
-    greater_than,
-    in_range,
     invalid,
     one_of,
     resolve,
@@ -43,6 +42,10 @@ def _positive_int(default: int, doc: str) -> Field:
 
 
 _PRECISION_WORDS = {"auto": "auto", "true": True, "false": False, "bfloat16": True, "float32": False}
+
+
+def _formulation_check(value: str) -> str | None:
+    return conv_impl.check_setting(value)
 
 
 def _precision_check(value: Any) -> str | None:
@@ -75,28 +78,8 @@ def train_schema() -> Schema:
             "kwargs": Field({}, dict, doc="the model's constructor arguments (num_classes comes from the data)"),
         },
         "data": data_schema(),
-        "optimizer": {
-            "name": Field("adam", str, choices=lambda: optim.OPTIMIZERS,
-                          doc="registered optimizer"),
-            "learning_rate": Field(1e-3, float, greater_than(0), "peak learning rate"),
-            "b1": Field(0.9, float, in_range(0, 1), "adam/adamw first-moment decay"),
-            "b2": Field(0.999, float, in_range(0, 1), "adam/adamw second-moment decay"),
-            "eps": Field(1e-7, float, greater_than(0), "adam/adamw/rmsprop epsilon (Keras' default)"),
-            "momentum": Field(0.9, float, in_range(0, 1), "sgd/rmsprop momentum (0: none)"),
-            "nesterov": Field(False, bool, doc="sgd: Nesterov momentum"),
-            "rho": Field(0.9, float, in_range(0, 1), "rmsprop decay"),
-            "weight_decay": Field(0.0, float, at_least(0), "decoupled weight decay"),
-            "grad_clip_norm": Field(0.0, float, at_least(0), "clip gradients to this global norm (0: off)"),
-        },
-        "schedule": {
-            "name": Field("constant", str, choices=lambda: optim.SCHEDULES,
-                          doc="registered learning-rate schedule"),
-            "decay": Field(0.0, float, at_least(0), "keras_decay: lr / (1 + decay * step)"),
-            "warmup_epochs": Field(0.0, float, at_least(0), "linear warm-up from 0, in epochs"),
-            "min_lr_ratio": Field(0.0, float, in_range(0, 1, hi_open=False), "cosine: final lr / peak lr"),
-            "step_epochs": _positive_int(30, "step: epochs between decays"),
-            "step_factor": Field(0.1, float, greater_than(0), "step: lr factor per decay"),
-        },
+        "optimizer": optim.optimizer_schema(),
+        "schedule": optim.schedule_schema(),
         "loss": losses.loss_schema(),
         "normalization": Field("scale", str, choices=("scale", "mean_std"),
                                doc="x / 255, or per-channel mean/std of the training images"),
@@ -105,6 +88,12 @@ def train_schema() -> Schema:
                                  "or auto (bfloat16 where the hardware computes it natively: GPU, "
                                  "TPU, CPUs with AMX or AVX-512 BF16; float32 elsewhere; the run's "
                                  "config.json records the choice)"),
+        "conv_formulation": Field("auto", str, _formulation_check, doc="how convolutions and their "
+                                  "gradients are computed: auto (measured per shape), xla, onednn, or "
+                                  "<input grad>/<kernel grad>; $CNNLAB_CONV_FORMULATION overrides it"),
+        "image_data_format": Field("channels_last", str, choices=("channels_last", "channels_first"),
+                                   doc="the layout the model computes in (images arrive channels_last); "
+                                   "$CNNLAB_IMAGE_DATA_FORMAT overrides it"),
         "checkpoint": {
             "every_epochs": _positive_int(1, "latest checkpoint every this many epochs"),
             "every_steps": Field(0, int, at_least(0), "also every this many steps (0: epoch ends only)"),
@@ -114,9 +103,10 @@ def train_schema() -> Schema:
             "best_mode": Field("max", str, choices=("max", "min"), doc="whether larger best_metric is better"),
             "select_on_test": Field(False, bool, doc="allow a test/ best_metric (model selection on test)"),
         },
-        "log_every_steps": _positive_int(20, "train metrics every this many steps"),
+        "log_every_steps": Field(20, int, at_least(1), "train metrics every this many steps",
+                                 affects_results=False),
         "eval_every_epochs": _positive_int(1, "evaluate every this many epochs"),
-        "progress": Field(True, bool, doc="show a progress bar"),
+        "progress": Field(True, bool, doc="show a progress bar", affects_results=False),
     }
 
 

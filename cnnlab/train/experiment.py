@@ -16,12 +16,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cnnlab import backend, models, runfiles
 from cnnlab import data as data_lib
-from cnnlab import models, runfiles
+from cnnlab._notices import say_once
 from cnnlab.data.augmentations import AUGMENT_OPS
 from cnnlab.native import conv_impl
 from cnnlab.train import losses, optim
-from cnnlab.train.config import validate_config
+from cnnlab.train.config import train_schema, validate_config
 from cnnlab.train.distributed import is_main_process
 from cnnlab.train.metrics import METRICS
 from cnnlab.train.steps import TrainState, create_train_state
@@ -59,13 +60,8 @@ class Experiment:
         return build_model(self.config, self.num_classes, **overrides)
 
 
-_announced: set[str] = set()
-
-
 def _announce_once(message: str) -> None:
-    if message not in _announced and is_main_process():
-        _announced.add(message)
-        print(message, file=sys.stderr, flush=True)
+    say_once(message, topic="choice", prefix="", show=is_main_process())
 
 
 def mixed_precision_choice(value: bool | str) -> tuple[bool, str]:
@@ -97,13 +93,57 @@ def resolve_mixed_precision(config: ml_collections.ConfigDict) -> ml_collections
     return config
 
 
+#: Config fields that environment variables override (an override is recorded in the run's
+#: config.json as the value used, so a resume under another setting is a config change).
+ENV_OVERRIDES = {"conv_formulation": conv_impl.FORMULATION_ENV,
+                 "image_data_format": "CNNLAB_IMAGE_DATA_FORMAT"}
+
+
+def resolve_env_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with the fields of :data:`ENV_OVERRIDES` taken from their environment
+    variables where set (said once per process when that changes the config's value)."""
+    values = config.to_dict()
+    for key, var in ENV_OVERRIDES.items():
+        env = os.environ.get(var, "").strip()
+        if env and env.lower() != str(values[key]).lower():
+            field = train_schema()[key]
+            values[key] = field.resolve(f"{key} (from ${var})", env.lower())
+            _announce_once(f"{key}={values[key]!r} from ${var} (the config says {config[key]!r}).")
+    return ml_collections.ConfigDict(values)
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> Any:
     """The config's model for ``num_classes`` (bfloat16 compute with ``mixed_precision``;
-    ``"auto"`` as :func:`mixed_precision_choice` decides)."""
+    ``"auto"`` as :func:`mixed_precision_choice` decides), computing in the config's
+    ``image_data_format`` with its ``conv_formulation`` (:func:`in_run_context`)."""
     kwargs = dict(config.model.kwargs.to_dict(), num_classes=num_classes)
     if mixed_precision_choice(config.mixed_precision)[0]:
         kwargs["dtype"] = jnp.bfloat16
-    return models.get_model(config.model.name, **{**kwargs, **overrides})
+    model = models.get_model(config.model.name, **{**kwargs, **overrides})
+    return in_run_context(model, conv_formulation=config.get("conv_formulation", "auto"),
+                          image_data_format=config.get("image_data_format", "channels_last"))
+
+
+def in_run_context(model: Any, *, conv_formulation: str, image_data_format: str) -> Any:
+    """``model`` whose calls (init, apply, every trace) run with ``conv_formulation`` and
+    ``image_data_format`` in force, taking channels_last images (transposed to channels_first
+    when that is the format). The same module class, so its variables are the model's own."""
+    cls = type(model)
+    if getattr(cls, "_run_context", None) is not None:
+        cls = cls.__mro__[1]
+
+    def __call__(self, x, *args, **kwargs):  # noqa: N807
+        with conv_impl.formulation(conv_formulation), backend.image_data_format_scope(image_data_format):
+            if image_data_format == "channels_first" and x.ndim == 4:
+                x = jnp.transpose(x, (0, 3, 1, 2))
+            return cls.__call__(self, x, *args, **kwargs)
+
+    context = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__,
+                                          "_run_context": (conv_formulation, image_data_format)})
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+              if f.init and f.name not in ("parent", "name")}
+    return context(**fields)
 
 
 PREPROCESSING_FILE = runfiles.PREPROCESSING
@@ -142,7 +182,10 @@ def resolve_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> m
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The validated config with its global batch size for this machine's devices and its
     ``mixed_precision`` decided for this machine (:func:`resolve_mixed_precision`)."""
-    return resolve_batch_size(resolve_mixed_precision(validate_config(config)), jax.device_count())
+    config = resolve_env_overrides(validate_config(config))
+    with conv_impl.formulation(config.conv_formulation):  # "auto" precision asks what it allows
+        config = resolve_mixed_precision(config)
+    return resolve_batch_size(config, jax.device_count())
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:

@@ -22,7 +22,6 @@ and a config sets ``config.loss.name = "poly1"`` and ``config.loss.poly1.epsilon
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from cnnlab._registry import Registry
-from cnnlab.schema import Field, Schema, Section, at_least, in_range
+from cnnlab.schema import Field, Schema, at_least, chosen_part_section, in_range, part_values
 
 LossFn = Callable[..., jax.Array]
 
@@ -68,34 +67,16 @@ def loss_schema() -> Schema:
     """``loss``: the loss by name, label smoothing, and every registered loss's fields (read at
     call time, so a user's losses are included); resolved, only the chosen loss's section is
     kept."""
-    return Section({
+    return chosen_part_section("loss", {
         "name": Field(DEFAULT, str, choices=lambda: LOSSES, doc="registered training loss"),
         "label_smoothing": Field(0.0, float, in_range(0, 1), "label smoothing of the targets"),
-        **{name: loss.fields for name, loss in LOSSES.items() if loss.fields},
-    }, _chosen_only)
-
-
-def _chosen_only(resolved: dict[str, Any], path: str) -> dict[str, Any]:
-    """The chosen loss's section only (a run records what it uses); fields set for another
-    loss would have no effect: that is warned about."""
-    chosen = resolved["name"]
-    for name, params in resolved.items():
-        if name in ("name", "label_smoothing", chosen) or not isinstance(params, dict):
-            continue
-        defaults = {p: f.default for p, f in LOSSES.lookup(name).fields.items()}
-        changed = sorted(p for p, v in params.items() if v != defaults[p])
-        if changed:
-            warnings.warn(f"{path}.{name}.{', '.join(changed)} set, but {path}.name is {chosen!r}: "
-                          "no effect", UserWarning, stacklevel=2)
-    return {k: v for k, v in resolved.items() if k in ("name", "label_smoothing", chosen)}
+    }, {name: loss.fields for name, loss in LOSSES.items()})
 
 
 def loss_values(config: Any) -> dict[str, Any]:
     """The chosen loss's fields (``{field: value}``) from a validated config."""
     name = config.loss.name
-    section = config.loss.get(name) if hasattr(config.loss, "get") else None
-    values = dict(section) if section else {}
-    return {f: values.get(f, field.default) for f, field in LOSSES.lookup(name).fields.items()}
+    return part_values(config.loss, name, LOSSES.lookup(name).fields)
 
 
 def make_loss(config: Any, traced: dict[str, Any] | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:

@@ -1,95 +1,214 @@
-"""Optimizers and learning-rate schedules by name (registries), built from a config with optax.
+"""Optimizers and learning-rate schedules by name (registries), each owning its config fields,
+built from a config with optax.
 
-Hyperparameters are arguments: :func:`make_optimizer` takes ``hparams`` that may be traced (one
-value per packed sweep trial). Schedules are built for a unit learning rate and scaled by
-``optimizer.learning_rate``, which is therefore always traceable; the other traceable fields
-are declared by the optimizer that owns them. A user adds one in their own module::
+Shared fields sit in the ``optimizer`` section (``name``, ``learning_rate``, ``weight_decay``,
+``grad_clip_norm``) and the ``schedule`` section (``name``, ``warmup_epochs``); an optimizer's or
+schedule's own fields in a sub-section named after it (``optimizer.adam.b1``,
+``schedule.cosine.min_lr_ratio``). Hyperparameters are arguments: :func:`make_optimizer` takes
+``hparams`` that may be traced (one value per packed sweep trial); schedules are built for a unit
+learning rate and scaled by ``optimizer.learning_rate``, which is therefore always traceable. A
+user adds one in their own module (imported by their config file)::
 
-    @register_optimizer("lion", traceable=("b1", "b2"))
-    def lion(o, learning_rate):  # o: the optimizer config, attribute access
-        return optax.lion(learning_rate, b1=o.b1, b2=o.b2, weight_decay=0.0)
+    from cnnlab.schema import Field, in_range
+    from cnnlab.train import optim
+
+    @optim.register_optimizer("lion", b1=Field(0.9, float, in_range(0, 1), "...", traceable=True),
+                              b2=Field(0.99, float, in_range(0, 1), "..."))
+    def lion(learning_rate, *, b1, b2):
+        return optax.lion(learning_rate, b1=b1, b2=b2)
+
+and a config sets ``config.optimizer.name = "lion"`` and ``config.optimizer.lion.b1 = 0.95``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 import optax
 
 from cnnlab._registry import Registry
+from cnnlab.schema import (
+    Field,
+    Schema,
+    at_least,
+    chosen_part_section,
+    greater_than,
+    in_range,
+    part_values,
+)
 
-OptimizerFn = Callable[[Any, optax.Schedule], optax.GradientTransformation]
+OptimizerFn = Callable[..., optax.GradientTransformation]
+ScheduleFn = Callable[..., optax.Schedule]
 
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-    """``build(o, learning_rate)``, the config fields it lets be traced, and whether it applies
-    ``weight_decay`` itself (else :func:`make_optimizer` adds a decay stage for a nonzero one)."""
+    """``build(learning_rate, **fields)`` (plus ``weight_decay=`` when it ``applies_weight_decay``
+    itself; otherwise :func:`make_optimizer` adds a decay stage for a nonzero one) and its
+    config fields."""
 
     build: OptimizerFn
-    traceable: tuple[str, ...] = ()
+    fields: dict[str, Field]
     applies_weight_decay: bool = False
+
+    def traceable(self) -> tuple[str, ...]:
+        return tuple(name for name, f in self.fields.items() if f.traceable)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """``build(*, steps, steps_per_epoch, **fields) -> optax.Schedule``: the learning-rate
+    multiplier (1 at its start) over the ``steps`` updates after warmup; and its config fields."""
+
+    build: ScheduleFn
+    fields: dict[str, Field]
+
+    def traceable(self) -> tuple[str, ...]:
+        return tuple(name for name, f in self.fields.items() if f.traceable)
 
 
 OPTIMIZERS = Registry("optimizer", {})
 SCHEDULES = Registry("schedule", {})
+_OPTIMIZER_SHARED = ("name", "learning_rate", "weight_decay", "grad_clip_norm")
+_SCHEDULE_SHARED = ("name", "warmup_epochs")
+
+
+def _check_name(name: str, reserved: tuple[str, ...], kind: str) -> None:
+    if name in reserved:
+        raise ValueError(f"{name!r} is a field of the {kind} section, not a {kind} name")
 
 
 def register_optimizer(
-    name: str, *, traceable: Sequence[str] = (), applies_weight_decay: bool = False
+    name: str, *, applies_weight_decay: bool = False, **fields: Field
 ) -> Callable[[OptimizerFn], OptimizerFn]:
-    """Decorator registering ``build(o, learning_rate)`` as ``optimizer.name = name``."""
+    """Decorator registering ``build(learning_rate, **fields)`` as ``optimizer.name = name``,
+    with its parameters ``fields`` (set as ``optimizer.<name>.<field>``; a ``traceable`` one may
+    differ between packed trials). ``applies_weight_decay``: ``build`` also takes
+    ``weight_decay=`` (decoupled decay of its own, as adamw)."""
+    _check_name(name, _OPTIMIZER_SHARED, "optimizer")
 
     def decorator(fn: OptimizerFn) -> OptimizerFn:
-        OPTIMIZERS.register(name, Optimizer(fn, tuple(traceable), applies_weight_decay), module=fn.__module__)
+        OPTIMIZERS.register(name, Optimizer(fn, dict(fields), applies_weight_decay), module=fn.__module__)
         return fn
 
     return decorator
 
 
-def register_schedule(name: str) -> Callable[[Callable[..., optax.Schedule]], Callable[..., optax.Schedule]]:
-    """Decorator registering ``fn(s, *, steps, steps_per_epoch) -> optax.Schedule`` as
+def register_schedule(name: str, **fields: Field) -> Callable[[ScheduleFn], ScheduleFn]:
+    """Decorator registering ``build(*, steps, steps_per_epoch, **fields) -> optax.Schedule`` as
     ``schedule.name = name``: the learning-rate multiplier (1 at its start) over the ``steps``
-    updates after warmup, for the schedule config ``s``."""
-    return SCHEDULES.register(name)
+    updates after warmup, with its parameters ``fields`` (``schedule.<name>.<field>``)."""
+    _check_name(name, _SCHEDULE_SHARED, "schedule")
+
+    def decorator(fn: ScheduleFn) -> ScheduleFn:
+        SCHEDULES.register(name, Schedule(fn, dict(fields)), module=fn.__module__)
+        return fn
+
+    return decorator
 
 
-register_optimizer("adam", traceable=("b1", "b2", "eps"))(
-    lambda o, lr: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps))
-register_optimizer("adamw", traceable=("b1", "b2", "eps", "weight_decay"), applies_weight_decay=True)(
-    lambda o, lr: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-register_optimizer("sgd")(  # momentum is structure: a zero momentum has no trace stage
-    lambda o, lr: optax.sgd(lr, momentum=o.momentum or None, nesterov=o.nesterov))
-register_optimizer("rmsprop", traceable=("rho", "eps", "momentum"))(
-    lambda o, lr: optax.rmsprop(lr, decay=o.rho, eps=o.eps, momentum=o.momentum))
+def optimizer_schema() -> Schema:
+    """``optimizer``: the shared fields and each registered optimizer's own (read at call time,
+    so a user's optimizers are included)."""
+    return chosen_part_section("optimizer", {
+        "name": Field("adam", str, choices=lambda: OPTIMIZERS, doc="registered optimizer"),
+        "learning_rate": Field(1e-3, float, greater_than(0), "peak learning rate", traceable=True),
+        "weight_decay": Field(0.0, float, at_least(0), "decoupled weight decay", traceable=True),
+        "grad_clip_norm": Field(0.0, float, at_least(0), "clip gradients to this global norm (0: off)",
+                                traceable=True),
+    }, {name: o.fields for name, o in OPTIMIZERS.items()})
 
-register_schedule("constant")(lambda s, *, steps, steps_per_epoch: optax.constant_schedule(1.0))
+
+def schedule_schema() -> Schema:
+    """``schedule``: the shared fields and each registered schedule's own."""
+    return chosen_part_section("schedule", {
+        "name": Field("constant", str, choices=lambda: SCHEDULES, doc="registered learning-rate schedule"),
+        "warmup_epochs": Field(0.0, float, at_least(0), "linear warm-up from 0, in epochs"),
+    }, {name: s.fields for name, s in SCHEDULES.items()})
+
+
+def _betas() -> dict[str, Field]:
+    return {
+        "b1": Field(0.9, float, in_range(0, 1), "first-moment decay", traceable=True),
+        "b2": Field(0.999, float, in_range(0, 1), "second-moment decay", traceable=True),
+        "eps": Field(1e-7, float, greater_than(0), "epsilon (Keras' default)", traceable=True),
+    }
+
+
+@register_optimizer("adam", **_betas())
+def adam(learning_rate: Any, *, b1: Any, b2: Any, eps: Any) -> optax.GradientTransformation:
+    return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+@register_optimizer("adamw", applies_weight_decay=True, **_betas())
+def adamw(learning_rate: Any, *, b1: Any, b2: Any, eps: Any, weight_decay: Any) -> optax.GradientTransformation:
+    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+# momentum is structure, not traceable: a zero momentum has no trace stage
+@register_optimizer("sgd", momentum=Field(0.9, float, in_range(0, 1), "momentum (0: none)"),
+                    nesterov=Field(False, bool, doc="Nesterov momentum"))
+def sgd(learning_rate: Any, *, momentum: float, nesterov: bool) -> optax.GradientTransformation:
+    return optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
+
+
+@register_optimizer("rmsprop",
+                    rho=Field(0.9, float, in_range(0, 1), "decay of the squared-gradient average",
+                              traceable=True),
+                    eps=Field(1e-7, float, greater_than(0), "epsilon (Keras' default)", traceable=True),
+                    momentum=Field(0.0, float, in_range(0, 1), "momentum (0: none)", traceable=True))
+def rmsprop(learning_rate: Any, *, rho: Any, eps: Any, momentum: Any) -> optax.GradientTransformation:
+    return optax.rmsprop(learning_rate, decay=rho, eps=eps, momentum=momentum)
+
+
+register_schedule("constant")(lambda *, steps, steps_per_epoch: optax.constant_schedule(1.0))
+
+
 # Keras 2's ``decay`` argument: ``lr / (1 + decay * iterations)``, updated every step.
-register_schedule("keras_decay")(lambda s, *, steps, steps_per_epoch: lambda c: 1.0 / (1.0 + s.decay * c))
-register_schedule("cosine")(
-    lambda s, *, steps, steps_per_epoch: optax.cosine_decay_schedule(1.0, steps, alpha=s.min_lr_ratio))
-register_schedule("step")(lambda s, *, steps, steps_per_epoch: optax.exponential_decay(
-    1.0, transition_steps=max(s.step_epochs * steps_per_epoch, 1), decay_rate=s.step_factor, staircase=True))
+@register_schedule("keras_decay", decay=Field(0.0, float, at_least(0), "lr / (1 + decay * step)"))
+def keras_decay(*, steps: int, steps_per_epoch: int, decay: Any) -> optax.Schedule:
+    return lambda count: 1.0 / (1.0 + decay * count)
+
+
+@register_schedule("cosine", min_lr_ratio=Field(0.0, float, in_range(0, 1, hi_open=False),
+                                                "final lr / peak lr"))
+def cosine(*, steps: int, steps_per_epoch: int, min_lr_ratio: Any) -> optax.Schedule:
+    return optax.cosine_decay_schedule(1.0, steps, alpha=min_lr_ratio)
+
+
+@register_schedule("step", epochs=Field(30, int, at_least(1), "epochs between decays"),
+                   factor=Field(0.1, float, greater_than(0), "lr factor per decay"))
+def step(*, steps: int, steps_per_epoch: int, epochs: int, factor: Any) -> optax.Schedule:
+    return optax.exponential_decay(1.0, transition_steps=max(epochs * steps_per_epoch, 1),
+                                   decay_rate=factor, staircase=True)
 
 
 def make_schedule(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, *, learning_rate: Any = None
+    config: ml_collections.ConfigDict, steps_per_epoch: int, *, learning_rate: Any = None,
+    hparams: Mapping[str, Any] | None = None,
 ) -> optax.Schedule:
     """``schedule.name``'s schedule of ``learning_rate`` (default ``optimizer.learning_rate``; may
     be traced) over ``steps_per_epoch`` updates per epoch, after ``schedule.warmup_epochs`` of
-    linear warmup from 0."""
+    linear warmup from 0; ``hparams``: traced values of the schedule's fields (full config keys)."""
     s = config.schedule
     lr = config.optimizer.learning_rate if learning_rate is None else learning_rate
     warmup = int(round(s.warmup_epochs * steps_per_epoch))
     total = max(config.num_epochs * steps_per_epoch, 1)
-    unit = SCHEDULES.lookup(s.name)(s, steps=max(total - warmup, 1), steps_per_epoch=steps_per_epoch)
+    entry = SCHEDULES.lookup(s.name)
+    fields = _with_traced(part_values(s, s.name, entry.fields), f"schedule.{s.name}.", hparams)
+    unit = entry.build(steps=max(total - warmup, 1), steps_per_epoch=steps_per_epoch, **fields)
     if warmup:
         unit = optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), unit], [warmup])
     return lambda count: lr * unit(count)
+
+
+def _with_traced(values: dict[str, Any], prefix: str, hparams: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``values`` with the ``hparams`` under ``prefix`` (full config keys) in place."""
+    traced = {k[len(prefix):]: v for k, v in (hparams or {}).items() if k.startswith(prefix)}
+    return {**values, **traced}
 
 
 def learning_rate_at(config: ml_collections.ConfigDict, steps_per_epoch: int, step: int) -> float:
@@ -101,17 +220,30 @@ def learning_rate_at(config: ml_collections.ConfigDict, steps_per_epoch: int, st
 
 
 def traceable_optimizer_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The ``optimizer`` fields that may be traced (differ between packed trials) for this
-    config: ``learning_rate``, the optimizer's declared fields, and ``weight_decay`` /
-    ``grad_clip_norm`` where their stage exists (a nonzero value in the config)."""
-    o = config.optimizer
+    """The config keys of the optimizer and schedule fields that may be traced (differ between
+    packed trials) for this config: ``optimizer.learning_rate``, the chosen optimizer's and
+    schedule's traceable fields, and ``optimizer.weight_decay`` / ``optimizer.grad_clip_norm``
+    where their stage exists (a nonzero value in the config)."""
+    o, s = config.optimizer, config.schedule
     entry = OPTIMIZERS.lookup(o.name)
-    fields = ["learning_rate", *entry.traceable]
-    if o.weight_decay and not entry.applies_weight_decay:
-        fields.append("weight_decay")
+    fields = ["optimizer.learning_rate", *(f"optimizer.{o.name}.{f}" for f in entry.traceable())]
+    if o.weight_decay or entry.applies_weight_decay:
+        fields.append("optimizer.weight_decay")
     if o.grad_clip_norm:
-        fields.append("grad_clip_norm")
+        fields.append("optimizer.grad_clip_norm")
+    fields += [f"schedule.{s.name}.{f}" for f in SCHEDULES.lookup(s.name).traceable()]
     return tuple(fields)
+
+
+def config_value(config: ml_collections.ConfigDict, key: str) -> Any:
+    """The value of a traceable optimizer or schedule key (:func:`traceable_optimizer_fields`),
+    a part's default where the config leaves it out."""
+    section, *rest = key.split(".")
+    if len(rest) == 1:
+        return config[section][rest[0]]
+    part, field = rest
+    registry = OPTIMIZERS if section == "optimizer" else SCHEDULES
+    return part_values(config[section], part, registry.lookup(part).fields)[field]
 
 
 def make_optimizer(
@@ -127,12 +259,12 @@ def make_optimizer(
         config: the training config (``optimizer``, ``schedule``, ``num_epochs``,
             ``grad_accum_steps``).
         steps_per_epoch: batches per epoch (``grad_accum_steps`` batches make one update).
-        hparams: ``{optimizer field: value}`` overriding the config's, e.g. a packed trial's
-            tracers; only :func:`traceable_optimizer_fields`. Which stages exist follows the
-            config's values, so the state structure does not depend on ``hparams``.
+        hparams: ``{config key: value}`` overriding the config's, e.g. a packed trial's tracers;
+            only :func:`traceable_optimizer_fields`. Which stages exist follows the config's
+            values, so the state structure does not depend on ``hparams``.
 
     Raises:
-        ValueError: an unknown optimizer or schedule, or an ``hparams`` field that cannot be
+        ValueError: an unknown optimizer or schedule, or an ``hparams`` key that cannot be
             traced for this config.
     """
     o = config.optimizer
@@ -142,18 +274,21 @@ def make_optimizer(
     bad = sorted(set(hparams) - set(allowed))
     if bad:
         raise ValueError(
-            f"optimizer field(s) {bad} cannot be traced for optimizer {o.name!r} with this config; "
+            f"field(s) {bad} cannot be traced for optimizer {o.name!r} with this config; "
             f"traceable: {list(allowed)}."
         )
-    h = types.SimpleNamespace(**{**o.to_dict(), **hparams})
+    shared = {k: hparams.get(f"optimizer.{k}", o[k]) for k in ("learning_rate", "weight_decay", "grad_clip_norm")}
+    own = _with_traced(part_values(o, o.name, entry.fields), f"optimizer.{o.name}.", hparams)
     updates_per_epoch = max(steps_per_epoch // config.grad_accum_steps, 1)
-    schedule = make_schedule(config, updates_per_epoch, learning_rate=h.learning_rate)
+    schedule = make_schedule(config, updates_per_epoch, learning_rate=shared["learning_rate"], hparams=hparams)
     parts = []
     if o.grad_clip_norm:
-        parts.append(optax.clip_by_global_norm(h.grad_clip_norm))
+        parts.append(optax.clip_by_global_norm(shared["grad_clip_norm"]))
     if o.weight_decay and not entry.applies_weight_decay:
-        parts.append(optax.add_decayed_weights(h.weight_decay))
-    parts.append(entry.build(h, schedule))
+        parts.append(optax.add_decayed_weights(shared["weight_decay"]))
+    if entry.applies_weight_decay:
+        own["weight_decay"] = shared["weight_decay"]
+    parts.append(entry.build(schedule, **own))
     tx = optax.chain(*parts)
     if config.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps).gradient_transformation()

@@ -33,8 +33,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cnnlab import data as data_lib
 from cnnlab import models, nn
-from cnnlab.schema import flatten
+from cnnlab.schema import flatten, keys_without_effect
 from cnnlab.train import losses, optim
+from cnnlab.train.config import train_schema
 from cnnlab.train.experiment import Experiment, initial_state, resolve
 from cnnlab.train.steps import (
     TrainState,
@@ -85,8 +86,8 @@ def traceable_values(config: ml_collections.ConfigDict) -> dict[str, float]:
         v = _model_field(config, f)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             values[f"model.kwargs.{f}"] = float(v)
-    for f in optim.traceable_optimizer_fields(config):
-        values[f"optimizer.{f}"] = float(config.optimizer[f])
+    for key in optim.traceable_optimizer_fields(config):
+        values[key] = float(optim.config_value(config, key))
     for k, v in _pipeline(config).traceable().items():
         values[f"data.augment.{k}"] = float(v)
     loss_fields = losses.loss_values(config)
@@ -99,7 +100,7 @@ def pack_key(config: ml_collections.ConfigDict) -> str:
     """Equal for configs that can be trained in one packed program."""
     config = resolve(config)
     flat = {k: v for k, v in flatten(config).items() if not k.startswith("data.augment.")}
-    for key in (*traceable_values(config), "seed", "progress"):
+    for key in (*traceable_values(config), "seed", *keys_without_effect(train_schema())):
         flat.pop(key, None)
     flat["data.augment"] = _pipeline(config).structure()
     # Whether an optimizer stage exists (e.g. decoupled weight decay) shows in its state's
@@ -217,7 +218,7 @@ def build_program(
     shared = len(set(seeds)) == 1
     h_host = traced_values(configs)
     model_keys = [k for k in h_host if k.startswith("model.kwargs.")]
-    opt_keys = [k for k in h_host if k.startswith("optimizer.")]
+    opt_keys = [k for k in h_host if k.startswith(("optimizer.", "schedule."))]
     aug_keys = [k for k in h_host if k.startswith("data.augment.")]
     loss_keys = [k for k in h_host if k.startswith("loss.")]
     pipeline = data_lib.augment_pipeline(config.data.augment, exp.num_classes)
@@ -228,7 +229,7 @@ def build_program(
     def train_step(state: TrainState, h: dict[str, jax.Array], batch):
         """One trial's step with its traced hyperparameters ``h`` (:func:`traced_values`)."""
         model = exp.model_with(**{k.split(".")[-1]: h[k] for k in model_keys}) if model_keys else exp.model
-        tx = (optim.make_optimizer(config, exp.steps_per_epoch, {k.split(".")[-1]: h[k] for k in opt_keys})
+        tx = (optim.make_optimizer(config, exp.steps_per_epoch, {k: h[k] for k in opt_keys})
               if opt_keys else exp.tx)
         traced = {k[len("data.augment."):]: h[k] for k in aug_keys} or None
 

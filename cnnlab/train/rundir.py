@@ -33,7 +33,7 @@ import jax
 from cnnlab import runfiles, runtime
 from cnnlab.data.dataset import Dataset
 from cnnlab.native import conv_impl, onednn
-from cnnlab.schema import flatten
+from cnnlab.schema import flatten, keys_without_effect
 from cnnlab.train.writers import write_json_atomic, write_text_atomic
 
 SPLIT_FILE = runfiles.SPLIT
@@ -41,18 +41,6 @@ ENVIRONMENT_FILE = runfiles.ENVIRONMENT
 FORMULATIONS_FILE = runfiles.FORMULATIONS
 CONFIG_FILE = runfiles.CONFIG
 CONFIG_CHANGES_FILE = runfiles.CONFIG_CHANGES
-
-#: Flattened config keys that do not change results: resuming with other values is allowed
-#: silently (``config.json`` takes the new values, no history entry).
-OPERATIONAL_KEYS = (
-    "progress",
-    "log_every_steps",
-    "data.data_dir",
-    "data.cache_dir",
-    "data.num_workers",
-    "data.use_cache",
-    "data.cache_verify",
-)
 
 _ABSENT = "<absent>"
 
@@ -288,7 +276,7 @@ def record_config(
     """Records the resolved ``config`` of a run starting or resuming at ``step``.
 
     A fresh run directory gets ``config.json``. Otherwise the recorded config is compared key
-    by key (flattened, :data:`OPERATIONAL_KEYS` ignored); any difference raises
+    by key (flattened; fields declared ``affects_results=False`` ignored); any difference raises
     :class:`ConfigChangedError` naming every changed key with both values, unless
     ``allow_config_change``: then the old file is kept as ``config_history/config.NNNN.json``,
     ``{"step", "changes": {key: [old, new]}, "time", "previous"}`` is appended to
@@ -311,7 +299,10 @@ def record_config(
     # A field a newer cnnlab added, at its default, is not a change (the old run computed that).
     differ = {k: (a, b) for k, (a, b) in pairs.items()
               if a != b and not (a is _ABSENT and k in defaults and b == defaults[k])}
-    changes = {k: v for k, v in differ.items() if k not in OPERATIONAL_KEYS}
+    from cnnlab.train.config import train_schema
+
+    without_effect = keys_without_effect(train_schema())
+    changes = {k: v for k, v in differ.items() if k not in without_effect}
     if changes and not allow_config_change:
         listed = "; ".join(
             f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items()

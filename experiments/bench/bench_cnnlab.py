@@ -92,7 +92,7 @@ def main() -> None:
     config.data.val_fraction = 0.0  # the arrays below have no validation split
     config.checkpoint.best_metric, config.checkpoint.best_mode = "train/loss", "min"
     config.schedule.name = "constant"
-    config.schedule.decay = 0.0
+    config.schedule.keras_decay.decay = 0.0
     config.log_every_steps = args.window
     config.progress = False
     for assignment in args.set:
