@@ -114,6 +114,48 @@ def test_sigkill_and_resume_ends_with_exactly_the_same_metrics(tmp_path):
     assert a[-1] == b[-1]  # every final metric, exactly
 
 
+def test_ctrl_c_during_an_epochs_checkpoint_save_keeps_it_and_resume_starts_after_it(
+        tmp_path, monkeypatch, caplog, capsys):
+    # SIGINT as the end-of-epoch checkpoint starts saving (a Ctrl-C just after "epoch 1/2"):
+    # the save must finish, with no orbax error, and the resume start after that epoch.
+    import logging
+
+    import orbax.checkpoint as ocp
+    from helpers import tiny_config
+
+    from cnnlab.train.trainer import TrainingInterrupted
+
+    config = tiny_config()  # 3 steps an epoch, a checkpoint every 2 steps
+    best_steps, save = [], ocp.CheckpointManager.save
+
+    def interrupted_save(self, step, *args, **kwargs):
+        if self.directory.name == "best":
+            best_steps.append(step)
+        elif step in best_steps:  # the latest checkpoint at an epoch's end
+            os.kill(os.getpid(), signal.SIGINT)
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", interrupted_save)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with caplog.at_level(logging.WARNING), pytest.raises(TrainingInterrupted) as err:
+            train_and_evaluate(config, str(tmp_path))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    epoch_end = best_steps[0]
+    assert f"interrupted at step {epoch_end} " in str(err.value)
+    assert f"the last checkpoint is step {epoch_end}." in str(err.value)
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints" / "latest").iterdir() if p.name.isdigit())
+    assert kept[-1] == epoch_end
+    assert not [r for r in caplog.records if "orbax" in r.pathname], caplog.text
+    assert "Ctrl-C: finishing epoch 1's evaluation and checkpoint" in capsys.readouterr().err
+
+    monkeypatch.undo()
+    train_and_evaluate(config, str(tmp_path))
+    assert f"Resuming from step {epoch_end} " in capsys.readouterr().out
+    assert [r["epoch"] for r in _epoch_records(str(tmp_path))] == [1, 2]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     config = smoke_config(**{
         "optimizer.name": "sgd", "optimizer.learning_rate": 1e12, "optimizer.momentum": 0.0,

@@ -12,8 +12,11 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -70,6 +73,36 @@ def say(message: str) -> None:
     """Prints on the main process only."""
     if is_main_process():
         print(message, flush=True)
+
+
+@contextlib.contextmanager
+def _finish_before_interrupt(what: str):
+    """Holds a Ctrl-C (SIGINT) that arrives in the block until the block is done, then raises
+    it: an epoch's evaluation, records and checkpoint are written whole (an orbax save cut
+    short is dropped, so a resume would start an epoch earlier). A second Ctrl-C stops at once.
+
+    Only where Python's own SIGINT handler is installed, in the main thread: a handler of the
+    caller's, an ignored SIGINT and an enclosing block are left as they are."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held = []
+
+    def hold(signum, frame) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+        print(f"Ctrl-C: finishing {what} before stopping (Ctrl-C again stops now, losing it).",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _crossed(previous: int, step: int, every: int) -> bool:
@@ -281,11 +314,12 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
 
     def save_latest(step: int, only: int | None = None) -> None:
         t = time.perf_counter()
-        for k, state in enumerate(prog.trials(states)):
-            if active[k] if only is None else k == only:
-                if is_main_process():  # first: the checkpoint must not outlive the record
-                    rundir.record_formulations(workdirs[k])
-                ckpts[k].save_latest(step, state)
+        with _finish_before_interrupt(f"the checkpoint of step {step}"):
+            for k, state in enumerate(prog.trials(states)):
+                if active[k] if only is None else k == only:
+                    if is_main_process():  # first: the checkpoint must not outlive the record
+                        rundir.record_formulations(workdirs[k])
+                    ckpts[k].save_latest(step, state)
         timings["save"] += time.perf_counter() - t
 
     def check_finite() -> None:
@@ -371,10 +405,13 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
                 save_latest(step)
             if step_in_epoch == 0:
                 timings["steps"] += time.perf_counter() - t_train
-                end_of_epoch(epoch, step)
-                states = prog.reset_sums(states)
-                if epoch % config.checkpoint.every_epochs == 0 or step == total_steps:
-                    save_latest(step)
+                # A Ctrl-C from here waits for the epoch's records and checkpoint: a resume
+                # then starts after this epoch, and no orbax save is cut short.
+                with _finish_before_interrupt(f"epoch {epoch}'s evaluation and checkpoint"):
+                    end_of_epoch(epoch, step)
+                    states = prog.reset_sums(states)
+                    if epoch % config.checkpoint.every_epochs == 0 or step == total_steps:
+                        save_latest(step)
                 for k in range(K):
                     if active[k] and on_epoch_end is not None:
                         try:
