@@ -55,8 +55,9 @@ def test_command_help_lists_its_own_flags_and_the_config_fields():
          ["--workers: Local worker processes. (default: 1)", "--pack", "schedule.name (str, 'constant')"]),
         (["sweep", "report", "--help"], ["--study_name", "--storage"]),
         (["eval", "--help"], ["--which: <best|latest>: Checkpoint to evaluate. (default: 'best')",
-                              "--output_dir", "--workdir"]),
-        (["report", "-h"], ["--output_dir", "--workdir"]),
+                              "--output_dir", "--workdir",
+                              "--overwrite: Replace output files that exist already"]),
+        (["report", "-h"], ["--output_dir", "--workdir", "--overwrite"]),
         (["predict", "--help"], ["usage: cnnlab predict", "--workdir", "--top_k"]),
         (["export", "--help"], ["usage: cnnlab export", "--workdir", "--format"]),
     ]:
@@ -245,3 +246,34 @@ def test_eval_and_report_work_on_a_read_only_run(interrupted_run, tmp_path):
         assert _snapshot(run) == before
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(run)], check=True)
+
+
+# --------------------------------------------------------------------------- records kept
+
+
+def test_eval_and_report_never_overwrite_a_record_unless_asked(interrupted_run, tmp_path):
+    # Tests run as root here, so nothing relies on permissions: the files' sizes and times say.
+    run = tmp_path / "run"
+    shutil.copytree(interrupted_run[0], run)
+    proc = cnnlab("eval", f"--workdir={run}")
+    assert proc.returncode == 0 and (run / "eval_best.json").exists(), proc.stderr[-3000:]
+    before = _snapshot(run)
+    assert_clean_error(cnnlab("eval", f"--workdir={run}"),
+                       f"cnnlab eval: error: {run / 'eval_best.json'} exists (and confusion_val_best.npy, "
+                       "confusion_test_best.npy), and records are not overwritten unless asked: "
+                       "--overwrite replaces them, --output_dir=DIR writes them elsewhere", code=2)
+    assert_clean_error(cnnlab("report", f"--workdir={run}"),
+                       f"{run / 'plot.png'} exists (and classification_report.json, "
+                       "classification_report.txt, confusion_matrix.png)", "--overwrite", code=2)
+    assert _snapshot(run) == before  # nothing rewritten
+
+    proc = cnnlab("eval", f"--workdir={run}", "--overwrite")
+    assert proc.returncode == 0 and "checkpoint=best" in proc.stdout, proc.stderr[-3000:]
+    proc = cnnlab("report", f"--workdir={run}", "--overwrite")
+    assert proc.returncode == 0 and "macro avg" in proc.stdout, proc.stderr[-3000:]
+    after = _snapshot(run)
+    for name in ("eval_best.json", "confusion_test_best.npy", "plot.png", "classification_report.txt",
+                 "confusion_matrix.png"):
+        assert after[run / name] != before[run / name], name  # written anew when asked
+    assert after[run / "metrics.jsonl"] == before[run / "metrics.jsonl"]
+

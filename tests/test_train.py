@@ -68,9 +68,10 @@ def test_smoke_training_beats_chance_and_leaves_reports(tmp_path):
     assert again["test/loss"] == pytest.approx(final["test/loss"], rel=1e-6)
     assert again["test/accuracy"] == final["test/accuracy"]
 
-    # The other two entry points work on the run directory.
+    # The other two entry points work on the run directory (report rewrites the reports the
+    # run wrote only when asked).
     (tmp_path / "plot.png").unlink()
-    out = subprocess.run([sys.executable, "-m", "cnnlab", "report", f"--workdir={tmp_path}"],
+    out = subprocess.run([sys.executable, "-m", "cnnlab", "report", f"--workdir={tmp_path}", "--overwrite"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "macro avg" in out.stdout and (tmp_path / "plot.png").exists()

@@ -246,7 +246,7 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
                 "nothing to train; evaluating its latest checkpoint (a new run needs a new "
                 "--workdir, more epochs --config.num_epochs=N --allow_config_change).")
             outcomes[k].metrics = evaluate(None, workdirs[k], which="latest",
-                                           exp=exp.for_config(resolved[k]))
+                                           exp=exp.for_config(resolved[k]), overwrite=True)
         for start in sorted({s for s in starts if s < total_steps}):
             group = [k for k in range(K) if starts[k] == start]
             pick = lambda items, g=group: [items[k] for k in g]  # noqa: E731
@@ -260,7 +260,7 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
             c.close()
     for k, wd in enumerate(workdirs):
         if outcomes[k].error is None and is_main_process():
-            report_lib.write_reports(wd, exp.dataset.class_names)
+            report_lib.write_reports(wd, exp.dataset.class_names, overwrite=True)  # its own
     timings["total"] = time.perf_counter() - t_start
     return outcomes, states, timings
 
@@ -488,29 +488,38 @@ def evaluate(
     which: str = "best",
     exp: Experiment | None = None,
     output_dir: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluates the ``best`` (by ``checkpoint.best_metric``, a validation metric by default) or
     ``latest`` checkpoint of ``workdir`` on every eval split and writes ``eval_<which>.json`` and
     ``confusion_<split>_<which>.npy`` to ``output_dir`` (default ``workdir``; skipped with a note
     when that is not writable, so a read-only run can be evaluated); returns the metrics.
-    Refuses when the data on disk no longer gives the run's recorded split."""
+    Refuses when the data on disk no longer gives the run's recorded split. Raises
+    :class:`~cnnlab.train.report.OutputExistsError` before evaluating when an output file
+    exists, unless ``overwrite``."""
     if exp is None:
-        exp = build_experiment(config if config is not None else load_run_config(workdir))
+        config = config if config is not None else load_run_config(workdir)
+        exp = build_experiment(config)
+    splits = list(eval_splits(exp))
     rundir.check_split(workdir, exp.dataset)
     ckpt = Checkpoints(workdir, keep=exp.config.checkpoint.keep, best_metric=exp.config.checkpoint.best_metric,
                        best_mode=exp.config.checkpoint.best_mode)
     try:
         if which == "best" and ckpt.best.latest_step() is None:
             which = "latest"
+        target = report_lib.output_dir_for(workdir, output_dir) if is_main_process() else None
+        if target is not None:
+            names = [runfiles.eval_record(which)] + [runfiles.eval_confusion(s, which) for s in splits]
+            report_lib.refuse_existing(target, names, overwrite=overwrite)
         state, step = ckpt.restore(initial_state(exp), which=which)
     finally:
         ckpt.close()
     prog = build_program(exp, [exp.config])
     results = evaluate_trials(exp, prog, state)[0]
     out: dict[str, Any] = {"checkpoint": which, "step": step, **_flat(results)}
-    target = report_lib.output_dir_for(workdir, output_dir) if is_main_process() else None
     if target is not None:
         for name, res in results.items():
-            np.save(os.path.join(target, f"confusion_{name}_{which}.npy"), res["confusion"])
+            np.save(os.path.join(target, runfiles.eval_confusion(name, which)), res["confusion"])
         write_json_atomic(os.path.join(target, runfiles.eval_record(which)), out)
     return out
+
