@@ -4,7 +4,7 @@ field from the schema).
 
     cnnlab train --config=configs/stridednet.py --workdir=runs/stridednet \\
         --config.optimizer.learning_rate=3e-4
-    cnnlab eval --workdir=runs/stridednet [--which=best|latest] [--output_dir=DIR] [--overwrite]
+    cnnlab eval --workdir=runs/stridednet [--which=best|latest] [--data_dir=DIR] [--output_dir=DIR]
     cnnlab report --workdir=runs/stridednet [--output_dir=DIR] [--overwrite]
     cnnlab sweep --config=configs/sweeps/smoke_grid.py --workdir=runs/smoke_grid [--workers=2]
     cnnlab sweep report --workdir=runs/smoke_grid
@@ -78,6 +78,8 @@ def _define_report_flags(*, evaluates: bool = False) -> None:
                       "an existing one is an error and nothing is written).")
     if evaluates:
         flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
+        flags.DEFINE_string("data_dir", None, "Where the run's images are now, if they moved "
+                            "(default: its recorded data.data_dir, else $CALTECH101_DIR).")
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -192,7 +194,7 @@ def _eval(argv: list[str]) -> None:
     from cnnlab.train import evaluate
 
     out = evaluate(None, FLAGS.workdir, which=FLAGS.which, output_dir=FLAGS.output_dir,
-                   overwrite=FLAGS.overwrite)
+                   data_dir=FLAGS.data_dir, overwrite=FLAGS.overwrite)
     print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
 
 
@@ -240,8 +242,8 @@ def _commands() -> dict[str, _Command]:
     return {
         "train": _Command("cnnlab train --config=<file.py> --workdir=<dir> [--config.<key>=<value> ...]",
                           _train, _define_train_flags, ("config", "workdir"), config_fields=True),
-        "eval": _Command("cnnlab eval --workdir=<run dir> [--which=best|latest] [--output_dir=<dir>] "
-                         "[--overwrite]",
+        "eval": _Command("cnnlab eval --workdir=<run dir> [--which=best|latest] [--data_dir=<dir>] "
+                         "[--output_dir=<dir>] [--overwrite]",
                          _eval, lambda: _define_report_flags(evaluates=True), ("workdir",)),
         "report": _Command("cnnlab report --workdir=<run dir> [--output_dir=<dir>] [--overwrite]",
                            _report, _define_report_flags, ("workdir",)),

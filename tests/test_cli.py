@@ -55,7 +55,7 @@ def test_command_help_lists_its_own_flags_and_the_config_fields():
          ["--workers: Local worker processes. (default: 1)", "--pack", "schedule.name (str, 'constant')"]),
         (["sweep", "report", "--help"], ["--study_name", "--storage"]),
         (["eval", "--help"], ["--which: <best|latest>: Checkpoint to evaluate. (default: 'best')",
-                              "--output_dir", "--workdir",
+                              "--output_dir", "--workdir", "--data_dir", "$CALTECH101_DIR",
                               "--overwrite: Replace output files that exist already"]),
         (["report", "-h"], ["--output_dir", "--workdir", "--overwrite"]),
         (["predict", "--help"], ["usage: cnnlab predict", "--workdir", "--top_k"]),
@@ -277,3 +277,31 @@ def test_eval_and_report_never_overwrite_a_record_unless_asked(interrupted_run, 
         assert after[run / name] != before[run / name], name  # written anew when asked
     assert after[run / "metrics.jsonl"] == before[run / "metrics.jsonl"]
 
+
+# --------------------------------------------------------------------------- moved data
+
+
+def test_eval_finds_moved_data_through_data_dir_or_caltech101_dir(tmp_path):
+    from cnnlab.data.testing import make_tree
+
+    tree = make_tree(tmp_path / "tree", {"a": 12, "b": 12})
+    run = tmp_path / "run"
+    proc = cnnlab(*train_args(run, "--config.num_epochs=1", "--config.data.source=folder",
+                              f"--config.data.data_dir={tree}", "--config.data.classes=all",
+                              "--config.batch_size=8", "--config.data.val_fraction=0.25"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = tmp_path / "moved"
+    tree.rename(moved)
+
+    assert_clean_error(cnnlab("eval", f"--workdir={run}", env={"CALTECH101_DIR": ""}),
+                       f"the run's data.data_dir {tree} does not exist (moved?): point --data_dir=DIR "
+                       "(or $CALTECH101_DIR) at where its images are now", code=1)
+    assert not (run / "eval_best.json").exists()
+    proc = cnnlab("eval", f"--workdir={run}", f"--data_dir={moved}", env={"CALTECH101_DIR": ""})
+    assert proc.returncode == 0 and "test/accuracy=" in proc.stdout, proc.stderr[-3000:]
+    first = json.loads((run / "eval_best.json").read_text())
+    out = tmp_path / "out"
+    proc = cnnlab("eval", f"--workdir={run}", f"--output_dir={out}", env={"CALTECH101_DIR": str(moved)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"note: the run's data.data_dir {tree} does not exist; reading $CALTECH101_DIR={moved}" in proc.stderr
+    assert json.loads((out / "eval_best.json").read_text()) == first

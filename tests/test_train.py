@@ -277,12 +277,12 @@ def test_resuming_with_a_changed_config_is_refused_unless_allowed(tmp_path):
     assert len(history) == 1 and json.loads(history[0].read_text())["num_epochs"] == 1
 
 
-def test_a_run_records_its_split_and_environment_and_eval_refuses_a_changed_split(tmp_path):
-    from cnnlab.data.testing import folder_config, make_tree
+def test_a_run_records_its_split_and_environment_and_eval_refuses_a_changed_split(tmp_path, capsys):
+    from cnnlab.data.testing import folder_config, make_tree, truncate_file
     from cnnlab.train.rundir import SplitChangedError
 
     root = make_tree(tmp_path / "tree", {"a": 12, "b": 12})
-    config = smoke_config(num_epochs=1, batch_size=8, eval_batch_size=8)
+    config = smoke_config(num_epochs=1, batch_size=8, eval_batch_size=8, normalization="mean_std")
     config.data = {**config.data.to_dict(), **folder_config(root, tmp_path / "cache"),
                    "source": "folder", "val_fraction": 0.25}
     run = tmp_path / "run"
@@ -292,7 +292,8 @@ def test_a_run_records_its_split_and_environment_and_eval_refuses_a_changed_spli
     assert sorted(files) == ["test", "train", "val"]
     assert not files["train"] & files["test"] and not files["val"] & (files["train"] | files["test"])
     assert sum(map(len, files.values())) == 24
-    assert json.loads((run / "preprocessing.json").read_text()) == {"normalization": "scale"}
+    preprocessing = json.loads((run / "preprocessing.json").read_text())
+    assert preprocessing["normalization"] == "mean_std" and len(preprocessing["mean"]) == len(preprocessing["std"]) == 3
     env = json.loads((run / "environment.json").read_text())
     assert env["jax"] == jax.__version__ and env["devices"]
     assert env["conv_formulation"] == "xla"  # tests/conftest.py pins it
@@ -301,10 +302,21 @@ def test_a_run_records_its_split_and_environment_and_eval_refuses_a_changed_spli
         if path.is_file():
             assert path.stat().st_mode & 0o044 == 0o044, path  # world-readable
 
-    evaluate(None, str(run), which="best")  # the data on disk still gives the recorded split
+    first = evaluate(None, str(run), which="best")  # the data on disk still gives the recorded split
+    # A training image unreadable now: val and test are unchanged, so eval warns and evaluates
+    # them as before (normalized with the recorded training statistics, not recomputed ones).
+    capsys.readouterr()
+    train_image = sorted(files["train"])[0]
+    truncate_file(root / train_image, 0.3)
+    with pytest.warns(UserWarning, match=train_image):
+        again = evaluate(None, str(run), which="best", overwrite=True)
+    assert again.keys() == first.keys() and (again["checkpoint"], again["step"]) == (first["checkpoint"], first["step"])
+    assert {k: again[k] for k in again if "/" in k} == pytest.approx({k: first[k] for k in first if "/" in k}, rel=1e-6)
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert "train split" in warning and train_image in warning and "val and test are as recorded" in warning
     victim = sorted(files["test"])[0]
     (root / victim).unlink()
-    with pytest.raises(SplitChangedError, match=victim.split("/")[-1]):
+    with pytest.raises(SplitChangedError, match=victim.split("/")[-1]), pytest.warns(UserWarning, match=train_image):
         evaluate(None, str(run), which="best")
 
 

@@ -13,6 +13,8 @@ uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import sys
@@ -40,6 +42,7 @@ from cnnlab.train.experiment import (
     extension_modules,
     initial_state,
     load_run_config,
+    make_normalize,
     resolve,
 )
 from cnnlab.train.metrics import split_values
@@ -488,20 +491,30 @@ def evaluate(
     which: str = "best",
     exp: Experiment | None = None,
     output_dir: str | None = None,
+    data_dir: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluates the ``best`` (by ``checkpoint.best_metric``, a validation metric by default) or
     ``latest`` checkpoint of ``workdir`` on every eval split and writes ``eval_<which>.json`` and
     ``confusion_<split>_<which>.npy`` to ``output_dir`` (default ``workdir``; skipped with a note
     when that is not writable, so a read-only run can be evaluated); returns the metrics.
-    Refuses when the data on disk no longer gives the run's recorded split. Raises
-    :class:`~cnnlab.train.report.OutputExistsError` before evaluating when an output file
-    exists, unless ``overwrite``."""
+
+    ``data_dir``: where the run's images are now, when ``exp`` is None (a folder-source run's,
+    moved since; default: the recorded ``data.data_dir``, else ``$CALTECH101_DIR``; see
+    :func:`_locate_data`). Refuses when the data no longer gives the recorded val or test split;
+    a change in the training split alone is a one-line warning (and the run's recorded
+    normalization is used). Raises :class:`~cnnlab.train.report.OutputExistsError` before
+    evaluating when an output file exists, unless ``overwrite``."""
     if exp is None:
         config = config if config is not None else load_run_config(workdir)
-        exp = build_experiment(config)
+        exp = build_experiment(_locate_data(config, data_dir))
     splits = list(eval_splits(exp))
-    rundir.check_split(workdir, exp.dataset)
+    changed = rundir.check_split(workdir, exp.dataset, used=splits)
+    if changed and is_main_process():
+        print(f"warning: {changed}: evaluating them.", file=sys.stderr, flush=True)
+    recorded = _recorded_normalization(workdir)
+    if recorded is not None and recorded != exp.normalization:  # the training images changed
+        exp = dataclasses.replace(exp, normalize=make_normalize(recorded), normalization=recorded)
     ckpt = Checkpoints(workdir, keep=exp.config.checkpoint.keep, best_metric=exp.config.checkpoint.best_metric,
                        best_mode=exp.config.checkpoint.best_mode)
     try:
@@ -523,3 +536,41 @@ def evaluate(
         write_json_atomic(os.path.join(target, runfiles.eval_record(which)), out)
     return out
 
+
+def _locate_data(config: ml_collections.ConfigDict, data_dir: str | None) -> ml_collections.ConfigDict:
+    """The run's recorded config with its images where they are now: ``data_dir`` when given;
+    else the recorded ``data.data_dir`` while it exists; else ``$CALTECH101_DIR``, as training
+    reads it for an unset one. (``data.data_dir`` does not change results, and the split check
+    refuses other images.)"""
+    env = data_lib.ENV_DATA_DIR
+    if config.data.source != "folder":
+        if data_dir is not None:
+            raise ValueError(f"--data_dir={data_dir!r}: this run reads no data directory (its "
+                             f"data.source is {config.data.source!r}, not 'folder')")
+        return config
+    recorded = config.data.get("data_dir")
+    if data_dir is None and recorded and not os.path.exists(os.path.expanduser(recorded)):
+        data_dir = os.environ.get(env)
+        if not data_dir:
+            raise FileNotFoundError(f"the run's data.data_dir {recorded} does not exist (moved?): "
+                                    f"point --data_dir=DIR (or ${env}) at where its images are now")
+        if is_main_process():
+            print(f"note: the run's data.data_dir {recorded} does not exist; reading ${env}={data_dir}",
+                  file=sys.stderr, flush=True)
+    elif data_dir is None and not recorded and not os.environ.get(env):
+        raise FileNotFoundError(f"the run read its images from ${env}, which is not set: set it or "
+                                "pass --data_dir=DIR")
+    if data_dir is None:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.data_dir = str(data_dir)
+    return config
+
+
+def _recorded_normalization(workdir: str) -> dict[str, Any] | None:
+    """The normalization the run trained with (``preprocessing.json``; None for older runs)."""
+    try:
+        with open(os.path.join(workdir, PREPROCESSING_FILE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
