@@ -4,14 +4,15 @@ field from the schema).
 
     cnnlab train --config=configs/stridednet.py --workdir=runs/stridednet \\
         --config.optimizer.learning_rate=3e-4
-    cnnlab eval --workdir=runs/stridednet [--which=best|latest] [--output_dir=DIR]
-    cnnlab report --workdir=runs/stridednet [--output_dir=DIR]
+    cnnlab eval --workdir=runs/stridednet [--which=best|latest] [--data_dir=DIR] [--output_dir=DIR]
+    cnnlab report --workdir=runs/stridednet [--output_dir=DIR] [--overwrite]
     cnnlab sweep --config=configs/sweeps/smoke_grid.py --workdir=runs/smoke_grid [--workers=2]
     cnnlab sweep report --workdir=runs/smoke_grid
 
 Every command goes through :func:`_run_command`: a user error (bad config, missing data, a
-read-only or full disk, a changed run record, ...) ends as a short message on stderr and a
-non-zero exit; ``--verbose`` or ``CNNLAB_VERBOSE=1`` adds the traceback.
+read-only or full disk, a changed run record, an output file that exists without
+``--overwrite``, ...) ends as a short message on stderr and a non-zero exit; ``--verbose`` or
+``CNNLAB_VERBOSE=1`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -69,12 +70,16 @@ def _define_train_flags() -> None:
     flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
-def _define_report_flags(*, which: bool = False) -> None:
+def _define_report_flags(*, evaluates: bool = False) -> None:
     flags.DEFINE_string("workdir", None, "Run directory written by `cnnlab train` (may be read-only).")
     flags.DEFINE_string("output_dir", None, "Where to write the outputs (default: --workdir; "
                         "skipped with a note when it is not writable).")
-    if which:
+    flags.DEFINE_bool("overwrite", False, "Replace output files that exist already (without it, "
+                      "an existing one is an error and nothing is written).")
+    if evaluates:
         flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
+        flags.DEFINE_string("data_dir", None, "Where the run's images are now, if they moved "
+                            "(default: its recorded data.data_dir, else $CALTECH101_DIR).")
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -188,7 +193,8 @@ def _eval(argv: list[str]) -> None:
     del argv
     from cnnlab.train import evaluate
 
-    out = evaluate(None, FLAGS.workdir, which=FLAGS.which, output_dir=FLAGS.output_dir)
+    out = evaluate(None, FLAGS.workdir, which=FLAGS.which, output_dir=FLAGS.output_dir,
+                   data_dir=FLAGS.data_dir, overwrite=FLAGS.overwrite)
     print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
 
 
@@ -203,7 +209,8 @@ def _report(argv: list[str]) -> None:
     load_run_config(FLAGS.workdir)  # validates the run directory
     with open(os.path.join(FLAGS.workdir, runfiles.CLASSES)) as f:
         class_names = json.load(f)
-    report = write_reports(FLAGS.workdir, class_names, output_dir=FLAGS.output_dir)
+    report = write_reports(FLAGS.workdir, class_names, output_dir=FLAGS.output_dir,
+                           overwrite=FLAGS.overwrite)
     if report:
         print(format_report(report, class_names))
 
@@ -235,9 +242,10 @@ def _commands() -> dict[str, _Command]:
     return {
         "train": _Command("cnnlab train --config=<file.py> --workdir=<dir> [--config.<key>=<value> ...]",
                           _train, _define_train_flags, ("config", "workdir"), config_fields=True),
-        "eval": _Command("cnnlab eval --workdir=<run dir> [--which=best|latest] [--output_dir=<dir>]",
-                         _eval, lambda: _define_report_flags(which=True), ("workdir",)),
-        "report": _Command("cnnlab report --workdir=<run dir> [--output_dir=<dir>]",
+        "eval": _Command("cnnlab eval --workdir=<run dir> [--which=best|latest] [--data_dir=<dir>] "
+                         "[--output_dir=<dir>] [--overwrite]",
+                         _eval, lambda: _define_report_flags(evaluates=True), ("workdir",)),
+        "report": _Command("cnnlab report --workdir=<run dir> [--output_dir=<dir>] [--overwrite]",
                            _report, _define_report_flags, ("workdir",)),
         "sweep": _Command("cnnlab sweep --config=<sweep file.py> --workdir=<dir> [--workers=N] "
                           "[--config.<key>=<value> ...]", sweep_cli.sweep, sweep_cli.define_sweep_flags,
@@ -320,12 +328,18 @@ def _raised_in_cnnlab(e: BaseException) -> bool:
 def _user_error(e: BaseException, command: str) -> tuple[str, int] | None:
     """``(message, exit code)`` when ``e`` is the user's to fix, else None (a bug: traceback).
 
-    User errors are bad command lines, OS errors (missing or unreadable files, read-only or full
-    disks, also when a library wrapped them) and the ValueErrors cnnlab raises to name a bad
-    setting (ConfigError, ConfigChangedError, SplitChangedError, a bad sweep space, ...).
+    User errors are bad command lines (an output file that exists without ``--overwrite``
+    included), OS errors (missing or unreadable files, read-only or full disks, also when a
+    library wrapped them) and the ValueErrors cnnlab raises to name a bad setting (ConfigError,
+    ConfigChangedError, SplitChangedError, a bad sweep space, ...).
     """
     if isinstance(e, _UsageError):
         return str(e), _USAGE_EXIT
+    if isinstance(e, FileExistsError):
+        from cnnlab.train.report import OutputExistsError
+
+        if isinstance(e, OutputExistsError):  # a record exists: --overwrite missing, a usage error
+            return str(e), _USAGE_EXIT
     chain, cause = [], e
     while cause is not None and cause not in chain:
         chain.append(cause)

@@ -27,3 +27,8 @@ CONFUSION_PLOT = "confusion_matrix.png"
 def eval_record(which: str) -> str:
     """``eval_best.json`` / ``eval_latest.json``: what ``cnnlab eval`` wrote for a checkpoint."""
     return f"eval_{which}.json"
+
+
+def eval_confusion(split: str, which: str) -> str:
+    """``confusion_test_best.npy``...: the ``[true, predicted]`` counts ``cnnlab eval`` wrote."""
+    return f"confusion_{split}_{which}.npy"

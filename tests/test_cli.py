@@ -55,8 +55,9 @@ def test_command_help_lists_its_own_flags_and_the_config_fields():
          ["--workers: Local worker processes. (default: 1)", "--pack", "schedule.name (str, 'constant')"]),
         (["sweep", "report", "--help"], ["--study_name", "--storage"]),
         (["eval", "--help"], ["--which: <best|latest>: Checkpoint to evaluate. (default: 'best')",
-                              "--output_dir", "--workdir"]),
-        (["report", "-h"], ["--output_dir", "--workdir"]),
+                              "--output_dir", "--workdir", "--data_dir", "$CALTECH101_DIR",
+                              "--overwrite: Replace output files that exist already"]),
+        (["report", "-h"], ["--output_dir", "--workdir", "--overwrite"]),
         (["predict", "--help"], ["usage: cnnlab predict", "--workdir", "--top_k"]),
         (["export", "--help"], ["usage: cnnlab export", "--workdir", "--format"]),
     ]:
@@ -173,7 +174,10 @@ def test_ctrl_c_names_the_step_and_the_checkpoint_and_resumes(interrupted_run):
     workdir, first, last, kept, resumed = interrupted_run
     assert_clean_error(first, "cnnlab train: interrupted at step", code=130)
     step = int(re.search(r"interrupted at step (\d+) of", first.stderr).group(1))
-    assert last is not None and 2 <= last <= step, first.stderr  # checkpoints every 2 steps
+    steps = int(re.search(r"epochs x (\d+) steps", first.stdout).group(1))
+    # Ctrl-C came right after epoch 1's line: its checkpoint is kept, not cut short by orbax.
+    assert last is not None and steps <= last <= step, first.stderr
+    assert "orbax" not in first.stderr.lower() and "error" not in first.stderr.lower(), first.stderr
     assert "Run the same command again to resume" in first.stderr
     assert kept[-1] == last  # the checkpoint the message names is on disk
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -242,3 +246,62 @@ def test_eval_and_report_work_on_a_read_only_run(interrupted_run, tmp_path):
         assert _snapshot(run) == before
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(run)], check=True)
+
+
+# --------------------------------------------------------------------------- records kept
+
+
+def test_eval_and_report_never_overwrite_a_record_unless_asked(interrupted_run, tmp_path):
+    # Tests run as root here, so nothing relies on permissions: the files' sizes and times say.
+    run = tmp_path / "run"
+    shutil.copytree(interrupted_run[0], run)
+    proc = cnnlab("eval", f"--workdir={run}")
+    assert proc.returncode == 0 and (run / "eval_best.json").exists(), proc.stderr[-3000:]
+    before = _snapshot(run)
+    assert_clean_error(cnnlab("eval", f"--workdir={run}"),
+                       f"cnnlab eval: error: {run / 'eval_best.json'} exists (and confusion_val_best.npy, "
+                       "confusion_test_best.npy), and records are not overwritten unless asked: "
+                       "--overwrite replaces them, --output_dir=DIR writes them elsewhere", code=2)
+    assert_clean_error(cnnlab("report", f"--workdir={run}"),
+                       f"{run / 'plot.png'} exists (and classification_report.json, "
+                       "classification_report.txt, confusion_matrix.png)", "--overwrite", code=2)
+    assert _snapshot(run) == before  # nothing rewritten
+
+    proc = cnnlab("eval", f"--workdir={run}", "--overwrite")
+    assert proc.returncode == 0 and "checkpoint=best" in proc.stdout, proc.stderr[-3000:]
+    proc = cnnlab("report", f"--workdir={run}", "--overwrite")
+    assert proc.returncode == 0 and "macro avg" in proc.stdout, proc.stderr[-3000:]
+    after = _snapshot(run)
+    for name in ("eval_best.json", "confusion_test_best.npy", "plot.png", "classification_report.txt",
+                 "confusion_matrix.png"):
+        assert after[run / name] != before[run / name], name  # written anew when asked
+    assert after[run / "metrics.jsonl"] == before[run / "metrics.jsonl"]
+
+
+# --------------------------------------------------------------------------- moved data
+
+
+def test_eval_finds_moved_data_through_data_dir_or_caltech101_dir(tmp_path):
+    from cnnlab.data.testing import make_tree
+
+    tree = make_tree(tmp_path / "tree", {"a": 12, "b": 12})
+    run = tmp_path / "run"
+    proc = cnnlab(*train_args(run, "--config.num_epochs=1", "--config.data.source=folder",
+                              f"--config.data.data_dir={tree}", "--config.data.classes=all",
+                              "--config.batch_size=8", "--config.data.val_fraction=0.25"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = tmp_path / "moved"
+    tree.rename(moved)
+
+    assert_clean_error(cnnlab("eval", f"--workdir={run}", env={"CALTECH101_DIR": ""}),
+                       f"the run's data.data_dir {tree} does not exist (moved?): point --data_dir=DIR "
+                       "(or $CALTECH101_DIR) at where its images are now", code=1)
+    assert not (run / "eval_best.json").exists()
+    proc = cnnlab("eval", f"--workdir={run}", f"--data_dir={moved}", env={"CALTECH101_DIR": ""})
+    assert proc.returncode == 0 and "test/accuracy=" in proc.stdout, proc.stderr[-3000:]
+    first = json.loads((run / "eval_best.json").read_text())
+    out = tmp_path / "out"
+    proc = cnnlab("eval", f"--workdir={run}", f"--output_dir={out}", env={"CALTECH101_DIR": str(moved)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"note: the run's data.data_dir {tree} does not exist; reading $CALTECH101_DIR={moved}" in proc.stderr
+    assert json.loads((out / "eval_best.json").read_text()) == first

@@ -2,6 +2,7 @@
 plots' epoch ticks and the confusion matrix's titles (issue 12, item 6)."""
 
 import collections
+import shutil
 import struct
 
 import numpy as np
@@ -16,14 +17,17 @@ from cnnlab.train import train_and_evaluate
 from cnnlab.train.experiment import build_experiment, resolve
 from cnnlab.train.optim import learning_rate_at
 from cnnlab.train.report import plot_confusion, plot_curves
-from cnnlab.train.writers import image_grid, read_metrics, tensorboard_tag
+from cnnlab.train.writers import MetricWriter, image_grid, read_metrics, tensorboard_tag
 
 LR, DECAY = 3e-3, 0.25
 
 
-def _events(tb_dir) -> dict[str, list]:
+def _events(tb_dir, *, purged: bool = False) -> dict[str, list]:
     """``{tag: [(step, value)]}`` from the TFRecord-framed event files (a scalar's value, or an
-    image's ``(height, width)``)."""
+    image's ``(height, width)``). ``purged``: as TensorBoard shows them, read in file order with
+    its restart rule for files of ``file_version`` 2 (tensorboard's EventAccumulator): a
+    ``SessionLog.START`` event at step ``s`` discards every point read so far at step >= ``s``,
+    in every tag."""
     tags = collections.defaultdict(list)
     for path in sorted(tb_dir.glob("events.*")):
         data, i = path.read_bytes(), 0
@@ -31,6 +35,9 @@ def _events(tb_dir) -> dict[str, list]:
             (n,) = struct.unpack("<Q", data[i:i + 8])
             event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
             i += 12 + n + 4
+            if purged and event.session_log.status == event_pb2.SessionLog.START:
+                for points in tags.values():
+                    points[:] = [(s, v) for s, v in points if s < event.step]
             for v in event.summary.value:
                 value = (v.image.height, v.image.width) if v.HasField("image") else v.simple_value
                 tags[v.tag].append((event.step, value))
@@ -163,3 +170,64 @@ def test_tensorboard_holds_every_finished_epoch_when_the_run_is_killed(tmp_path)
     assert [r["epoch"] for r in epochs] == [1]
     tags = _events(tmp_path / "run" / "tb")
     assert [s for s, _ in tags["val/accuracy"]] == [epochs[0]["step"]]
+
+
+def _assert_each_step_once(tb_dir, records):
+    """TensorBoard, as it shows ``tb_dir``, holds every tag's points at the steps of
+    ``metrics.jsonl``'s ``records``, each step once and with its values (augmented_batch: at 0)."""
+    steps = [r for r in records if r["kind"] == "train"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    shown = _events(tb_dir, purged=True)
+    assert {"step/loss", "train/loss", "augmented_batch"} <= set(shown)
+    for tag, points in shown.items():
+        if tag == "augmented_batch":
+            assert [s for s, _ in points] == [0]
+            continue
+        kind = steps if tag.startswith("step/") else epochs
+        assert [s for s, _ in points] == [r["step"] for r in kind], tag  # each step once, in order
+        key = tag[len("step/"):] if tag.startswith("step/") else tag
+        assert [v for _, v in points] == pytest.approx([r[key] for r in kind], rel=1e-6), tag
+
+
+def test_tensorboard_holds_each_step_once_after_a_resume(tmp_path):
+    # 2 epochs, then resumed from epoch 1 (as after a kill past epoch 2's points, before its
+    # checkpoint) to 3: epoch 2's first points are replaced, in per-step and per-epoch tags.
+    config = tiny_config()
+    config.log_every_steps = 1
+    config.checkpoint.every_steps = 0  # checkpoints at epoch ends only
+    train_and_evaluate(config, str(tmp_path))
+    latest = tmp_path / "checkpoints" / "latest"
+    per_epoch, last = sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    shutil.rmtree(latest / str(last))
+    config.num_epochs = 3
+    train_and_evaluate(config, str(tmp_path), allow_config_change=True)
+
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 3 * per_epoch + 1))
+    assert [r["step"] for r in records if r["kind"] == "epoch"] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert len(_events(tmp_path / "tb")["step/loss"]) == 4 * per_epoch  # steps 1-6, then 4-9 again
+    _assert_each_step_once(tmp_path / "tb", records)
+    assert {"step/learning_rate", "val/accuracy", "test/loss", "epoch"} <= set(_events(tmp_path / "tb"))
+
+
+def test_tensorboard_holds_each_step_once_after_starting_over_within_a_second(tmp_path):
+    # Three starts of MetricWriter in the same second: a first one (steps 1-6); one from
+    # scratch (a run killed before its first checkpoint starts over, step 0 included); one
+    # resumed from step 3 (steps 4-9).
+    def start(resume_step, last, tag):
+        writer = MetricWriter(str(tmp_path), resume_step=resume_step)
+        if not resume_step:
+            writer.write_image("augmented_batch", np.zeros((4, 4, 3), np.uint8), 0)
+        for step in range(resume_step + 1, last + 1):
+            writer.write("train", step, {"loss": tag + step})
+            if step % 3 == 0:
+                writer.write("epoch", step, {"epoch": step // 3, "train/loss": tag + step / 3})
+        writer.close()
+
+    start(0, 6, 100.0)
+    start(0, 6, 200.0)
+    start(3, 9, 300.0)
+    assert len(list((tmp_path / "tb").glob("events.*"))) == 3  # none emptied by a later one
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["loss"] for r in records if r["kind"] == "train"] == [201, 202, 203, *range(304, 310)]
+    _assert_each_step_once(tmp_path / "tb", records)

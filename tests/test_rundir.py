@@ -85,6 +85,32 @@ def test_check_split_detects_changed_data(tmp_path, change):
     assert isinstance(info.value, ValueError)
 
 
+def test_check_split_for_an_evaluation_returns_a_changed_training_split_as_a_warning(tmp_path):
+    # An evaluation reads val and test only: a training image gone is a warning for it (a
+    # resume still refuses); a test image gone is refused for both.
+    root = testing.make_tree(tmp_path / "tree", {"a": 10, "b": 9, "c": 8})
+    cfg = testing.folder_config(root, tmp_path / "cache", val_fraction=0.2)
+    ds = D.load_dataset(cfg, verbose=False)
+    run = tmp_path / "run"
+    rundir.write_split_record(run, ds)
+    assert rundir.check_split(run, ds, used=("val", "test")) is None
+    train_image, test_image = ds.split_files["train"][0], ds.split_files["test"][0]
+    testing.truncate_file(root / train_image, 0.3)
+    with pytest.warns(UserWarning, match=train_image):
+        changed = D.load_dataset(cfg, verbose=False)
+    note = rundir.check_split(run, changed, used=("val", "test"))
+    assert note == (f"the data no longer gives the train split recorded in {run / 'split.json'} (1 file(s) "
+                    f"no longer in the data or unreadable: {train_image} (was train); train: 1 file(s) "
+                    f"removed ({train_image})); val and test are as recorded")
+    with pytest.raises(rundir.SplitChangedError, match=train_image):
+        rundir.check_split(run, changed)
+    testing.truncate_file(root / test_image, 0.3)
+    with pytest.warns(UserWarning, match=test_image):
+        changed = D.load_dataset(cfg, verbose=False)
+    with pytest.raises(rundir.SplitChangedError, match=rf"test: 1 file\(s\) removed \({test_image}\)"):
+        rundir.check_split(run, changed, used=("val", "test"))
+
+
 def test_check_split_reports_val_fraction_change_and_old_runs_warn(tmp_path):
     base = {"source": "synthetic", "synthetic_per_class": 10, "image_size": 8}
     ds = D.load_dataset({**base, "val_fraction": 0.0}, verbose=False)

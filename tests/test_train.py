@@ -68,9 +68,10 @@ def test_smoke_training_beats_chance_and_leaves_reports(tmp_path):
     assert again["test/loss"] == pytest.approx(final["test/loss"], rel=1e-6)
     assert again["test/accuracy"] == final["test/accuracy"]
 
-    # The other two entry points work on the run directory.
+    # The other two entry points work on the run directory (report rewrites the reports the
+    # run wrote only when asked).
     (tmp_path / "plot.png").unlink()
-    out = subprocess.run([sys.executable, "-m", "cnnlab", "report", f"--workdir={tmp_path}"],
+    out = subprocess.run([sys.executable, "-m", "cnnlab", "report", f"--workdir={tmp_path}", "--overwrite"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "macro avg" in out.stdout and (tmp_path / "plot.png").exists()
@@ -112,6 +113,48 @@ def test_sigkill_and_resume_ends_with_exactly_the_same_metrics(tmp_path):
     a, b = _epoch_records(str(straight)), _epoch_records(str(killed))
     assert [r["epoch"] for r in b] == [1, 2, 3]
     assert a[-1] == b[-1]  # every final metric, exactly
+
+
+def test_ctrl_c_during_an_epochs_checkpoint_save_keeps_it_and_resume_starts_after_it(
+        tmp_path, monkeypatch, caplog, capsys):
+    # SIGINT as the end-of-epoch checkpoint starts saving (a Ctrl-C just after "epoch 1/2"):
+    # the save must finish, with no orbax error, and the resume start after that epoch.
+    import logging
+
+    import orbax.checkpoint as ocp
+    from helpers import tiny_config
+
+    from cnnlab.train.trainer import TrainingInterrupted
+
+    config = tiny_config()  # 3 steps an epoch, a checkpoint every 2 steps
+    best_steps, save = [], ocp.CheckpointManager.save
+
+    def interrupted_save(self, step, *args, **kwargs):
+        if self.directory.name == "best":
+            best_steps.append(step)
+        elif step in best_steps:  # the latest checkpoint at an epoch's end
+            os.kill(os.getpid(), signal.SIGINT)
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", interrupted_save)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with caplog.at_level(logging.WARNING), pytest.raises(TrainingInterrupted) as err:
+            train_and_evaluate(config, str(tmp_path))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    epoch_end = best_steps[0]
+    assert f"interrupted at step {epoch_end} " in str(err.value)
+    assert f"the last checkpoint is step {epoch_end}." in str(err.value)
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints" / "latest").iterdir() if p.name.isdigit())
+    assert kept[-1] == epoch_end
+    assert not [r for r in caplog.records if "orbax" in r.pathname], caplog.text
+    assert "Ctrl-C: finishing epoch 1's evaluation and checkpoint" in capsys.readouterr().err
+
+    monkeypatch.undo()
+    train_and_evaluate(config, str(tmp_path))
+    assert f"Resuming from step {epoch_end} " in capsys.readouterr().out
+    assert [r["epoch"] for r in _epoch_records(str(tmp_path))] == [1, 2]
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -234,12 +277,12 @@ def test_resuming_with_a_changed_config_is_refused_unless_allowed(tmp_path):
     assert len(history) == 1 and json.loads(history[0].read_text())["num_epochs"] == 1
 
 
-def test_a_run_records_its_split_and_environment_and_eval_refuses_a_changed_split(tmp_path):
-    from cnnlab.data.testing import folder_config, make_tree
+def test_a_run_records_its_split_and_environment_and_eval_refuses_a_changed_split(tmp_path, capsys):
+    from cnnlab.data.testing import folder_config, make_tree, truncate_file
     from cnnlab.train.rundir import SplitChangedError
 
     root = make_tree(tmp_path / "tree", {"a": 12, "b": 12})
-    config = smoke_config(num_epochs=1, batch_size=8, eval_batch_size=8)
+    config = smoke_config(num_epochs=1, batch_size=8, eval_batch_size=8, normalization="mean_std")
     config.data = {**config.data.to_dict(), **folder_config(root, tmp_path / "cache"),
                    "source": "folder", "val_fraction": 0.25}
     run = tmp_path / "run"
@@ -249,7 +292,8 @@ def test_a_run_records_its_split_and_environment_and_eval_refuses_a_changed_spli
     assert sorted(files) == ["test", "train", "val"]
     assert not files["train"] & files["test"] and not files["val"] & (files["train"] | files["test"])
     assert sum(map(len, files.values())) == 24
-    assert json.loads((run / "preprocessing.json").read_text()) == {"normalization": "scale"}
+    preprocessing = json.loads((run / "preprocessing.json").read_text())
+    assert preprocessing["normalization"] == "mean_std" and len(preprocessing["mean"]) == len(preprocessing["std"]) == 3
     env = json.loads((run / "environment.json").read_text())
     assert env["jax"] == jax.__version__ and env["devices"]
     assert env["conv_formulation"] == "xla"  # tests/conftest.py pins it
@@ -258,10 +302,21 @@ def test_a_run_records_its_split_and_environment_and_eval_refuses_a_changed_spli
         if path.is_file():
             assert path.stat().st_mode & 0o044 == 0o044, path  # world-readable
 
-    evaluate(None, str(run), which="best")  # the data on disk still gives the recorded split
+    first = evaluate(None, str(run), which="best")  # the data on disk still gives the recorded split
+    # A training image unreadable now: val and test are unchanged, so eval warns and evaluates
+    # them as before (normalized with the recorded training statistics, not recomputed ones).
+    capsys.readouterr()
+    train_image = sorted(files["train"])[0]
+    truncate_file(root / train_image, 0.3)
+    with pytest.warns(UserWarning, match=train_image):
+        again = evaluate(None, str(run), which="best", overwrite=True)
+    assert again.keys() == first.keys() and (again["checkpoint"], again["step"]) == (first["checkpoint"], first["step"])
+    assert {k: again[k] for k in again if "/" in k} == pytest.approx({k: first[k] for k in first if "/" in k}, rel=1e-6)
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert "train split" in warning and train_image in warning and "val and test are as recorded" in warning
     victim = sorted(files["test"])[0]
     (root / victim).unlink()
-    with pytest.raises(SplitChangedError, match=victim.split("/")[-1]):
+    with pytest.raises(SplitChangedError, match=victim.split("/")[-1]), pytest.warns(UserWarning, match=train_image):
         evaluate(None, str(run), which="best")
 
 

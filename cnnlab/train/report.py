@@ -3,7 +3,8 @@
 ``plot.png`` (loss and accuracy per epoch, train, val and test, as the tutorial's),
 ``confusion_matrix.png`` (counts and row-normalized), and ``classification_report.txt``/``.json`` with precision, recall,
 F1 and support per class (scikit-learn's layout), all regenerated from the files the run
-wrote (``metrics.jsonl``, ``confusion_last.npy``), so ``cnnlab report`` can redo them.
+wrote (``metrics.jsonl``, ``confusion_last.npy``), so ``cnnlab report`` can redo them (where
+they exist, only with ``--overwrite``: :func:`refuse_existing`).
 """
 
 from __future__ import annotations
@@ -138,6 +139,23 @@ def _save_figure(fig, path: str) -> None:
     _pyplot().close(fig)
 
 
+class OutputExistsError(FileExistsError):
+    """A file ``cnnlab eval``/``report`` would write exists already, and overwriting it was not
+    asked for: a run's records are never replaced unasked."""
+
+
+def refuse_existing(target: str, names: Sequence[str], *, overwrite: bool = False) -> None:
+    """Raises :class:`OutputExistsError` naming the files of ``names`` that exist in ``target``,
+    unless ``overwrite``. Called before any work, so a refused command writes nothing."""
+    existing = [n for n in names if os.path.lexists(os.path.join(target, n))]
+    if overwrite or not existing:
+        return
+    more = f" (and {', '.join(existing[1:])})" if len(existing) > 1 else ""
+    raise OutputExistsError(
+        f"{os.path.join(target, existing[0])} exists{more}, and records are not overwritten "
+        "unless asked: --overwrite replaces them, --output_dir=DIR writes them elsewhere")
+
+
 def output_dir_for(workdir: str, output_dir: str | None = None) -> str | None:
     """Where a run's derived files go: ``output_dir`` (created) when given, else ``workdir``, or
     None (with a note on stderr) when ``workdir`` is not writable, e.g. a read-only copy."""
@@ -152,18 +170,24 @@ def output_dir_for(workdir: str, output_dir: str | None = None) -> str | None:
 
 
 def write_reports(workdir: str, class_names: Sequence[str] | None = None, *,
-                  output_dir: str | None = None) -> dict:
+                  output_dir: str | None = None, overwrite: bool = False) -> dict:
     """(Re)generates every report of ``workdir`` into ``output_dir`` (see :func:`output_dir_for`:
     default ``workdir``, nothing written when that is read-only); returns the classification
-    report."""
+    report. Raises :class:`OutputExistsError`, writing nothing, when one of the files exists
+    there, unless ``overwrite`` (as the trainer refreshes its own run's reports)."""
     if class_names is None:
         with open(os.path.join(workdir, runfiles.CLASSES)) as f:
             class_names = json.load(f)
     target = output_dir_for(workdir, output_dir)
     records = read_metrics(os.path.join(workdir, runfiles.METRICS))
+    confusion_path = os.path.join(workdir, runfiles.CONFUSION_LAST)
+    if target is not None:
+        names = ([runfiles.PLOT] if records else []) + ([
+            runfiles.REPORT_JSON, runfiles.REPORT_TEXT, runfiles.CONFUSION_PLOT]
+            if os.path.exists(confusion_path) else [])
+        refuse_existing(target, names, overwrite=overwrite)
     if records and target is not None:
         plot_curves(records, os.path.join(target, runfiles.PLOT))
-    confusion_path = os.path.join(workdir, runfiles.CONFUSION_LAST)
     if not os.path.exists(confusion_path):
         return {}
     confusion = np.load(confusion_path)

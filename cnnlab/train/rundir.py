@@ -1,7 +1,8 @@
 """What a run directory records so that its results can be trusted later.
 
 * ``split.json``: each split's sorted file names and their sha256, and the unreadable files
-  dropped from their splits; :func:`check_split` refuses data that no longer gives this split.
+  dropped from their splits; :func:`check_split` refuses data that no longer gives this split
+  (or, for an evaluation, the splits it reads).
 * ``environment.json``: cnnlab version and git commit, Python/JAX/Flax/Optax versions, platform
   and devices of the latest start (a different earlier one moves to ``environment_history/``).
 * ``conv_formulations.json``: the convolution formulation chosen for each shape (by machine),
@@ -23,7 +24,7 @@ import platform
 import subprocess
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,16 @@ def _examples(items: list[str], limit: int = 3) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def check_split(workdir: str | os.PathLike, dataset: Dataset) -> None:
+def check_split(
+    workdir: str | os.PathLike, dataset: Dataset, *, used: Collection[str] | None = None
+) -> str | None:
     """Raises :class:`SplitChangedError` when ``dataset`` does not give the split recorded in
     ``workdir/split.json``: a file added, removed or made unreadable (and, since the split is a
     function of the whole file list, the files that moved with it), or other split settings.
+
+    ``used``: the splits the caller reads (``cnnlab eval``: val and test). A change confined to
+    the others (a training image added, removed or unreadable) then raises nothing: it is
+    returned, as one line for the caller to warn with. Returns None when nothing changed.
 
     A run directory without ``split.json`` (written before cnnlab recorded splits) only warns.
     """
@@ -98,14 +105,14 @@ def check_split(workdir: str | os.PathLike, dataset: Dataset) -> None:
             "cannot check that the data gives the split it was trained with",
             stacklevel=2,
         )
-        return
+        return None
     with open(path) as f:
         recorded = {k: v["files"] for k, v in json.load(f)["splits"].items()}
     current = dataset.split_files
     names = sorted(set(recorded) | set(current))
     changed = [n for n in names if recorded.get(n, []) != current.get(n, [])]
     if not changed:
-        return
+        return None
     was = {f: n for n in names for f in recorded.get(n, [])}
     now = {f: n for n in names for f in current.get(n, [])}
     gone, new = sorted(set(was) - set(now)), sorted(set(now) - set(was))
@@ -121,6 +128,10 @@ def check_split(workdir: str | os.PathLike, dataset: Dataset) -> None:
         parts = [f"{len(removed)} file(s) removed ({_examples(removed, 2)})"] if removed else []
         parts += [f"{len(added)} added ({_examples(added, 2)})"] if added else []
         problems.append(f"{n}: {', '.join(parts)}")
+    if used is not None and not set(changed) & set(used):
+        kept = [n for n in used if n in names]
+        return (f"the data no longer gives the {' and '.join(changed)} split recorded in {path} "
+                f"({'; '.join(problems)}); {' and '.join(kept)} are as recorded")
     raise SplitChangedError(
         f"the data no longer gives the split recorded in {path}: {'; '.join(problems)}. "
         "Its results would mix images across splits: restore the data the run used "

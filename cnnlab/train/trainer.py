@@ -12,8 +12,13 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,6 +42,7 @@ from cnnlab.train.experiment import (
     extension_modules,
     initial_state,
     load_run_config,
+    make_normalize,
     resolve,
 )
 from cnnlab.train.metrics import split_values
@@ -70,6 +76,36 @@ def say(message: str) -> None:
     """Prints on the main process only."""
     if is_main_process():
         print(message, flush=True)
+
+
+@contextlib.contextmanager
+def _finish_before_interrupt(what: str):
+    """Holds a Ctrl-C (SIGINT) that arrives in the block until the block is done, then raises
+    it: an epoch's evaluation, records and checkpoint are written whole (an orbax save cut
+    short is dropped, so a resume would start an epoch earlier). A second Ctrl-C stops at once.
+
+    Only where Python's own SIGINT handler is installed, in the main thread: a handler of the
+    caller's, an ignored SIGINT and an enclosing block are left as they are."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held = []
+
+    def hold(signum, frame) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+        print(f"Ctrl-C: finishing {what} before stopping (Ctrl-C again stops now, losing it).",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _crossed(previous: int, step: int, every: int) -> bool:
@@ -213,7 +249,7 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
                 "nothing to train; evaluating its latest checkpoint (a new run needs a new "
                 "--workdir, more epochs --config.num_epochs=N --allow_config_change).")
             outcomes[k].metrics = evaluate(None, workdirs[k], which="latest",
-                                           exp=exp.for_config(resolved[k]))
+                                           exp=exp.for_config(resolved[k]), overwrite=True)
         for start in sorted({s for s in starts if s < total_steps}):
             group = [k for k in range(K) if starts[k] == start]
             pick = lambda items, g=group: [items[k] for k in g]  # noqa: E731
@@ -227,7 +263,7 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
             c.close()
     for k, wd in enumerate(workdirs):
         if outcomes[k].error is None and is_main_process():
-            report_lib.write_reports(wd, exp.dataset.class_names)
+            report_lib.write_reports(wd, exp.dataset.class_names, overwrite=True)  # its own
     timings["total"] = time.perf_counter() - t_start
     return outcomes, states, timings
 
@@ -281,11 +317,12 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
 
     def save_latest(step: int, only: int | None = None) -> None:
         t = time.perf_counter()
-        for k, state in enumerate(prog.trials(states)):
-            if active[k] if only is None else k == only:
-                if is_main_process():  # first: the checkpoint must not outlive the record
-                    rundir.record_formulations(workdirs[k])
-                ckpts[k].save_latest(step, state)
+        with _finish_before_interrupt(f"the checkpoint of step {step}"):
+            for k, state in enumerate(prog.trials(states)):
+                if active[k] if only is None else k == only:
+                    if is_main_process():  # first: the checkpoint must not outlive the record
+                        rundir.record_formulations(workdirs[k])
+                    ckpts[k].save_latest(step, state)
         timings["save"] += time.perf_counter() - t
 
     def check_finite() -> None:
@@ -371,10 +408,13 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
                 save_latest(step)
             if step_in_epoch == 0:
                 timings["steps"] += time.perf_counter() - t_train
-                end_of_epoch(epoch, step)
-                states = prog.reset_sums(states)
-                if epoch % config.checkpoint.every_epochs == 0 or step == total_steps:
-                    save_latest(step)
+                # A Ctrl-C from here waits for the epoch's records and checkpoint: a resume
+                # then starts after this epoch, and no orbax save is cut short.
+                with _finish_before_interrupt(f"epoch {epoch}'s evaluation and checkpoint"):
+                    end_of_epoch(epoch, step)
+                    states = prog.reset_sums(states)
+                    if epoch % config.checkpoint.every_epochs == 0 or step == total_steps:
+                        save_latest(step)
                 for k in range(K):
                     if active[k] and on_epoch_end is not None:
                         try:
@@ -451,29 +491,86 @@ def evaluate(
     which: str = "best",
     exp: Experiment | None = None,
     output_dir: str | None = None,
+    data_dir: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluates the ``best`` (by ``checkpoint.best_metric``, a validation metric by default) or
     ``latest`` checkpoint of ``workdir`` on every eval split and writes ``eval_<which>.json`` and
     ``confusion_<split>_<which>.npy`` to ``output_dir`` (default ``workdir``; skipped with a note
     when that is not writable, so a read-only run can be evaluated); returns the metrics.
-    Refuses when the data on disk no longer gives the run's recorded split."""
+
+    ``data_dir``: where the run's images are now, when ``exp`` is None (a folder-source run's,
+    moved since; default: the recorded ``data.data_dir``, else ``$CALTECH101_DIR``; see
+    :func:`_locate_data`). Refuses when the data no longer gives the recorded val or test split;
+    a change in the training split alone is a one-line warning (and the run's recorded
+    normalization is used). Raises :class:`~cnnlab.train.report.OutputExistsError` before
+    evaluating when an output file exists, unless ``overwrite``."""
     if exp is None:
-        exp = build_experiment(config if config is not None else load_run_config(workdir))
-    rundir.check_split(workdir, exp.dataset)
+        config = config if config is not None else load_run_config(workdir)
+        exp = build_experiment(_locate_data(config, data_dir))
+    splits = list(eval_splits(exp))
+    changed = rundir.check_split(workdir, exp.dataset, used=splits)
+    if changed and is_main_process():
+        print(f"warning: {changed}: evaluating them.", file=sys.stderr, flush=True)
+    recorded = _recorded_normalization(workdir)
+    if recorded is not None and recorded != exp.normalization:  # the training images changed
+        exp = dataclasses.replace(exp, normalize=make_normalize(recorded), normalization=recorded)
     ckpt = Checkpoints(workdir, keep=exp.config.checkpoint.keep, best_metric=exp.config.checkpoint.best_metric,
                        best_mode=exp.config.checkpoint.best_mode)
     try:
         if which == "best" and ckpt.best.latest_step() is None:
             which = "latest"
+        target = report_lib.output_dir_for(workdir, output_dir) if is_main_process() else None
+        if target is not None:
+            names = [runfiles.eval_record(which)] + [runfiles.eval_confusion(s, which) for s in splits]
+            report_lib.refuse_existing(target, names, overwrite=overwrite)
         state, step = ckpt.restore(initial_state(exp), which=which)
     finally:
         ckpt.close()
     prog = build_program(exp, [exp.config])
     results = evaluate_trials(exp, prog, state)[0]
     out: dict[str, Any] = {"checkpoint": which, "step": step, **_flat(results)}
-    target = report_lib.output_dir_for(workdir, output_dir) if is_main_process() else None
     if target is not None:
         for name, res in results.items():
-            np.save(os.path.join(target, f"confusion_{name}_{which}.npy"), res["confusion"])
+            np.save(os.path.join(target, runfiles.eval_confusion(name, which)), res["confusion"])
         write_json_atomic(os.path.join(target, runfiles.eval_record(which)), out)
     return out
+
+
+def _locate_data(config: ml_collections.ConfigDict, data_dir: str | None) -> ml_collections.ConfigDict:
+    """The run's recorded config with its images where they are now: ``data_dir`` when given;
+    else the recorded ``data.data_dir`` while it exists; else ``$CALTECH101_DIR``, as training
+    reads it for an unset one. (``data.data_dir`` does not change results, and the split check
+    refuses other images.)"""
+    env = data_lib.ENV_DATA_DIR
+    if config.data.source != "folder":
+        if data_dir is not None:
+            raise ValueError(f"--data_dir={data_dir!r}: this run reads no data directory (its "
+                             f"data.source is {config.data.source!r}, not 'folder')")
+        return config
+    recorded = config.data.get("data_dir")
+    if data_dir is None and recorded and not os.path.exists(os.path.expanduser(recorded)):
+        data_dir = os.environ.get(env)
+        if not data_dir:
+            raise FileNotFoundError(f"the run's data.data_dir {recorded} does not exist (moved?): "
+                                    f"point --data_dir=DIR (or ${env}) at where its images are now")
+        if is_main_process():
+            print(f"note: the run's data.data_dir {recorded} does not exist; reading ${env}={data_dir}",
+                  file=sys.stderr, flush=True)
+    elif data_dir is None and not recorded and not os.environ.get(env):
+        raise FileNotFoundError(f"the run read its images from ${env}, which is not set: set it or "
+                                "pass --data_dir=DIR")
+    if data_dir is None:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.data_dir = str(data_dir)
+    return config
+
+
+def _recorded_normalization(workdir: str) -> dict[str, Any] | None:
+    """The normalization the run trained with (``preprocessing.json``; None for older runs)."""
+    try:
+        with open(os.path.join(workdir, PREPROCESSING_FILE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None

@@ -5,7 +5,8 @@
 previous log step) and per evaluation (``"kind": "epoch"``: ``epoch``, ``train/loss`` (the
 epoch's mean), ``val/accuracy``, ``test/loss``...). When a run resumes from step ``s``, records
 after ``s`` (written by the killed run past its last checkpoint) are dropped first, so the file
-reads as one clean run.
+reads as one clean run. TensorBoard's points after ``s`` are purged likewise (see
+:class:`MetricWriter`).
 
 TensorBoard tags (:func:`tensorboard_tag`) keep the two kinds apart, so no tag mixes per-batch
 values with epoch means: per-step values are ``step/<name>`` (``step/loss``,
@@ -17,6 +18,7 @@ is always the global step. Images (``augmented_batch``) go to TensorBoard's imag
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -92,7 +94,17 @@ def image_grid(images: np.ndarray, *, columns: int = 4, pad: int = 2, min_tile: 
 
 
 class MetricWriter:
-    """Appends JSON lines to ``metrics.jsonl`` and scalars and images to TensorBoard (``tb/``)."""
+    """Appends JSON lines to ``metrics.jsonl`` and scalars and images to TensorBoard (``tb/``).
+
+    A start at ``resume_step`` drops what an earlier start wrote after that step, which this
+    one writes again: the records from ``metrics.jsonl``, and TensorBoard's points through a
+    purge event in the new event file (TensorBoard then discards the earlier files' points at
+    and after the purge step, in every tag). That step is ``resume_step + 1``, or 0 when
+    starting from scratch: a run started over after a kill before its first checkpoint writes
+    step 0 (``augmented_batch``) again. Each start's event file is numbered, as TensorBoard
+    reads the files in name order and two starts within a second would otherwise share a name
+    (the later one emptying the earlier).
+    """
 
     def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -106,7 +118,10 @@ class MetricWriter:
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, runfiles.TENSORBOARD), purge_step=resume_step + 1)
+            tb_dir = os.path.join(workdir, runfiles.TENSORBOARD)
+            starts = len(glob.glob(os.path.join(glob.escape(tb_dir), "events.out.tfevents.*")))
+            self._tb = SummaryWriter(tb_dir, purge_step=resume_step + 1 if resume_step else 0,
+                                     filename_suffix=f".{starts + 1:04d}")
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             self._tb = None
 
