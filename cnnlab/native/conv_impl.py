@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -48,7 +49,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -266,10 +267,28 @@ def has_alternatives(spec: ConvSpec) -> bool:
     return any(len(names) > 1 for names in applicable(spec).values())
 
 
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("cnnlab_conv_formulation", default=None)
+
+
+@contextlib.contextmanager
+def formulation(setting: str) -> Iterator[None]:
+    """Traces the convolutions inside the block as ``CNNLAB_CONV_FORMULATION=<setting>`` would,
+    in this thread (context) alone, whatever the environment says. ``formulation("xla")``
+    gives lax's op with no measurement and no custom call: what ``cnnlab summary`` traces to
+    read shapes and XLA's FLOP count (a oneDNN custom call has no cost XLA could count)."""
+    token = _scoped.set(setting)
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
 def forced_formulations() -> tuple[str, str, str] | None:
-    """The formulations ``CNNLAB_CONV_FORMULATION`` forces, ``(forward, input grad, kernel
-    grad)``, or None under ``auto``; a bad setting raises a ValueError naming it."""
-    mode = os.environ.get(FORMULATION_ENV, "auto").strip().lower() or "auto"
+    """The formulations ``CNNLAB_CONV_FORMULATION`` (or an enclosing :func:`formulation`)
+    forces, ``(forward, input grad, kernel grad)``, or None under ``auto``; a bad setting
+    raises a ValueError naming it."""
+    scoped = _scoped.get()
+    mode = (os.environ.get(FORMULATION_ENV, "auto") if scoped is None else scoped).strip().lower() or "auto"
     if mode == "auto":
         return None
     if mode in ("xla", "onednn"):
