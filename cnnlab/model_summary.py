@@ -56,9 +56,10 @@ class ModelSummary:
     FLOP counters report. ``xla_flops`` is XLA's own count of the whole forward pass
     (``HloCostAnalysis`` of the jitted ``module.apply`` lowered for one image, lax's
     convolutions): it adds the element-wise operations and leaves out the products with a
-    convolution's padding, so the two differ by a few percent (StridedNet at 96x96: 104.6 M
-    here, 98.5 M by XLA: 6.8 M products with padding fewer, 0.6 M element-wise operations
-    more). Both are per image, in inference mode."""
+    convolution's padding, so the two differ by a few percent, more where the feature maps are
+    small (StridedNet at 96x96: 104.6 M here, 98.5 M by XLA: 6.8 M products with padding
+    fewer, 0.6 M element-wise operations more; configs/tutorial_fast.py's ResNet at 48x48:
+    13.9 M and 11.5 M). Both are per image, in inference mode."""
 
     model: str
     input_shape: tuple[int, ...]
