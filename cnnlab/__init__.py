@@ -8,4 +8,5 @@ from cnnlab._lazy import lazy_attributes
 __version__ = "0.1.0"
 
 # Loaded on first use, so that ``import cnnlab`` starts neither JAX nor the trainer.
-__getattr__, __dir__ = lazy_attributes(__name__, {"load_run": "cnnlab.inference", "Run": "cnnlab.inference"})
+__getattr__, __dir__ = lazy_attributes(__name__, {"load_run": "cnnlab.inference", "Run": "cnnlab.inference",
+                                                         "summary": "cnnlab.model_summary"})

@@ -8,6 +8,7 @@ field from the schema).
     cnnlab report --workdir=runs/stridednet [--output_dir=DIR] [--overwrite]
     cnnlab sweep --config=configs/sweeps/smoke_grid.py --workdir=runs/smoke_grid [--workers=2]
     cnnlab sweep report --workdir=runs/smoke_grid
+    cnnlab summary --config=configs/stridednet.py [--num_classes=N]   (or --workdir=runs/stridednet)
 
 Every command goes through :func:`_run_command`: a user error (bad config, missing data, a
 read-only or full disk, a changed run record, an output file that exists without
@@ -41,6 +42,7 @@ COMMANDS = {
     "sweep": "run a hyperparameter sweep (`cnnlab sweep report` summarizes one)",
     "predict": "classify image files and folders with a trained run",
     "export": "write a trained run in another format (a Keras model)",
+    "summary": "print a config's or a run's model: layers, output shapes, parameters, FLOPs",
 }
 _USAGE = "usage: cnnlab <command> [flags]   (cnnlab <command> --help lists its flags)"
 _HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull")
@@ -80,6 +82,16 @@ def _define_report_flags(*, evaluates: bool = False) -> None:
         flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
         flags.DEFINE_string("data_dir", None, "Where the run's images are now, if they moved "
                             "(default: its recorded data.data_dir, else $CALTECH101_DIR).")
+
+
+def _define_summary_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Config file with get_config() whose model to "
+                                    "summarize; override fields as --config.<key>=<value>.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Or a run directory written by `cnnlab train` (its config.json "
+                        "and classes.json).")
+    flags.DEFINE_integer("num_classes", None, "Classes of the model's output with --config; unset: as many "
+                         "as data.classes selects (needed for data.classes='all' of a folder or tfds source).",
+                         lower_bound=1)
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -227,6 +239,42 @@ def _export(argv: list[str]) -> None:
     export_main(argv[1:])
 
 
+def _summary(argv: list[str]) -> None:
+    """The model of ``--config`` (for its image size and number of classes, the data never
+    read) or of the run in ``--workdir``, as :func:`cnnlab.model_summary.summary` prints it."""
+    del argv
+    import json
+
+    from cnnlab import runfiles
+    from cnnlab.data.config import image_hw, known_num_classes
+    from cnnlab.model_summary import summary
+    from cnnlab.native import conv_impl
+    from cnnlab.train.config import validate_config
+    from cnnlab.train.experiment import build_model, load_run_config
+
+    if FLAGS["config"].present == bool(FLAGS.workdir):
+        raise _UsageError("give --config=<file.py> (a config's model) or --workdir=<run dir> (a trained "
+                          "run's), one of them")
+    if FLAGS.workdir:
+        if FLAGS.num_classes is not None:
+            raise _UsageError("--num_classes is for --config; a run's classes.json gives its classes")
+        config = load_run_config(FLAGS.workdir)
+        with open(os.path.join(FLAGS.workdir, runfiles.CLASSES)) as f:
+            num_classes = len(json.load(f))
+    else:
+        config = validate_config(FLAGS.config)
+        num_classes = FLAGS.num_classes or known_num_classes(config.data)
+        if num_classes is None:
+            raise _UsageError(f"data.classes={config.data.classes!r} of the {config.data.source!r} source has as "
+                              "many classes as the data: give --num_classes=N (CALTECH-101: 102, or 101 "
+                              "with data.drop_background)")
+    with conv_impl.formulation("xla"):  # mixed_precision="auto" decided without building oneDNN
+        model = build_model(config, num_classes)
+    source = FLAGS.workdir or config_flags.get_config_filename(FLAGS["config"])
+    print(f"{source}: model {config.model.name!r} for {num_classes} classes")
+    summary(model, (*image_hw(config.data.image_size), 3))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Command:
     usage: str
@@ -254,13 +302,19 @@ def _commands() -> dict[str, _Command]:
                                  sweep_cli.define_report_flags, ("workdir",)),
         "predict": _Command("cnnlab predict --workdir=<run dir> PATH...", _predict),
         "export": _Command("cnnlab export --workdir=<run dir> --format=keras OUT.keras", _export),
+        "summary": _Command("cnnlab summary --config=<file.py> [--config.<key>=<value> ...] [--num_classes=N] "
+                            "| --workdir=<run dir>", _summary, _define_summary_flags, config_fields=True),
     }
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."  # str.capitalize() would lower "Keras", "FLOPs"
 
 
 def _command_help(name: str, command: _Command, own: list[str], argv: list[str]) -> str:
     """The command's own flags (never absl's globals) and, for train/sweep, every config field
     with type, default and doc, including what the ``--config`` file registers (it is run first)."""
-    lines = [f"usage: {command.usage}", "", COMMANDS[name.split()[0]].capitalize() + ".", "", "flags:"]
+    lines = [f"usage: {command.usage}", "", _sentence(COMMANDS[name.split()[0]]), "", "flags:"]
     for n in own:
         tail = "required" if n in command.required else f"default: {FLAGS[n].default!r}"
         lines.append(f"  --{n}: {FLAGS[n].help} ({tail})")

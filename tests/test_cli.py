@@ -43,7 +43,7 @@ def assert_clean_error(proc, *needles, code):
 def test_top_level_help_lists_every_command(args):
     proc = cnnlab(*args)
     assert proc.returncode == 0, proc.stderr
-    for name in ("train", "eval", "report", "sweep", "predict", "export"):
+    for name in ("train", "eval", "report", "sweep", "predict", "export", "summary"):
         assert re.search(rf"^  {name} +\S", proc.stdout, re.M), proc.stdout
 
 
@@ -60,6 +60,8 @@ def test_command_help_lists_its_own_flags_and_the_config_fields():
         (["report", "-h"], ["--output_dir", "--workdir", "--overwrite"]),
         (["predict", "--help"], ["usage: cnnlab predict", "--workdir", "--top_k"]),
         (["export", "--help"], ["usage: cnnlab export", "--workdir", "--format"]),
+        (["summary", "--help"], ["usage: cnnlab summary", "--config", "--workdir", "--num_classes",
+                                 "parameters, FLOPs."]),
     ]:
         proc = cnnlab(*args)
         assert proc.returncode == 0, proc.stderr
@@ -67,7 +69,7 @@ def test_command_help_lists_its_own_flags_and_the_config_fields():
             assert needle in proc.stdout, (args, needle, proc.stdout)
         for absl_global in ("--flagfile", "--logtostderr", "--helpfull", "--only_check_args", "jax_"):
             assert absl_global not in proc.stdout, (args, absl_global)
-        assert ("config fields" in proc.stdout) == (args[0] in ("train", "sweep") and "report" not in args)
+        assert ("config fields" in proc.stdout) == (args[0] in ("train", "sweep", "summary") and "report" not in args)
 
 
 # --------------------------------------------------------------------------- user errors

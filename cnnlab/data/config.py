@@ -116,6 +116,25 @@ def resolve_config(config: Any = None) -> dict[str, Any]:
     return resolve(data_schema(), config, prefix="data.")
 
 
+def known_num_classes(config: Any = None) -> int | None:
+    """How many classes the data config selects, told without reading the data: a preset's or
+    a list's distinct names (less the background class with ``drop_background``; tfds compares
+    names case-insensitively), or the synthetic source's ``synthetic_num_classes`` (which
+    ignores presets); None for ``classes="all"`` of a folder or tfds source (as many as the
+    data has)."""
+    cfg = resolve_config(config)
+    classes = cfg["classes"]
+    if cfg["source"] == "synthetic":
+        return cfg["synthetic_num_classes"] if isinstance(classes, str) else len(set(classes))
+    if classes == "all":
+        return None
+    fold = str.lower if cfg["source"] == "tfds" else str
+    names = {fold(n) for n in (CLASS_PRESETS[classes] if isinstance(classes, str) else classes)}
+    if cfg["drop_background"]:
+        names = {n for n in names if n.lower() != BACKGROUND_CLASS.lower()}
+    return len(names)
+
+
 def image_hw(image_size: Any) -> tuple[int, int]:
     """``96`` -> ``(96, 96)``; ``(h, w)`` -> ``(h, w)``."""
     if isinstance(image_size, int) and not isinstance(image_size, bool):

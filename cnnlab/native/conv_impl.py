@@ -49,7 +49,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,29 +268,34 @@ def has_alternatives(spec: ConvSpec) -> bool:
 
 
 _scoped_mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("conv_formulation", default=None)
+_forced_mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("forced_conv_formulation", default=None)
 
 
 def formulation_setting() -> str:
-    """The formulation setting in force: ``CNNLAB_CONV_FORMULATION`` where set (an override),
-    else the one of the enclosing :func:`formulation` scope (a run's ``conv_formulation``),
-    else ``auto``."""
-    mode = os.environ.get(FORMULATION_ENV, "").strip().lower() or _scoped_mode.get() or "auto"
+    """The formulation setting in force: that of an enclosing ``formulation(..., override_env=
+    True)``, else ``CNNLAB_CONV_FORMULATION`` where set (an override), else the one of the
+    enclosing :func:`formulation` scope (a run's ``conv_formulation``), else ``auto``."""
+    mode = (_forced_mode.get() or os.environ.get(FORMULATION_ENV, "").strip() or _scoped_mode.get()
+            or "auto")
     return mode.strip().lower() or "auto"
 
 
 @contextlib.contextmanager
-def formulation(mode: str | None):
-    """Convolutions traced inside use formulation setting ``mode`` (as
-    ``CNNLAB_CONV_FORMULATION`` takes it; ``None``: leave it as it is), unless the environment
-    variable overrides it."""
+def formulation(mode: str | None, *, override_env: bool = False) -> Iterator[None]:
+    """Convolutions traced inside the block (this thread/context) use formulation setting
+    ``mode`` (as ``CNNLAB_CONV_FORMULATION`` takes it; ``None``: leave it as it is), unless the
+    environment variable overrides it; ``override_env``: whatever the environment says (e.g.
+    ``formulation("xla", override_env=True)``: lax's op with no measurement and no custom call,
+    what ``cnnlab summary`` traces to read shapes and XLA's FLOP count)."""
     if mode is None:
         yield
         return
-    token = _scoped_mode.set(mode)
+    var = _forced_mode if override_env else _scoped_mode
+    token = var.set(mode)
     try:
         yield
     finally:
-        _scoped_mode.reset(token)
+        var.reset(token)
 
 
 def check_setting(mode: str) -> str | None:

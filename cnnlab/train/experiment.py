@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -132,6 +133,7 @@ def in_run_context(model: Any, *, conv_formulation: str, image_data_format: str)
     if getattr(cls, "_run_context", None) is not None:
         cls = cls.__mro__[1]
 
+    @functools.wraps(cls.__call__)
     def __call__(self, x, *args, **kwargs):  # noqa: N807
         with conv_impl.formulation(conv_formulation), backend.image_data_format_scope(image_data_format):
             if image_data_format == "channels_first" and x.ndim == 4:
