@@ -19,8 +19,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cnnlab import data as data_lib
 from cnnlab import models, runfiles
 from cnnlab.data.augmentations import AUGMENT_OPS
+from cnnlab.data.config import image_hw
 from cnnlab.native import conv_impl
 from cnnlab.train import losses, optim
+from cnnlab.train.checkpoint import Checkpoints
 from cnnlab.train.config import validate_config
 from cnnlab.train.distributed import is_main_process
 from cnnlab.train.metrics import METRICS
@@ -228,3 +230,79 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     import_extensions(workdir)
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained run's model and weights (inference, a distillation teacher)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A run's model with the weights of one checkpoint (see :func:`load_trained`):
+    ``variables`` are ``{"params", "batch_stats"}``, ``step`` the checkpoint's global step,
+    ``which`` the checkpoint (``best`` or ``latest``) they came from, ``normalization`` the
+    run's :func:`normalization_record`."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    class_names: list[str]
+    model: Any
+    variables: dict[str, Any]
+    step: int
+    which: str
+    normalization: dict[str, Any]
+
+
+def run_normalization(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The :func:`normalization_record` a run recorded (``preprocessing.json``); a run without
+    one normalized by ``scale``, which needs no statistics."""
+    path = os.path.join(workdir, PREPROCESSING_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if config.normalization == "mean_std":
+        raise ValueError(
+            f"the run in {workdir!r} normalizes with the training images' mean and std "
+            f"(normalization='mean_std') but has no {PREPROCESSING_FILE} recording them; "
+            "re-run training in it (it resumes) to record them")
+    return {"normalization": config.normalization}
+
+
+def load_trained(workdir: str, *, which: str = "best") -> TrainedModel:
+    """The model of the run in ``workdir`` with the weights of its ``best`` checkpoint (the
+    ``latest`` when it has no best) or its ``latest``, from the run directory alone (no data).
+
+    Raises:
+        FileNotFoundError: ``workdir`` is not a run directory or has no checkpoint.
+        ValueError: an unknown ``which``, or a ``mean_std`` run without ``preprocessing.json``.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
+    config = load_run_config(workdir)
+    classes = os.path.join(workdir, runfiles.CLASSES)
+    if not os.path.exists(classes):
+        raise FileNotFoundError(f"No classes.json in {workdir!r}: is it a cnnlab run directory?")
+    with open(classes) as f:
+        class_names = list(json.load(f))
+    if not os.path.isdir(os.path.join(workdir, runfiles.CHECKPOINTS, runfiles.LATEST)):
+        raise FileNotFoundError(f"No checkpoints in {workdir!r}: the run has not saved a step yet.")
+    normalization = run_normalization(workdir, config)
+
+    model = build_model(config, len(class_names))
+    h, w = image_hw(config.data.image_size)
+    key = jax.random.PRNGKey(0)
+    shapes = jax.eval_shape(lambda: model.init({"params": key, "dropout": key},
+                                               jnp.zeros((1, h, w, 3), jnp.float32), training=False))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+        {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})})
+    c = config.checkpoint
+    ckpt = Checkpoints(workdir, keep=c.keep, best_metric=c.best_metric, best_mode=c.best_mode)
+    try:
+        variables, step, which = ckpt.restore_variables(target, which=which)
+    finally:
+        ckpt.close()
+    return TrainedModel(workdir=workdir, config=config, class_names=class_names, model=model,
+                        variables=variables, step=step, which=which, normalization=normalization)
