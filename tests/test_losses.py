@@ -1,6 +1,7 @@
 """cnnlab.train.losses: losses by name with their own config fields (traceable ones pack), the
-focal loss, a user's loss from their own module, and runs recorded before the loss registry
-resuming unchanged."""
+focal loss, a user's loss from their own module, runs recorded before the loss registry
+resuming unchanged, and the metrics a loss reports (logged per step and per epoch, packed as
+alone)."""
 
 import json
 import os
@@ -14,8 +15,16 @@ from helpers import assert_same_epoch_records, epoch_records, tiny_config
 
 from cnnlab.schema import ConfigError, Field, in_range
 from cnnlab.sweep import apply_point
-from cnnlab.train import losses, pack_key, train_and_evaluate, train_trials, validate_config
+from cnnlab.train import (
+    losses,
+    pack_key,
+    train_and_evaluate,
+    train_trials,
+    validate_config,
+)
 from cnnlab.train.packing import varying
+from cnnlab.train.steps import create_train_state, make_train_step, zero_sums
+from cnnlab.train.writers import read_metrics
 
 
 @losses.register("poly1_test", epsilon=Field(1.0, float, in_range(-1, 10), "first polynomial term",
@@ -23,6 +32,14 @@ from cnnlab.train.packing import varying
 def poly1(logits, targets, *, epsilon):
     ce = optax.softmax_cross_entropy(logits, targets)
     return ce + epsilon * (1.0 - jnp.sum(targets * jax.nn.softmax(logits), -1))
+
+
+@losses.register("poly1_metrics_test", metrics=("ce", "gap"),
+                 epsilon=Field(1.0, float, in_range(-1, 10), "first polynomial term", traceable=True))
+def poly1_with_metrics(logits, targets, *, epsilon):
+    ce = optax.softmax_cross_entropy(logits, targets)
+    gap = 1.0 - jnp.sum(targets * jax.nn.softmax(logits), -1)
+    return ce + epsilon * gap, {"ce": ce, "gap": gap}
 
 
 def _targets(seed=0, batch=6, k=5):
@@ -109,3 +126,57 @@ def test_a_run_recorded_before_the_loss_registry_resumes_unchanged(tmp_path):
         train_and_evaluate(c, workdir)
     c.num_epochs = 1
     train_and_evaluate(c, workdir)  # no change: evaluates the finished run
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics a loss reports
+# ---------------------------------------------------------------------------------------------
+
+
+def _step_records(workdir):
+    return [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["kind"] == "train"]
+
+
+def test_a_losss_metrics_are_logged_per_step_and_per_epoch_alone_and_packed(tmp_path):
+    base = tiny_config()
+    base.loss.name = "poly1_metrics_test"
+    base.log_every_steps = 1
+    configs = [apply_point(base, {"loss.poly1_metrics_test.epsilon": e}) for e in (0.5, 2.0)]
+    outcomes, _ = train_trials(configs, [str(tmp_path / f"packed{k}") for k in range(2)])
+    assert all(o.error is None for o in outcomes)
+    for k, c in enumerate(configs):
+        train_and_evaluate(c, str(tmp_path / f"alone{k}"))
+        records = assert_same_epoch_records(str(tmp_path / f"packed{k}"), str(tmp_path / f"alone{k}"), k)
+        epsilon = c.loss.poly1_metrics_test.epsilon
+        for r in records:  # epoch means of the per-example values; the loss is their sum here
+            assert r["train/loss"] == pytest.approx(r["train/ce"] + epsilon * r["train/gap"], rel=1e-5)
+        for run in (f"packed{k}", f"alone{k}"):
+            steps = _step_records(str(tmp_path / run))
+            assert len(steps) == 6 and all({"train/ce", "train/gap"} <= r.keys() for r in steps)
+            for r in steps:  # the last batch's means
+                assert r["ce"] == pytest.approx(r["train/ce"] + epsilon * r["train/gap"], rel=1e-5)
+
+
+def test_the_state_sums_a_losss_metrics_and_a_loss_without_keeps_the_old_state():
+    # A loss without metrics: the epoch sums of runs recorded before losses reported any.
+    assert set(zero_sums()) == {"loss", "correct", "count"}
+    assert set(zero_sums(("ce", "gap"))["loss_metrics"]) == {"ce", "gap"}
+    from cnnlab import models
+
+    model = models.get_model("simple_cnn", num_classes=3, widths=(4,), dense_units=8)
+    tx = optax.sgd(0.1)
+    preprocess = lambda k, x, y: (x.astype(jnp.float32) / 255, jax.nn.one_hot(y, 3))  # noqa: E731
+    batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3)), jnp.uint8),
+             "label": jnp.array([0, 1, 2, 0]), "mask": jnp.ones(4, bool)}
+    loss_fn = lambda x, t: poly1_with_metrics(x, t, epsilon=1.0)  # noqa: E731
+    state = create_train_state(model, tx, seed=0, image_shape=(8, 8, 3), loss_metrics=("ce", "gap"))
+    step = make_train_step(model, tx, num_classes=3, preprocess=preprocess, constraints={}, loss_fn=loss_fn)
+    new, metrics = jax.jit(step)(state, batch)
+    assert set(metrics["loss_metrics"]) == {"ce", "gap"}
+    np.testing.assert_allclose(new.epoch_sums["loss_metrics"]["ce"], 4 * metrics["loss_metrics"]["ce"], rtol=1e-6)
+    plain = create_train_state(model, tx, seed=0, image_shape=(8, 8, 3))
+    with pytest.raises(ValueError, match=r"reports metrics \['ce', 'gap'\].*metrics="):
+        jax.jit(step)(plain, batch)  # undeclared metrics have no sums to go to
+    with pytest.raises(ValueError, match="must be distinct identifiers other than loss, accuracy"):
+        losses.register("bad_test", metrics=("accuracy",))
+

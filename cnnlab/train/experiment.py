@@ -42,10 +42,28 @@ class Experiment:
     normalize: Any
     image_shape: tuple[int, ...]
     normalization: dict[str, Any]
+    #: the loss's extra inputs once :meth:`loss_inputs` has set them up (shared by copies)
+    loaded_loss_inputs: list[Any] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.dataset.class_names)
+
+    def loss_inputs(self) -> losses.LossInputs | None:
+        """The loss's :class:`~cnnlab.train.losses.LossInputs` (e.g. a teacher's model and
+        weights), set up on first use and kept: training needs them, evaluation never asks.
+        Its variables are replicated over the mesh; ``None`` for a loss that needs only logits.
+
+        Raises:
+          ConfigError: the loss's setup refuses the config (e.g. a teacher that is no run).
+        """
+        if not self.loaded_loss_inputs:
+            inputs = losses.setup_inputs(self.config, num_classes=self.num_classes,
+                                         image_shape=self.image_shape, normalization=self.normalization)
+            if inputs is not None:
+                inputs = losses.LossInputs(inputs.apply, jax.device_put(inputs.variables, replicated(self.mesh)))
+            self.loaded_loss_inputs.append(inputs)
+        return self.loaded_loss_inputs[0]
 
     def for_config(self, config: ml_collections.ConfigDict) -> Experiment:
         """The same data and mesh for another (validated, pack-compatible) config: its own
@@ -180,7 +198,8 @@ def replicated(mesh) -> NamedSharding:
 def initial_state(exp: Experiment) -> TrainState:
     """A fresh state, replicated over the mesh."""
     return jax.jit(
-        lambda: create_train_state(exp.model, exp.tx, seed=exp.config.seed, image_shape=exp.image_shape),
+        lambda: create_train_state(exp.model, exp.tx, seed=exp.config.seed, image_shape=exp.image_shape,
+                                   loss_metrics=losses.metric_names(exp.config)),
         out_shardings=replicated(exp.mesh),
     )()
 
