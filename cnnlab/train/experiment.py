@@ -26,7 +26,7 @@ from cnnlab.train.checkpoint import Checkpoints
 from cnnlab.train.config import validate_config
 from cnnlab.train.distributed import is_main_process
 from cnnlab.train.metrics import METRICS
-from cnnlab.train.steps import TrainState, create_train_state
+from cnnlab.train.steps import STEPS, TrainState, create_train_state
 
 
 @dataclasses.dataclass
@@ -209,11 +209,12 @@ EXTENSIONS_FILE = runfiles.EXTENSIONS
 
 def extension_modules(config: ml_collections.ConfigDict) -> list[dict[str, str]]:
     """``[{"module", "file"}]`` of the modules outside cnnlab that registered what ``config``
-    names (model, optimizer, schedule, metrics, augmentation ops, loss), so that ``cnnlab eval`` and
-    ``report`` can import them again."""
+    names (model, optimizer, schedule, metrics, augmentation ops, loss, train step), so that
+    ``cnnlab eval`` and ``report`` can import them again."""
     used = [(models.MODELS, config.model.name), (optim.OPTIMIZERS, config.optimizer.name),
             (optim.SCHEDULES, config.schedule.name), *((METRICS, m) for m in config.metrics),
-            *((AUGMENT_OPS, op) for op in config.data.augment.ops), (losses.LOSSES, config.loss.name)]
+            *((AUGMENT_OPS, op) for op in config.data.augment.ops), (losses.LOSSES, config.loss.name),
+            (STEPS, config.train_step)]
     names = sorted({m for registry, name in used if (m := registry.module_of(name))} - {None})
     return [{"module": m, "file": getattr(sys.modules.get(m), "__file__", None)}
             for m in names if m.split(".")[0] != "cnnlab"]

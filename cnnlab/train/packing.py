@@ -37,11 +37,11 @@ from cnnlab.schema import flatten
 from cnnlab.train import losses, optim
 from cnnlab.train.experiment import Experiment, initial_state, resolve
 from cnnlab.train.steps import (
+    STEPS,
     TrainState,
     chunk_unroll,
     create_train_state,
     make_eval_step,
-    make_train_step,
     zero_sums,
 )
 
@@ -212,7 +212,9 @@ class Program:
 def build_program(
     exp: Experiment, configs: Sequence[ml_collections.ConfigDict], *, vmap_width: int | None = None
 ) -> Program:
-    """The programs for ``configs`` (validated, equal :func:`pack_key` when more than one)."""
+    """The programs for ``configs`` (validated, equal :func:`pack_key` when more than one); the
+    train step is built by the ``config.train_step`` registered in
+    :data:`cnnlab.train.steps.STEPS`, one trial's step wrapped over the trials."""
     config = exp.config
     K = len(configs)
     seeds = [int(c.seed) for c in configs]
@@ -227,6 +229,7 @@ def build_program(
         exp.model, jnp.zeros((1, *exp.image_shape), jnp.float32), training=False
     )
 
+    make_step = STEPS.lookup(config.train_step)
     loss_metrics = losses.metric_names(config)
 
     def input_variables() -> Any:
@@ -250,9 +253,9 @@ def build_program(
         loss_fn = losses.make_loss(config, {k.split(".")[-1]: h[k] for k in loss_keys})
         inputs = exp.loss_inputs()
         loss_inputs = None if inputs is None else (lambda images: inputs.apply(variables, images))
-        step = make_train_step(model, tx, num_classes=exp.num_classes, preprocess=preprocess,
-                               constraints=constraints, label_smoothing=config.loss.label_smoothing,
-                               loss_fn=loss_fn, loss_inputs=loss_inputs)
+        step = make_step(model, tx, num_classes=exp.num_classes, preprocess=preprocess,
+                         constraints=constraints, label_smoothing=config.loss.label_smoothing,
+                         loss_fn=loss_fn, loss_inputs=loss_inputs)
         return step(state, batch)
 
     eval_one = make_eval_step(exp.model, num_classes=exp.num_classes, normalize=exp.normalize,

@@ -5,6 +5,21 @@ with the layers' sown penalties, backward pass, optimizer update, constraint pro
 metric accumulation. A step with a non-finite loss leaves the state unchanged and records its
 step number in ``state.nonfinite_step``, so the trainer can stop with the last good state.
 
+The function that builds one trial's step is chosen by name (``config.train_step``, default
+``"default"``: :func:`make_train_step`); a user registers another with :func:`register_step`
+(same signature), and packing wraps whichever is chosen over the trials, e.g.::
+
+    @register_step("with_param_norm")
+    def make_step(model, tx, **kwargs):
+        step = make_train_step(model, tx, **kwargs)
+
+        def train_step(state, batch):
+            state, metrics = step(state, batch)
+            return state, {**metrics, "param_norm": optax.tree.norm(state.params)}
+
+        return train_step
+
+The returned metrics are logged in the per-step records (``metrics.jsonl``, TensorBoard).
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from cnnlab import nn
+from cnnlab._registry import Registry
 from cnnlab.train import losses
 from cnnlab.train import metrics as metrics_lib
 
@@ -190,6 +206,23 @@ def make_train_step(
         return new, metrics
 
     return train_step
+
+
+#: Builders of one trial's train step by name (``config.train_step``); same signature as
+#: :func:`make_train_step`.
+STEPS = Registry("train step", {"default": make_train_step})
+
+
+def register_step(name: str) -> Callable[[Callable], Callable]:
+    """Decorator registering a train-step builder (the signature of :func:`make_train_step`)
+    as ``config.train_step = name``; packing wraps it over packed trials as it wraps the
+    default (see the module docstring)."""
+
+    def decorator(make_step: Callable) -> Callable:
+        STEPS.register(name, make_step, module=make_step.__module__)
+        return make_step
+
+    return decorator
 
 
 def make_eval_step(
