@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from cnnlab import runfiles
 from cnnlab.data import decode_images
 from cnnlab.data._decode import resize_image, to_rgb
 from cnnlab.data.config import image_hw
@@ -158,21 +157,6 @@ class Run:
         return images[ok], errors
 
 
-def _normalization(workdir: str, config: Any) -> dict[str, Any]:
-    from cnnlab.train.experiment import PREPROCESSING_FILE
-
-    path = os.path.join(workdir, PREPROCESSING_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    if config.normalization == "mean_std":
-        raise ValueError(
-            f"the run in {workdir!r} normalizes with the training images' mean and std "
-            f"(normalization='mean_std') but has no {PREPROCESSING_FILE} recording them; "
-            "re-run training in it (it resumes) to record them")
-    return {"normalization": config.normalization}
-
-
 def load_run(workdir: str, *, which: str = "best") -> Run:
     """Loads the ``best`` checkpoint of a run (the ``latest`` when it has no best) or its
     ``latest``, with its model, class names and preprocessing, from ``workdir`` alone.
@@ -182,62 +166,25 @@ def load_run(workdir: str, *, which: str = "best") -> Run:
         ValueError: an unknown ``which``, or a ``mean_std`` run without ``preprocessing.json``.
     """
     import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
 
-    from cnnlab.train.checkpoint import Checkpoints
-    from cnnlab.train.experiment import build_model, load_run_config, make_normalize
+    from cnnlab.train.experiment import load_trained, make_normalize
     from cnnlab.train.steps import eval_logits
 
-    if which not in ("best", "latest"):
-        raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
-    config = load_run_config(workdir)
-    classes = os.path.join(workdir, runfiles.CLASSES)
-    if not os.path.exists(classes):
-        raise FileNotFoundError(f"No classes.json in {workdir!r}: is it a cnnlab run directory?")
-    with open(classes) as f:
-        class_names = list(json.load(f))
-    if not os.path.isdir(os.path.join(workdir, runfiles.CHECKPOINTS, runfiles.LATEST)):
-        raise FileNotFoundError(f"No checkpoints in {workdir!r}: the run has not saved a step yet.")
-    norm = _normalization(workdir, config)
-
-    model = build_model(config, len(class_names))
-    h, w = image_hw(config.data.image_size)
-    key = jax.random.PRNGKey(0)
-    shapes = jax.eval_shape(lambda: model.init({"params": key, "dropout": key},
-                                               jnp.zeros((1, h, w, 3), jnp.float32), training=False))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-        {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})})
-
-    c = config.checkpoint
-    ckpt = Checkpoints(workdir, keep=c.keep, best_metric=c.best_metric, best_mode=c.best_mode)
-    try:
-        if which == "best" and ckpt.best.latest_step() is None:
-            which = "latest"
-        manager = ckpt.best if which == "best" else ckpt.latest
-        step = manager.best_step() if which == "best" else manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
-        # Only the weights: the optimizer state's structure would need the training data.
-        variables = manager.restore(step, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
-    finally:
-        ckpt.close()
-
-    normalize = make_normalize(norm)
+    trained = load_trained(workdir, which=which)
+    config, model = trained.config, trained.model
+    normalize = make_normalize(trained.normalization)
 
     @jax.jit
     def forward(variables, images):
         logits = eval_logits(model, variables, normalize(images), flip=bool(config.get("eval_flip", False)))  # older runs: no field
         return jax.nn.softmax(logits, axis=-1)
 
-    preprocessing = {"image_size": [h, w], **{k: config.data[k] for k in ("resize", "resample", "pad_value")},
-                     **norm}
-    return Run(workdir=workdir, config=config, class_names=class_names, model=model, variables=variables,
-               step=int(step), which=which, preprocessing=preprocessing, _forward=forward)
+    preprocessing = {"image_size": list(image_hw(config.data.image_size)),
+                     **{k: config.data[k] for k in ("resize", "resample", "pad_value")},
+                     **trained.normalization}
+    return Run(workdir=workdir, config=config, class_names=trained.class_names, model=model,
+               variables=trained.variables, step=trained.step, which=trained.which,
+               preprocessing=preprocessing, _forward=forward)
 
 
 # --------------------------------------------------------------------------- cnnlab predict

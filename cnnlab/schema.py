@@ -96,7 +96,7 @@ def chosen_part_section(kind: str, shared: Mapping[str, Field],
     ``shared`` (with the ``name`` field) at the top, then one sub-section per part that has
     fields (``<kind>.<part>.<field>``). Resolved, only the chosen part's sub-section is kept (a
     run records what it uses); a field changed for a part not chosen has no effect and is
-    warned about."""
+    warned about; a chosen part's field whose default is ``None`` is required."""
     reserved = sorted(set(shared) & set(parts))
     if reserved:
         raise ValueError(f"{kind} name(s) {reserved} clash with the section's own fields")
@@ -111,6 +111,10 @@ def chosen_part_section(kind: str, shared: Mapping[str, Field],
             if changed:
                 warnings.warn(f"{path}.{part}.{', '.join(changed)} set, but {path}.name is "
                               f"{chosen!r}: no effect", UserWarning, stacklevel=2)
+        for name, field in parts.get(chosen, {}).items():  # a field without default is required
+            if field.default is None and resolved.get(chosen, {}).get(name) is None:
+                raise ConfigError(f"config key '{path}.{chosen}.{name}': required when {path}.name "
+                                  f"is {chosen!r} ({field.doc})")
         return {k: v for k, v in resolved.items() if k in shared or k == chosen}
 
     return Section(fields, chosen_only)

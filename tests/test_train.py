@@ -1,5 +1,6 @@
 """Training: smoke run, exact kill-and-resume, NaN handling, config validation, penalties,
-constraints, checkpoint restore and reports (the models themselves: tests/test_models.py)."""
+constraints, checkpoint restore, reports, and a user's train step chosen by name (the models
+themselves: tests/test_models.py)."""
 
 import os
 
@@ -17,14 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_same_epoch_records, tiny_config
 
 from cnnlab import models, nn
+from cnnlab.schema import ConfigError
+from cnnlab.sweep import apply_point
 from cnnlab.train import (
     NonFiniteLossError,
     evaluate,
     train_and_evaluate,
+    train_trials,
+    validate_config,
 )
-from cnnlab.train.steps import create_train_state, make_train_step
+from cnnlab.train.steps import create_train_state, make_train_step, register_step
 from cnnlab.train.writers import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -340,3 +346,42 @@ def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror():
     expected = batch_sums(("loss",), averaged, batch["label"], jnp.ones(5), 3)
     np.testing.assert_allclose(sums["loss"], expected["loss"], rtol=1e-5)
     np.testing.assert_array_equal(sums["confusion"], expected["confusion"])
+
+
+@register_step("centralized_test")
+def centralized_step(model, tx, **kwargs):
+    """Gradient centralization (Yong et al. 2020: each kernel's gradient less its mean over all
+    but the output axis), logging the parameters' global norm: the default step around it."""
+
+    def centralize(g):
+        return g - jnp.mean(g, axis=tuple(range(g.ndim - 1)), keepdims=True) if g.ndim > 1 else g
+
+    centralized = optax.GradientTransformation(
+        tx.init, lambda g, s, p=None: tx.update(jax.tree_util.tree_map(centralize, g), s, p))
+    step = make_train_step(model, centralized, **kwargs)
+
+    def train_step(state, batch):
+        state, metrics = step(state, batch)
+        return state, {**metrics, "param_norm": optax.tree.norm(state.params)}
+
+    return train_step
+
+
+def test_a_registered_train_step_trains_packed_and_alone_alike(tmp_path):
+    base = tiny_config()
+    base.train_step = "centralized_test"
+    base.log_every_steps = 1
+    configs = [apply_point(base, {"seed": s}) for s in (0, 1)]
+    outcomes, _ = train_trials(configs, [str(tmp_path / f"packed{k}") for k in range(2)])
+    assert all(o.error is None for o in outcomes)
+    for k, c in enumerate(configs):
+        train_and_evaluate(c, str(tmp_path / f"alone{k}"))
+        assert_same_epoch_records(str(tmp_path / f"packed{k}"), str(tmp_path / f"alone{k}"), k)
+        for run in (f"packed{k}", f"alone{k}"):
+            steps = [r for r in read_metrics(str(tmp_path / run / "metrics.jsonl")) if r["kind"] == "train"]
+            assert len(steps) == 6 and all(r["param_norm"] > 0 for r in steps)
+    extensions = json.loads((tmp_path / "alone0" / "extensions.json").read_text())
+    assert any(e["module"].split(".")[-1] == "test_train" for e in extensions)
+    base.train_step = "centralised_test"
+    with pytest.raises(ConfigError, match="'train_step'.*did you mean 'centralized_test'"):
+        validate_config(base)

@@ -1,6 +1,7 @@
 """Training: config schema, the jitted train/eval steps, the one loop for K >= 1 trials,
 checkpoints, metrics and reports."""
 
+from cnnlab.train import distill  # noqa: F401 (registers the built-in loss "distill")
 from cnnlab.train.config import default_config, validate_config
 from cnnlab.train.packing import NotPackable, TrialOutcome, pack_key
 from cnnlab.train.trainer import (

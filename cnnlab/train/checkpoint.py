@@ -72,6 +72,22 @@ class Checkpoints:
             raise FileNotFoundError(f"No {which} checkpoint in {manager.directory}.")
         return manager.restore(step, args=ocp.args.StandardRestore(target)), step
 
+    def restore_variables(self, target: Any, *, which: str = "best") -> tuple[Any, int, str]:
+        """Only the model's weights: ``target`` is ``{"params", "batch_stats"}`` (shapes and
+        shardings), restored from the ``best`` checkpoint (the ``latest`` when there is no best)
+        or the ``latest``; returns ``(variables, step, which)``. The optimizer state is left
+        out: its structure would need the training config and data."""
+        if which == "best" and self.best.latest_step() is None:
+            which = "latest"
+        manager = self.best if which == "best" else self.latest
+        step = manager.best_step() if which == "best" else manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
+        variables = manager.restore(step, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+        return variables, int(step), which
+
     def close(self) -> None:
         self.latest.close()
         self.best.close()

@@ -30,7 +30,7 @@ from cnnlab.schema import (
     unknown,
 )
 from cnnlab.schema import default_config as schema_defaults
-from cnnlab.train import losses, optim
+from cnnlab.train import losses, optim, steps
 from cnnlab.train import metrics as metrics_lib
 
 #: The train-split metrics a checkpoint may also be selected on.
@@ -81,6 +81,8 @@ def train_schema() -> Schema:
         "optimizer": optim.optimizer_schema(),
         "schedule": optim.schedule_schema(),
         "loss": losses.loss_schema(),
+        "train_step": Field("default", str, choices=lambda: steps.STEPS,
+                            doc="registered builder of the train step (cnnlab.train.steps.register_step)"),
         "normalization": Field("scale", str, choices=("scale", "mean_std"),
                                doc="x / 255, or per-channel mean/std of the training images"),
         "mixed_precision": Field(False, (bool, str), _precision_check, convert=_precision,

@@ -21,12 +21,14 @@ from cnnlab import backend, models, runfiles
 from cnnlab import data as data_lib
 from cnnlab._notices import say_once
 from cnnlab.data.augmentations import AUGMENT_OPS
+from cnnlab.data.config import image_hw
 from cnnlab.native import conv_impl
 from cnnlab.train import losses, optim
+from cnnlab.train.checkpoint import Checkpoints
 from cnnlab.train.config import train_schema, validate_config
 from cnnlab.train.distributed import is_main_process
 from cnnlab.train.metrics import METRICS
-from cnnlab.train.steps import TrainState, create_train_state
+from cnnlab.train.steps import STEPS, TrainState, create_train_state
 
 
 @dataclasses.dataclass
@@ -42,10 +44,28 @@ class Experiment:
     normalize: Any
     image_shape: tuple[int, ...]
     normalization: dict[str, Any]
+    #: the loss's extra inputs once :meth:`loss_inputs` has set them up (shared by copies)
+    loaded_loss_inputs: list[Any] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.dataset.class_names)
+
+    def loss_inputs(self) -> losses.LossInputs | None:
+        """The loss's :class:`~cnnlab.train.losses.LossInputs` (e.g. a teacher's model and
+        weights), set up on first use and kept: training needs them, evaluation never asks.
+        Its variables are replicated over the mesh; ``None`` for a loss that needs only logits.
+
+        Raises:
+          ConfigError: the loss's setup refuses the config (e.g. a teacher that is no run).
+        """
+        if not self.loaded_loss_inputs:
+            inputs = losses.setup_inputs(self.config, num_classes=self.num_classes,
+                                         image_shape=self.image_shape, normalization=self.normalization)
+            if inputs is not None:
+                inputs = losses.LossInputs(inputs.apply, jax.device_put(inputs.variables, replicated(self.mesh)))
+            self.loaded_loss_inputs.append(inputs)
+        return self.loaded_loss_inputs[0]
 
     def for_config(self, config: ml_collections.ConfigDict) -> Experiment:
         """The same data and mesh for another (validated, pack-compatible) config: its own
@@ -223,7 +243,8 @@ def replicated(mesh) -> NamedSharding:
 def initial_state(exp: Experiment) -> TrainState:
     """A fresh state, replicated over the mesh."""
     return jax.jit(
-        lambda: create_train_state(exp.model, exp.tx, seed=exp.config.seed, image_shape=exp.image_shape),
+        lambda: create_train_state(exp.model, exp.tx, seed=exp.config.seed, image_shape=exp.image_shape,
+                                   loss_metrics=losses.metric_names(exp.config)),
         out_shardings=replicated(exp.mesh),
     )()
 
@@ -233,11 +254,12 @@ EXTENSIONS_FILE = runfiles.EXTENSIONS
 
 def extension_modules(config: ml_collections.ConfigDict) -> list[dict[str, str]]:
     """``[{"module", "file"}]`` of the modules outside cnnlab that registered what ``config``
-    names (model, optimizer, schedule, metrics, augmentation ops, loss), so that ``cnnlab eval`` and
-    ``report`` can import them again."""
+    names (model, optimizer, schedule, metrics, augmentation ops, loss, train step), so that
+    ``cnnlab eval`` and ``report`` can import them again."""
     used = [(models.MODELS, config.model.name), (optim.OPTIMIZERS, config.optimizer.name),
             (optim.SCHEDULES, config.schedule.name), *((METRICS, m) for m in config.metrics),
-            *((AUGMENT_OPS, op) for op in config.data.augment.ops), (losses.LOSSES, config.loss.name)]
+            *((AUGMENT_OPS, op) for op in config.data.augment.ops), (losses.LOSSES, config.loss.name),
+            (STEPS, config.train_step)]
     names = sorted({m for registry, name in used if (m := registry.module_of(name))} - {None})
     return [{"module": m, "file": getattr(sys.modules.get(m), "__file__", None)}
             for m in names if m.split(".")[0] != "cnnlab"]
@@ -273,3 +295,79 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     import_extensions(workdir)
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained run's model and weights (inference, a distillation teacher)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A run's model with the weights of one checkpoint (see :func:`load_trained`):
+    ``variables`` are ``{"params", "batch_stats"}``, ``step`` the checkpoint's global step,
+    ``which`` the checkpoint (``best`` or ``latest``) they came from, ``normalization`` the
+    run's :func:`normalization_record`."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    class_names: list[str]
+    model: Any
+    variables: dict[str, Any]
+    step: int
+    which: str
+    normalization: dict[str, Any]
+
+
+def run_normalization(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The :func:`normalization_record` a run recorded (``preprocessing.json``); a run without
+    one normalized by ``scale``, which needs no statistics."""
+    path = os.path.join(workdir, PREPROCESSING_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if config.normalization == "mean_std":
+        raise ValueError(
+            f"the run in {workdir!r} normalizes with the training images' mean and std "
+            f"(normalization='mean_std') but has no {PREPROCESSING_FILE} recording them; "
+            "re-run training in it (it resumes) to record them")
+    return {"normalization": config.normalization}
+
+
+def load_trained(workdir: str, *, which: str = "best") -> TrainedModel:
+    """The model of the run in ``workdir`` with the weights of its ``best`` checkpoint (the
+    ``latest`` when it has no best) or its ``latest``, from the run directory alone (no data).
+
+    Raises:
+        FileNotFoundError: ``workdir`` is not a run directory or has no checkpoint.
+        ValueError: an unknown ``which``, or a ``mean_std`` run without ``preprocessing.json``.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
+    config = load_run_config(workdir)
+    classes = os.path.join(workdir, runfiles.CLASSES)
+    if not os.path.exists(classes):
+        raise FileNotFoundError(f"No classes.json in {workdir!r}: is it a cnnlab run directory?")
+    with open(classes) as f:
+        class_names = list(json.load(f))
+    if not os.path.isdir(os.path.join(workdir, runfiles.CHECKPOINTS, runfiles.LATEST)):
+        raise FileNotFoundError(f"No checkpoints in {workdir!r}: the run has not saved a step yet.")
+    normalization = run_normalization(workdir, config)
+
+    model = build_model(config, len(class_names))
+    h, w = image_hw(config.data.image_size)
+    key = jax.random.PRNGKey(0)
+    shapes = jax.eval_shape(lambda: model.init({"params": key, "dropout": key},
+                                               jnp.zeros((1, h, w, 3), jnp.float32), training=False))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+        {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})})
+    c = config.checkpoint
+    ckpt = Checkpoints(workdir, keep=c.keep, best_metric=c.best_metric, best_mode=c.best_mode)
+    try:
+        variables, step, which = ckpt.restore_variables(target, which=which)
+    finally:
+        ckpt.close()
+    return TrainedModel(workdir=workdir, config=config, class_names=class_names, model=model,
+                        variables=variables, step=step, which=which, normalization=normalization)

@@ -38,11 +38,11 @@ from cnnlab.train import losses, optim
 from cnnlab.train.config import train_schema
 from cnnlab.train.experiment import Experiment, initial_state, resolve
 from cnnlab.train.steps import (
+    STEPS,
     TrainState,
     chunk_unroll,
     create_train_state,
     make_eval_step,
-    make_train_step,
     zero_sums,
 )
 
@@ -183,8 +183,10 @@ class Program:
     """The jitted programs of a group of ``size`` trials and how its arrays are laid out.
 
     ``train_step(states, h, batch)`` / ``train_chunk(states, h, batches)`` (``steps_per_dispatch``
-    steps under ``lax.scan``) -> ``(states, metrics)``; ``eval_sums(states, batch)`` -> summed
-    metrics of each trial; ``trials(states)`` -> one state per trial; ``stack(states_list)``.
+    steps under ``lax.scan``) -> ``(states, metrics)`` (the variables of the loss's extra inputs,
+    e.g. a teacher's weights, are an argument of the compiled program, shared by the trials);
+    ``eval_sums(states, batch)`` -> summed metrics of each trial; ``trials(states)`` -> one
+    state per trial; ``stack(states_list)``.
     With one trial every tree is a single trial's (no trial axis).
     """
 
@@ -211,7 +213,9 @@ class Program:
 def build_program(
     exp: Experiment, configs: Sequence[ml_collections.ConfigDict], *, vmap_width: int | None = None
 ) -> Program:
-    """The programs for ``configs`` (validated, equal :func:`pack_key` when more than one)."""
+    """The programs for ``configs`` (validated, equal :func:`pack_key` when more than one); the
+    train step is built by the ``config.train_step`` registered in
+    :data:`cnnlab.train.steps.STEPS`, one trial's step wrapped over the trials."""
     config = exp.config
     K = len(configs)
     seeds = [int(c.seed) for c in configs]
@@ -226,8 +230,18 @@ def build_program(
         exp.model, jnp.zeros((1, *exp.image_shape), jnp.float32), training=False
     )
 
-    def train_step(state: TrainState, h: dict[str, jax.Array], batch):
-        """One trial's step with its traced hyperparameters ``h`` (:func:`traced_values`)."""
+    make_step = STEPS.lookup(config.train_step)
+    loss_metrics = losses.metric_names(config)
+
+    def input_variables() -> Any:
+        """The loss's extra-input variables (set up on the first training call, so that a
+        program built to evaluate never loads a teacher); ``None`` when it takes none."""
+        inputs = exp.loss_inputs()
+        return None if inputs is None else inputs.variables
+
+    def train_step(state: TrainState, h: dict[str, jax.Array], batch, variables: Any):
+        """One trial's step with its traced hyperparameters ``h`` (:func:`traced_values`) and
+        the (traced) variables of the loss's extra inputs."""
         model = exp.model_with(**{k.split(".")[-1]: h[k] for k in model_keys}) if model_keys else exp.model
         tx = (optim.make_optimizer(config, exp.steps_per_epoch, {k: h[k] for k in opt_keys})
               if opt_keys else exp.tx)
@@ -238,9 +252,11 @@ def build_program(
             return exp.normalize(images), targets
 
         loss_fn = losses.make_loss(config, {k.split(".")[-1]: h[k] for k in loss_keys})
-        step = make_train_step(model, tx, num_classes=exp.num_classes, preprocess=preprocess,
-                               constraints=constraints, label_smoothing=config.loss.label_smoothing,
-                               loss_fn=loss_fn)
+        inputs = exp.loss_inputs()
+        loss_inputs = None if inputs is None else (lambda images: inputs.apply(variables, images))
+        step = make_step(model, tx, num_classes=exp.num_classes, preprocess=preprocess,
+                         constraints=constraints, label_smoothing=config.loss.label_smoothing,
+                         loss_fn=loss_fn, loss_inputs=loss_inputs)
         return step(state, batch)
 
     eval_one = make_eval_step(exp.model, num_classes=exp.num_classes, normalize=exp.normalize,
@@ -249,7 +265,7 @@ def build_program(
     n_dev = len(mesh.devices.flat)
     if K == 1:
         vmap_width = 1
-        step = train_step
+        trial_step = train_step
 
         def eval_step(st, batch):
             return eval_one(st.params, st.batch_stats, batch)
@@ -260,7 +276,10 @@ def build_program(
         if vmap_width is None or vmap_width <= 0:  # vmap where batched convolutions are fast
             vmap_width = 1 if jax.devices()[0].platform == "cpu" else K
         vmap_width = min(int(vmap_width), K)
-        step = over_trials(train_step, K, vmap_width, shared)
+
+        def trial_step(st, h, batch, variables):  # the loss inputs' variables: shared, not mapped
+            return over_trials(lambda s, hk, b: train_step(s, hk, b, variables), K, vmap_width,
+                               shared)(st, h, batch)
         veval = over_trials(eval_one, K, vmap_width, shared=True)
 
         def eval_step(st, batch):
@@ -287,22 +306,25 @@ def build_program(
         if K == 1:
             return initial_state(exp)
         # One program for every seed (a traced argument), called once per distinct seed.
-        one = jax.jit(lambda s: create_train_state(exp.model, exp.tx, seed=s, image_shape=exp.image_shape))
+        one = jax.jit(lambda s: create_train_state(exp.model, exp.tx, seed=s, image_shape=exp.image_shape,
+                                                   loss_metrics=loss_metrics))
         by_seed = {s: one(jnp.int32(s)) for s in sorted(set(seeds))}
         return stack([by_seed[s] for s in seeds])
 
     if K == 1:
-        reset = lambda st: st.replace(epoch_sums=zero_sums())  # noqa: E731
+        reset = lambda st: st.replace(epoch_sums=zero_sums(loss_metrics))  # noqa: E731
     else:
-        reset = lambda st: st.replace(epoch_sums=jax.vmap(lambda _: zero_sums())(st.step))  # noqa: E731
+        reset = lambda st: st.replace(epoch_sums=jax.vmap(lambda _: zero_sums(loss_metrics))(st.step))  # noqa: E731
+    step_jit = jax.jit(trial_step, donate_argnums=0)
+    chunk_jit = jax.jit(
+        lambda st, h, batches, v: jax.lax.scan(lambda s, b: trial_step(s, h, b, v), st, batches,
+                                               unroll=chunk_unroll()),
+        donate_argnums=0,
+    )
     return Program(
         size=K, seeds=seeds, shared=shared, h=h,
-        train_step=jax.jit(step, donate_argnums=0),
-        train_chunk=jax.jit(
-            lambda st, h, batches: jax.lax.scan(lambda s, b: step(s, h, b), st, batches,
-                                                unroll=chunk_unroll()),
-            donate_argnums=0,
-        ),
+        train_step=lambda st, h, batch: step_jit(st, h, batch, input_variables()),
+        train_chunk=lambda st, h, batches: chunk_jit(st, h, batches, input_variables()),
         eval_sums=jax.jit(eval_step),
         reset_sums=jax.jit(reset, donate_argnums=0),
         trials=trials, stack=stack, init=init,

@@ -4,6 +4,22 @@ Everything a step needs happens on device: augmentation, normalization, forward 
 with the layers' sown penalties, backward pass, optimizer update, constraint projection, and
 metric accumulation. A step with a non-finite loss leaves the state unchanged and records its
 step number in ``state.nonfinite_step``, so the trainer can stop with the last good state.
+
+The function that builds one trial's step is chosen by name (``config.train_step``, default
+``"default"``: :func:`make_train_step`); a user registers another with :func:`register_step`
+(same signature), and packing wraps whichever is chosen over the trials, e.g.::
+
+    @register_step("with_param_norm")
+    def make_step(model, tx, **kwargs):
+        step = make_train_step(model, tx, **kwargs)
+
+        def train_step(state, batch):
+            state, metrics = step(state, batch)
+            return state, {**metrics, "param_norm": optax.tree.norm(state.params)}
+
+        return train_step
+
+The returned metrics are logged in the per-step records (``metrics.jsonl``, TensorBoard).
 """
 
 from __future__ import annotations
@@ -18,6 +34,8 @@ import jax.numpy as jnp
 import optax
 
 from cnnlab import nn
+from cnnlab._registry import Registry
+from cnnlab.train import losses
 from cnnlab.train import metrics as metrics_lib
 
 Array = jax.Array
@@ -30,7 +48,8 @@ class TrainState:
 
     ``rng`` is a raw ``uint32[2]`` key (serializable); per-step keys are ``fold_in(rng, step)``,
     so a resumed run draws the same randomness. ``epoch_sums`` accumulates the current epoch's
-    training loss/accuracy on device.
+    training loss/accuracy on device (:func:`zero_sums`), and the loss's own metrics if it
+    reports any.
     """
 
     step: Array
@@ -42,12 +61,18 @@ class TrainState:
     nonfinite_step: Array
 
 
-def zero_sums() -> dict[str, Array]:
-    return {
+def zero_sums(loss_metrics: Sequence[str] = ()) -> dict[str, Any]:
+    """``{"loss", "correct", "count"}`` at zero, plus ``"loss_metrics": {name: 0}`` for the
+    metrics a loss reports (:func:`cnnlab.train.losses.metric_names`); a loss without metrics
+    has exactly the sums of runs recorded before losses could report metrics, so they resume."""
+    sums: dict[str, Any] = {
         "loss": jnp.zeros((), jnp.float32),
         "correct": jnp.zeros((), jnp.float32),
         "count": jnp.zeros((), jnp.float32),
     }
+    if loss_metrics:
+        sums["loss_metrics"] = {m: jnp.zeros((), jnp.float32) for m in loss_metrics}
+    return sums
 
 
 def create_train_state(
@@ -56,8 +81,10 @@ def create_train_state(
     *,
     seed: int,
     image_shape: tuple[int, ...],
+    loss_metrics: Sequence[str] = (),
 ) -> TrainState:
-    """Initializes parameters, batch statistics and optimizer state from ``seed``."""
+    """Initializes parameters, batch statistics and optimizer state from ``seed``; the epoch
+    sums hold ``loss_metrics`` too (:func:`zero_sums`)."""
     rng = jax.random.PRNGKey(seed)
     init_rng, train_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
@@ -69,7 +96,7 @@ def create_train_state(
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
         rng=train_rng,
-        epoch_sums=zero_sums(),
+        epoch_sums=zero_sums(loss_metrics),
         nonfinite_step=jnp.full((), -1, jnp.int32),
     )
 
@@ -93,15 +120,20 @@ def make_train_step(
     preprocess: Callable[[Array, Array, Array], tuple[Array, Array]],
     constraints: nn.penalties.ConstraintMap,
     label_smoothing: float = 0.0,
-    loss_fn: Callable[[Array, Array], Array] | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
+    loss_fn: losses.LossFn | None = None,
+    loss_inputs: Callable[[Array], dict[str, Array]] | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Any]]]:
     """Builds ``train_step(state, batch) -> (state, metrics)``.
 
     ``preprocess(key, images_uint8, int_labels) -> (float images, soft labels [B, K])`` does the
     on-device augmentation and normalization (mixup/cutmix may change the labels).
-    ``loss_fn(float32 logits, targets) -> [B]`` is the per-example loss
-    (:func:`cnnlab.train.losses.make_loss`; default: softmax cross-entropy); the metrics' ``ce``
-    is its batch mean, ``loss`` that plus the penalties.
+    ``loss_fn(float32 logits, targets, **inputs)`` is the per-example loss ``[B]``, or
+    ``([B], {metric: [B]})`` (:func:`cnnlab.train.losses.make_loss`; default: softmax
+    cross-entropy); ``loss_inputs(images) -> {keyword: [B, ...]}`` computes its extra inputs
+    from the preprocessed images, without gradient (a teacher's logits). The metrics' ``ce`` is
+    the loss's batch mean, ``loss`` that plus the penalties; the loss's own metrics are batch
+    means in ``metrics["loss_metrics"]`` and are summed over the epoch in
+    ``state.epoch_sums["loss_metrics"]`` (which must hold the same names: :func:`zero_sums`).
     """
     per_example_loss = loss_fn or optax.softmax_cross_entropy
 
@@ -115,6 +147,8 @@ def make_train_step(
         dominant = jnp.argmax(targets, -1)
         if label_smoothing:
             targets = optax.smooth_labels(targets, label_smoothing)
+        extra = jax.lax.stop_gradient(loss_inputs(images)) if loss_inputs is not None else {}
+        declared = sorted(state.epoch_sums.get("loss_metrics", {}))
 
         def loss_fn(params):
             logits, updates = model.apply(
@@ -124,11 +158,18 @@ def make_train_step(
                 rngs={"dropout": dropout_rng},
                 mutable=["batch_stats", nn.LOSSES],
             )
-            ce = jnp.mean(per_example_loss(logits.astype(jnp.float32), targets))
+            per_example, reported = losses.split_output(
+                per_example_loss(logits.astype(jnp.float32), targets, **extra))
+            if sorted(reported) != declared:
+                raise ValueError(
+                    f"the loss reports metrics {sorted(reported)}, but the train state sums "
+                    f"{declared}: declare them with losses.register(..., metrics=...)")
+            ce = jnp.mean(per_example)
+            means = {m: jnp.mean(v) for m, v in reported.items()}
             penalty = nn.regularization_loss(updates.get(nn.LOSSES))
-            return ce + penalty, (ce, logits, updates.get("batch_stats", {}))
+            return ce + penalty, (ce, means, logits, updates.get("batch_stats", {}))
 
-        (loss, (ce, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (ce, means, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -142,6 +183,9 @@ def make_train_step(
             "correct": state.epoch_sums["correct"] + correct,
             "count": state.epoch_sums["count"] + count,
         }
+        if means:
+            sums["loss_metrics"] = {m: state.epoch_sums["loss_metrics"][m] + v * count
+                                    for m, v in means.items()}
         new = state.replace(
             step=state.step + 1,
             params=params,
@@ -157,9 +201,28 @@ def make_train_step(
             )
         )
         metrics = {"loss": loss, "ce": ce, "accuracy": correct / count}
+        if means:
+            metrics["loss_metrics"] = means
         return new, metrics
 
     return train_step
+
+
+#: Builders of one trial's train step by name (``config.train_step``); same signature as
+#: :func:`make_train_step`.
+STEPS = Registry("train step", {"default": make_train_step})
+
+
+def register_step(name: str) -> Callable[[Callable], Callable]:
+    """Decorator registering a train-step builder (the signature of :func:`make_train_step`)
+    as ``config.train_step = name``; packing wraps it over packed trials as it wraps the
+    default (see the module docstring)."""
+
+    def decorator(make_step: Callable) -> Callable:
+        STEPS.register(name, make_step, module=make_step.__module__)
+        return make_step
+
+    return decorator
 
 
 def make_eval_step(

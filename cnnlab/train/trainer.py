@@ -147,10 +147,21 @@ def evaluate_trials(exp: Experiment, prog: Program, states: Any) -> list[dict[st
 
 
 def train_record(epoch: int, sums: dict[str, Any]) -> dict[str, Any]:
-    """The epoch record's training part from a state's ``epoch_sums`` (host values)."""
+    """The epoch record's training part from a state's ``epoch_sums`` (host values): the
+    epoch's mean loss and accuracy, and ``train/<metric>`` for each metric the loss reports."""
     count = max(float(sums["count"]), 1.0)
     return {"epoch": epoch, "train/loss": float(sums["loss"]) / count,
-            "train/accuracy": float(sums["correct"]) / count}
+            "train/accuracy": float(sums["correct"]) / count,
+            **{f"train/{m}": float(v) / count for m, v in sums.get("loss_metrics", {}).items()}}
+
+
+def step_record(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A per-step record's values from a train step's metrics (host values): the step's own
+    (``loss``, ``ce``, ``accuracy``, whatever a registered step adds) and ``train/<metric>`` for
+    each metric the loss reports (their batch means)."""
+    record = {k: v for k, v in metrics.items() if k != "loss_metrics"}
+    record.update({f"train/{m}": v for m, v in metrics.get("loss_metrics", {}).items()})
+    return record
 
 
 def _flat(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -226,6 +237,7 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
     if len(configs) > 1 and len({pack_key(c) for c in resolved}) != 1:
         raise NotPackable("The configs differ in fields that cannot be traced in one program.")
     exp = build_experiment(resolved[0])
+    exp.loss_inputs()  # a loss's setup (e.g. loading a teacher) refuses a bad config before any record
     config = exp.config
     K = len(configs)
     tag = tag or ((lambda k: "") if K == 1 else (lambda k: f"[{k}] "))
@@ -398,7 +410,7 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
                 for k in range(K):
                     if active[k]:
                         writers[k].write("train", step, {
-                            **prog.take(metrics, k), "images_per_sec": rate,
+                            **step_record(prog.take(metrics, k)), "images_per_sec": rate,
                             "learning_rate": learning_rate_at(configs[k], exp.steps_per_epoch, step - 1)})
                 if K == 1:
                     bar.set_postfix(epoch=epoch + (step_in_epoch > 0), loss=f"{float(metrics['loss']):.3f}",

@@ -1,9 +1,10 @@
 """Run outputs: metrics as JSON lines plus TensorBoard events, images, and atomic JSON files.
 
 ``metrics.jsonl`` holds one record per logged step (``"kind": "train"``: the last batch's
-``loss``, ``accuracy``..., the ``learning_rate`` of its update and ``images_per_sec`` since the
-previous log step) and per evaluation (``"kind": "epoch"``: ``epoch``, ``train/loss`` (the
-epoch's mean), ``val/accuracy``, ``test/loss``...). When a run resumes from step ``s``, records
+``loss``, ``accuracy``..., ``train/<metric>`` for each metric the loss reports, the
+``learning_rate`` of its update and ``images_per_sec`` since the previous log step) and per
+evaluation (``"kind": "epoch"``: ``epoch``, ``train/loss`` (the epoch's mean), the loss's
+``train/<metric>`` means, ``val/accuracy``, ``test/loss``...). When a run resumes from step ``s``, records
 after ``s`` (written by the killed run past its last checkpoint) are dropped first, so the file
 reads as one clean run. TensorBoard's points after ``s`` are purged likewise (see
 :class:`MetricWriter`).
