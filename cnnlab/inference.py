@@ -105,21 +105,22 @@ def _image_list(images: Any) -> list[np.ndarray]:
 
 @dataclasses.dataclass
 class Run:
-    """A trained run loaded for inference (see :func:`load_run`).
-
-    ``model`` is the Flax module, ``variables`` its ``{"params", "batch_stats"}``, ``step`` the
-    checkpoint's global step, ``which`` the checkpoint (``best`` or ``latest``) it came from.
+    """A trained run loaded for inference (see :func:`load_run`): ``trained`` (a
+    :class:`cnnlab.train.experiment.TrainedModel`) whose fields read as the run's own:
+    ``model`` the Flax module, ``variables`` its ``{"params", "batch_stats"}``, ``step`` the
+    checkpoint's global step, ``which`` the checkpoint (``best`` or ``latest``) it came from,
+    ``workdir``, ``config`` and ``class_names``; and ``preprocessing``, what an image needs
+    before the model (size, resize, normalization).
     """
 
-    workdir: str
-    config: Any
-    class_names: list[str]
-    model: Any
-    variables: dict[str, Any]
-    step: int
-    which: str
+    trained: Any
     preprocessing: dict[str, Any]
     _forward: Any = dataclasses.field(repr=False, default=None)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "trained":  # not a field of the trained model
+            raise AttributeError(name)
+        return getattr(self.trained, name)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -182,9 +183,7 @@ def load_run(workdir: str, *, which: str = "best") -> Run:
     preprocessing = {"image_size": list(image_hw(config.data.image_size)),
                      **{k: config.data[k] for k in ("resize", "resample", "pad_value")},
                      **trained.normalization}
-    return Run(workdir=workdir, config=config, class_names=trained.class_names, model=model,
-               variables=trained.variables, step=trained.step, which=trained.which,
-               preprocessing=preprocessing, _forward=forward)
+    return Run(trained, preprocessing, forward)
 
 
 # --------------------------------------------------------------------------- cnnlab predict

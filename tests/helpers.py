@@ -45,3 +45,17 @@ def assert_same_epoch_records(packed_dir, alone_dir, tag):
             expected = pytest.approx(a[key], rel=1e-4, abs=1e-6) if isinstance(a[key], float) else a[key]
             assert p[key] == expected, (tag, p["epoch"], key)
     return packed
+
+
+def train_packed_and_alone(configs, tmp_path):
+    """Trains ``configs`` packed (``tmp_path/packed<k>``), then each alone (``alone<k>``), and
+    checks each packed trial's epoch records equal its own run's; returns the packed records."""
+    from cnnlab.train import train_and_evaluate, train_trials
+
+    outcomes, _ = train_trials(configs, [str(tmp_path / f"packed{k}") for k in range(len(configs))])
+    assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
+    records = []
+    for k, c in enumerate(configs):
+        train_and_evaluate(c, str(tmp_path / f"alone{k}"))
+        records.append(assert_same_epoch_records(str(tmp_path / f"packed{k}"), str(tmp_path / f"alone{k}"), k))
+    return records

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_same_epoch_records, epoch_records, tiny_config
+from helpers import assert_same_epoch_records, epoch_records, tiny_config, train_packed_and_alone
 
 from cnnlab.schema import ConfigError, Field, in_range
 from cnnlab.sweep import apply_point
@@ -145,11 +145,7 @@ def test_a_losss_metrics_are_logged_per_step_and_per_epoch_alone_and_packed(tmp_
     base.loss.name = "poly1_metrics_test"
     base.log_every_steps = 1
     configs = [apply_point(base, {"loss.poly1_metrics_test.epsilon": e}) for e in (0.5, 2.0)]
-    outcomes, _ = train_trials(configs, [str(tmp_path / f"packed{k}") for k in range(2)])
-    assert all(o.error is None for o in outcomes)
-    for k, c in enumerate(configs):
-        train_and_evaluate(c, str(tmp_path / f"alone{k}"))
-        records = assert_same_epoch_records(str(tmp_path / f"packed{k}"), str(tmp_path / f"alone{k}"), k)
+    for k, (c, records) in enumerate(zip(configs, train_packed_and_alone(configs, tmp_path))):
         epsilon = c.loss.poly1_metrics_test.epsilon
         for r in records:  # epoch means of the per-example values; the loss is their sum here
             assert r["train/loss"] == pytest.approx(r["train/ce"] + epsilon * r["train/gap"], rel=1e-5)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_same_epoch_records, tiny_config
+from helpers import tiny_config, train_packed_and_alone
 
 from cnnlab import models, nn
 from cnnlab.schema import ConfigError
@@ -27,7 +27,6 @@ from cnnlab.train import (
     NonFiniteLossError,
     evaluate,
     train_and_evaluate,
-    train_trials,
     validate_config,
 )
 from cnnlab.train.steps import create_train_state, make_train_step, register_step
@@ -372,11 +371,8 @@ def test_a_registered_train_step_trains_packed_and_alone_alike(tmp_path):
     base.train_step = "centralized_test"
     base.log_every_steps = 1
     configs = [apply_point(base, {"seed": s}) for s in (0, 1)]
-    outcomes, _ = train_trials(configs, [str(tmp_path / f"packed{k}") for k in range(2)])
-    assert all(o.error is None for o in outcomes)
-    for k, c in enumerate(configs):
-        train_and_evaluate(c, str(tmp_path / f"alone{k}"))
-        assert_same_epoch_records(str(tmp_path / f"packed{k}"), str(tmp_path / f"alone{k}"), k)
+    train_packed_and_alone(configs, tmp_path)
+    for k in range(2):
         for run in (f"packed{k}", f"alone{k}"):
             steps = [r for r in read_metrics(str(tmp_path / run / "metrics.jsonl")) if r["kind"] == "train"]
             assert len(steps) == 6 and all(r["param_norm"] > 0 for r in steps)
