@@ -78,7 +78,7 @@ def augment_schema() -> Schema:
     sections (see :func:`_listed_ops_only`)."""
     ops = Field((), tuple, doc="augmentation ops applied in this order (each gets its own key)",
                 choices=lambda: AUGMENT_OPS)
-    return Section({"ops": ops, **{name: op.fields for name, op in AUGMENT_OPS.items()}},
+    return Section({"ops": ops, **{name: op.fields for name, op in AUGMENT_OPS.items() if op.fields}},
                    _listed_ops_only)
 
 
@@ -143,7 +143,7 @@ class AugmentPipeline:
         cfg = resolve_augment(config)
         self.num_classes = num_classes
         self.ops = tuple(cfg["ops"])
-        self._params = {name: cfg[name] for name in self.ops}
+        self._params = {name: cfg.get(name, {}) for name in self.ops}  # an op may have no fields
         self._traceable = {
             f"{name}.{p}": float(v)
             for name in dict.fromkeys(self.ops)
@@ -290,3 +290,82 @@ def _mixup_or_cutmix(key, images, labels, *, mixup_alpha, cutmix_alpha):
     xc, yc = transforms.cutmix(k_mix, x, labels, cutmix_alpha)
     use_mix = jax.random.bernoulli(k_choice, 0.5)
     return jax.numpy.where(use_mix, xm, xc), jax.numpy.where(use_mix, ym, yc)
+
+
+# --------------------------------------------------------------------------- policies and small-data ops
+
+
+def _range_check(lo_min: float, hi_max: float | None = None):
+    def check(v: Any) -> str | None:
+        ok = (len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+              and lo_min < v[0] <= v[1] and (hi_max is None or v[1] <= hi_max))
+        upper = f" <= {hi_max}" if hi_max is not None else ""
+        return None if ok else f"must be a pair (lo, hi) with {lo_min} < lo <= hi{upper}"
+    return check
+
+
+@register_augment("trivial_augment")
+def _trivial_augment(key, images, labels):
+    """TrivialAugment Wide: one op per image (colour or geometric), random magnitude."""
+    from cnnlab.data import policy
+
+    return policy.trivial_augment(key, images), labels
+
+
+@register_augment(
+    "rand_augment",
+    num_ops=Field(2, int, at_least(1), "N: ops applied in turn to each image"),
+    magnitude=Field(9.0, float, lambda v: None if 0 <= v <= 30 else "must be in [0, 30]",
+                    "M: every op's strength, of 30 (torchvision's scale)", traceable=True),
+)
+def _rand_augment(key, images, labels, *, num_ops, magnitude):
+    """RandAugment: N ops per image, each drawn uniformly, at magnitude M."""
+    from cnnlab.data import policy
+
+    return policy.rand_augment(key, images, num_ops=num_ops, magnitude=magnitude), labels
+
+
+@register_augment(
+    "random_resized_crop",
+    scale=Field((0.08, 1.0), tuple, _range_check(0.0, 1.0), "area share of the crop ~ U(lo, hi)"),
+    ratio=Field((0.75, 4 / 3), tuple, _range_check(0.0), "aspect (w / h) ~ log-U(lo, hi)"),
+)
+def _random_resized_crop(key, images, labels, *, scale, ratio):
+    """A random box (area share and aspect) resized back to the image size."""
+    from cnnlab.data import policy
+
+    return policy.random_resized_crop(key, images, scale=scale, ratio=ratio), labels
+
+
+@register_augment(
+    "random_erasing",
+    p=Field(0.25, float, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
+            "probability of erasing a box in each image", traceable=True),
+    scale=Field((0.02, 1 / 3), tuple, _range_check(0.0, 1.0), "area share of the box ~ U(lo, hi)"),
+    ratio=Field((0.3, 1 / 0.3), tuple, _range_check(0.0), "aspect (w / h) ~ log-U(lo, hi)"),
+)
+def _random_erasing(key, images, labels, *, p, scale, ratio):
+    """A box of uniform noise, with probability p per image."""
+    from cnnlab.data import policy
+
+    return policy.random_erasing(key, images, p=p, scale=scale, ratio=ratio), labels
+
+
+def _jitter(doc: str, hi: float | None = None) -> Field:
+    check = (lambda v: None if 0 <= v <= hi else f"must be in [0, {hi}]") if hi else at_least(0)
+    return Field(0.4 if hi is None else 0.0, float, check, doc, traceable=True)
+
+
+@register_augment(
+    "color_jitter",
+    brightness=_jitter("brightness factor ~ U(1 - b, 1 + b)"),
+    contrast=_jitter("contrast factor ~ U(1 - c, 1 + c)"),
+    saturation=_jitter("saturation factor ~ U(1 - s, 1 + s)"),
+    hue=_jitter("hue rotation ~ U(-h, h) turns", 0.5),
+)
+def _color_jitter(key, images, labels, *, brightness, contrast, saturation, hue):
+    """torchvision's ColorJitter: brightness, contrast, saturation, then hue."""
+    from cnnlab.data import policy
+
+    return policy.color_jitter(key, images, brightness=brightness, contrast=contrast,
+                               saturation=saturation, hue=hue), labels
