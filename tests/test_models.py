@@ -181,3 +181,34 @@ def test_stridednet_parameter_count_equals_keras(classes):
     assert count == keras_model.count_params()
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
     assert trainable == sum(int(np.prod(w.shape)) for w in keras_model.trainable_weights)
+
+
+def test_resnet_stochastic_depth_drops_whole_branches_in_training_only_and_traces():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cnnlab import models
+
+    def build(rate):
+        return models.get_model("resnet", num_classes=3, stage_filters=(8, 16), stage_depths=(2, 2),
+                                stem_filters=8, head_dropout=0.0, drop_path_rate=rate)
+
+    x = jax.random.uniform(jax.random.PRNGKey(0), (8, 16, 16, 3))
+    variables = build(0.0).init(jax.random.PRNGKey(1), x)
+
+    def train(rate, key=2):
+        out, _ = build(rate).apply(variables, x, training=True, mutable=["batch_stats"],
+                                   rngs={"dropout": jax.random.PRNGKey(key)})
+        return np.asarray(out)
+
+    np.testing.assert_array_equal(build(0.6).apply(variables, x), build(0.0).apply(variables, x))
+    plain, dropped = train(0.0), train(0.6)
+    assert not np.allclose(plain, dropped)
+    # the first block never drops (linear from 0); the rates are traceable (packed sweeps)
+    traced = jax.jit(lambda r: build(r).apply(variables, x, training=True, mutable=["batch_stats"],
+                                              rngs={"dropout": jax.random.PRNGKey(2)})[0])
+    np.testing.assert_allclose(np.asarray(traced(jnp.float32(0.6))), dropped, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(traced(jnp.float32(0.0))), plain, rtol=1e-5, atol=1e-5)
+    assert "drop_path_rate" in models.traceable_fields("resnet")
+    assert "stochastic depth" in models.model_schema("resnet")["drop_path_rate"].doc

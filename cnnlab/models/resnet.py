@@ -21,6 +21,7 @@ class ResidualModule(flax_nn.Module):
     strides: int = 1
     bottleneck: bool = True
     conv_kwargs: Any = None
+    drop_path: Any = 0.0  # stochastic depth: probability of dropping the residual branch (may be traced)
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
@@ -40,10 +41,13 @@ class ResidualModule(flax_nn.Module):
             y = nn.Conv2D(self.filters, 3, strides=self.strides, padding="same", use_bias=False, **kw)(y)
             y = nn.Activation("relu")(nn.BatchNormalization(axis=channel_axis())(y, training=training))
             y = nn.Conv2D(self.filters, 3, padding="same", use_bias=False, **kw)(y)
+        # per example: the branch is dropped, or kept and scaled by 1 / (1 - drop_path) (Keras'
+        # StochasticDepth; at inference the branch is used as is)
+        y = nn.Dropout(self.drop_path, noise_shape=(None, 1, 1, 1))(y, training=training)
         return y + shortcut
 
 
-@register("resnet", traceable=("weight_decay", "head_dropout"))
+@register("resnet", traceable=("weight_decay", "head_dropout", "drop_path_rate"))
 class ResNet(Classifier):
     """Stem conv (stride 2, optionally BN-ReLU-maxpool 3x3/2) then stages of residual modules; the first module of every stage
     after the first downsamples with stride 2; global average pooling; Dense logits."""
@@ -54,6 +58,7 @@ class ResNet(Classifier):
     stage_filters: Sequence[int] = (64, 128, 256)  # output filters of each stage
     stage_depths: Sequence[int] = (2, 2, 2)  # residual blocks per stage
     bottleneck: bool = True  # bottleneck blocks (1x1-3x3-1x1); False: basic (3x3-3x3)
+    drop_path_rate: float = 0.0  # stochastic depth: the last block's drop rate, linear from 0 over the blocks
 
     @flax_nn.compact
     def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
@@ -67,9 +72,13 @@ class ResNet(Classifier):
         if self.stem_pool:
             x = nn.Activation("relu")(nn.BatchNormalization(axis=channel_axis())(x, training=training))
             x = nn.MaxPooling2D((3, 3), strides=(2, 2), padding="same")(x)
+        blocks = sum(self.stage_depths)
+        index = 0
         for stage, (filters, depth) in enumerate(zip(self.stage_filters, self.stage_depths)):
             for block in range(depth):
                 strides = 2 if (block == 0 and stage > 0) else 1
-                x = ResidualModule(filters, strides, self.bottleneck, kw)(x, training=training)
+                drop = self.drop_path_rate * index / max(blocks - 1, 1)
+                x = ResidualModule(filters, strides, self.bottleneck, kw, drop)(x, training=training)
+                index += 1
         x = nn.Activation("relu")(nn.BatchNormalization(axis=channel_axis())(x, training=training))
         return self.pooled_head(x, training)
