@@ -24,6 +24,7 @@ from cnnlab.schema import (
     Schema,
     at_least,
     field_docs,
+    in_range,
     invalid,
     one_of,
     resolve,
@@ -90,6 +91,12 @@ def train_schema() -> Schema:
                                  "or auto (bfloat16 where the hardware computes it natively: GPU, "
                                  "TPU, CPUs with AMX or AVX-512 BF16; float32 elsewhere; the run's "
                                  "config.json records the choice)"),
+        "ema": {
+            "decay": Field(0.0, float, in_range(0, 1), "model EMA: the weights' exponential moving "
+                           "average with this decay (0: off), evaluated as val_ema/<metric> and "
+                           "test_ema/<metric>, selectable as the best checkpoint", traceable=True),
+            "warmup": Field(True, bool, doc="decay min(decay, (1 + t) / (10 + t)) at update t"),
+        },
         "conv_formulation": Field("auto", str, _formulation_check, doc="how convolutions and their "
                                   "gradients are computed: auto (measured per shape), xla, onednn, or "
                                   "<input grad>/<kernel grad>; $CNNLAB_CONV_FORMULATION overrides it"),
@@ -128,8 +135,10 @@ def config_help() -> str:
 
 
 def selection_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The metric keys a run records that may select checkpoints or rank sweep trials."""
-    return (*(f"{split}/{m}" for split in ("val", "test") for m in config.metrics), *TRAIN_METRICS)
+    """The metric keys a run records that may select checkpoints or rank sweep trials (with a
+    model EMA, its ``val_ema/`` and ``test_ema/`` metrics too)."""
+    splits = ("val", "test", *(("val_ema", "test_ema") if optim.ema_decay(config) else ()))
+    return (*(f"{split}/{m}" for split in splits for m in config.metrics), *TRAIN_METRICS)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -159,10 +168,10 @@ def _check_best_metric(c: ml_collections.ConfigDict) -> None:
     best = c.checkpoint.best_metric
     if best not in selection_metrics(c):
         raise invalid("checkpoint.best_metric", best, one_of(best, list(selection_metrics(c))))
-    if best.startswith("val/") and c.data.val_fraction == 0:
+    if best.startswith(("val/", "val_ema/")) and c.data.val_fraction == 0:
         raise ConfigError(f"config key 'checkpoint.best_metric': {best!r} needs a validation split, "
                           "but data.val_fraction is 0 (set data.val_fraction > 0)")
-    if best.startswith("test/"):
+    if best.startswith(("test/", "test_ema/")):
         if not c.checkpoint.select_on_test:
             raise ConfigError(f"config key 'checkpoint.best_metric': {best!r} selects the model on "
                               "the test set; use a val/ metric, or set checkpoint.select_on_test=True")

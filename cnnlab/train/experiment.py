@@ -334,9 +334,17 @@ def run_normalization(workdir: str, config: ml_collections.ConfigDict) -> dict[s
     return {"normalization": config.normalization}
 
 
+def uses_ema_weights(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run's predictions and exports use its model EMA's weights: it keeps one and
+    selects its best checkpoint on an EMA metric (``val_ema/...``)."""
+    split = config.checkpoint.best_metric.split("/", 1)[0]
+    return bool(optim.ema_decay(config)) and split.endswith("_ema")
+
+
 def load_trained(workdir: str, *, which: str = "best") -> TrainedModel:
     """The model of the run in ``workdir`` with the weights of its ``best`` checkpoint (the
-    ``latest`` when it has no best) or its ``latest``, from the run directory alone (no data).
+    ``latest`` when it has no best) or its ``latest``, from the run directory alone (no data);
+    the model EMA's weights where the run selects on them (:func:`uses_ema_weights`).
 
     Raises:
         FileNotFoundError: ``workdir`` is not a run directory or has no checkpoint.
@@ -360,14 +368,18 @@ def load_trained(workdir: str, *, which: str = "best") -> TrainedModel:
     shapes = jax.eval_shape(lambda: model.init({"params": key, "dropout": key},
                                                jnp.zeros((1, h, w, 3), jnp.float32), training=False))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-        {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})})
+    tree = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
     c = config.checkpoint
+    use_ema = uses_ema_weights(config)
+    if use_ema:  # the model EMA's weights (kept in the optimizer state) were selected
+        tree["opt_state"] = {"ema": shapes["params"]}
+    target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), tree)
     ckpt = Checkpoints(workdir, keep=c.keep, best_metric=c.best_metric, best_mode=c.best_mode)
     try:
         variables, step, which = ckpt.restore_variables(target, which=which)
     finally:
         ckpt.close()
+    if use_ema:
+        variables = {"params": variables["opt_state"]["ema"], "batch_stats": variables["batch_stats"]}
     return TrainedModel(workdir=workdir, config=config, class_names=class_names, model=model,
                         variables=variables, step=step, which=which, normalization=normalization)

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -219,6 +221,48 @@ def learning_rate_at(config: ml_collections.ConfigDict, steps_per_epoch: int, st
     return float(schedule(int(step) // accum))
 
 
+class EmaState(NamedTuple):
+    """The state of :func:`with_ema`: the optimizer's own, the parameters' moving average and
+    the number of updates averaged."""
+
+    inner: Any
+    ema: Any
+    count: jax.Array
+
+
+def ema_decay(config: ml_collections.ConfigDict) -> float:
+    """``ema.decay`` (0: no model EMA; a run recorded before EMA existed has none)."""
+    return float((config.get("ema") or {}).get("decay", 0.0))
+
+
+def with_ema(tx: optax.GradientTransformation, decay: Any, warmup: bool) -> optax.GradientTransformation:
+    """``tx`` that also keeps an exponential moving average of the parameters it produces (model
+    EMA, as timm's ``ModelEmaV2``): after update ``t`` (1-based), ``ema = d * ema + (1 - d) *
+    params`` with ``d = decay``, or ``min(decay, (1 + t) / (10 + t))`` with ``warmup`` (so the
+    average follows the first updates closely). ``decay`` may be traced. The average is of the
+    parameters the optimizer produces, before a constraint's projection."""
+
+    def init(params):
+        return EmaState(tx.init(params), jax.tree_util.tree_map(jnp.asarray, params),
+                        jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        updates, inner = tx.update(updates, state.inner, params)
+        new_params = optax.apply_updates(params, updates)
+        t = (state.count + 1).astype(jnp.float32)
+        d = jnp.minimum(decay, (1.0 + t) / (10.0 + t)) if warmup else jnp.asarray(decay, jnp.float32)
+        ema = jax.tree_util.tree_map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema, new_params)
+        return updates, EmaState(inner, ema, state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state: Any) -> Any:
+    """The parameters' moving average kept in an optimizer state of :func:`make_optimizer`
+    (``None`` when the config has no model EMA)."""
+    return opt_state.ema if isinstance(opt_state, EmaState) else None
+
+
 def traceable_optimizer_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The config keys of the optimizer and schedule fields that may be traced (differ between
     packed trials) for this config: ``optimizer.learning_rate``, the chosen optimizer's and
@@ -232,6 +276,8 @@ def traceable_optimizer_fields(config: ml_collections.ConfigDict) -> tuple[str, 
     if o.grad_clip_norm:
         fields.append("optimizer.grad_clip_norm")
     fields += [f"schedule.{s.name}.{f}" for f in SCHEDULES.lookup(s.name).traceable()]
+    if ema_decay(config):
+        fields.append("ema.decay")
     return tuple(fields)
 
 
@@ -253,7 +299,8 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """``optax.chain`` of optional gradient clipping, a decay stage (``add_decayed_weights``,
     unless the optimizer applies ``weight_decay`` itself) and the named optimizer on its
-    schedule; in ``optax.MultiSteps`` when ``grad_accum_steps > 1``.
+    schedule; in ``optax.MultiSteps`` when ``grad_accum_steps > 1``; with a model EMA
+    (:func:`with_ema`) when ``ema.decay > 0``.
 
     Args:
         config: the training config (``optimizer``, ``schedule``, ``num_epochs``,
@@ -292,4 +339,6 @@ def make_optimizer(
     tx = optax.chain(*parts)
     if config.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps).gradient_transformation()
+    if ema_decay(config):
+        tx = with_ema(tx, hparams.get("ema.decay", config.ema.decay), bool(config.ema.warmup))
     return tx

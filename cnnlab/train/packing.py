@@ -222,7 +222,7 @@ def build_program(
     shared = len(set(seeds)) == 1
     h_host = traced_values(configs)
     model_keys = [k for k in h_host if k.startswith("model.kwargs.")]
-    opt_keys = [k for k in h_host if k.startswith(("optimizer.", "schedule."))]
+    opt_keys = [k for k in h_host if k.startswith(("optimizer.", "schedule.", "ema."))]
     aug_keys = [k for k in h_host if k.startswith("data.augment.")]
     loss_keys = [k for k in h_host if k.startswith("loss.")]
     pipeline = data_lib.augment_pipeline(config.data.augment, exp.num_classes)

@@ -30,8 +30,8 @@ import numpy as np
 
 from cnnlab import data as data_lib
 from cnnlab import runfiles
+from cnnlab.train import optim, rundir
 from cnnlab.train import report as report_lib
-from cnnlab.train import rundir
 from cnnlab.train.checkpoint import Checkpoints
 from cnnlab.train.distributed import is_main_process, process_slice
 from cnnlab.train.experiment import (
@@ -143,6 +143,17 @@ def evaluate_trials(exp: Experiment, prog: Program, states: Any) -> list[dict[st
         totals = jax.device_get(totals)
         for k in range(prog.size):
             out[k][name] = split_values(exp.config.metrics, prog.take(totals, k))
+    return out
+
+
+def evaluate_with_ema(exp: Experiment, prog: Program, states: Any) -> list[dict[str, dict[str, Any]]]:
+    """:func:`evaluate_trials`, plus each split evaluated with the model EMA's weights as
+    ``<split>_ema`` where the config keeps one (with the current batch statistics)."""
+    out = evaluate_trials(exp, prog, states)
+    ema = optim.ema_params(states.opt_state)
+    if ema is not None:
+        for k, results in enumerate(evaluate_trials(exp, prog, states.replace(params=ema))):
+            out[k].update({f"{split}_ema": values for split, values in results.items()})
     return out
 
 
@@ -355,7 +366,7 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
         records = [train_record(epoch, prog.take(sums, k)) for k in range(K)]
         if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
             t = time.perf_counter()
-            results = evaluate_trials(exp, prog, states)
+            results = evaluate_with_ema(exp, prog, states)
             timings["eval"] += time.perf_counter() - t
             t = time.perf_counter()
             for k, state in enumerate(prog.trials(states)):
@@ -540,7 +551,7 @@ def evaluate(
     finally:
         ckpt.close()
     prog = build_program(exp, [exp.config])
-    results = evaluate_trials(exp, prog, state)[0]
+    results = evaluate_with_ema(exp, prog, state)[0]
     out: dict[str, Any] = {"checkpoint": which, "step": step, **_flat(results)}
     if target is not None:
         for name, res in results.items():
