@@ -177,7 +177,8 @@ def load_run(workdir: str, *, which: str = "best") -> Run:
 
     @jax.jit
     def forward(variables, images):
-        logits = eval_logits(model, variables, normalize(images), flip=bool(config.get("eval_flip", False)))  # older runs: no field
+        logits = eval_logits(model, variables, normalize(images),  # older runs: no fields
+                             flip=bool(config.get("eval_flip", False)), views=config.get("eval_views", "single"))
         return jax.nn.softmax(logits, axis=-1)
 
     preprocessing = {"image_size": list(image_hw(config.data.image_size)),

@@ -354,6 +354,15 @@ _INTERPOLATION = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicu
                   "lanczos": "lanczos3", "box": "area", "hamming": "bilinear"}
 
 
+def _check_exportable_views(config: Any) -> None:
+    """Exports compute what ``run.predict`` does: a run averaging test-time crops is refused."""
+    views = config.get("eval_views", "single")
+    if views != "single":
+        raise InteropError(f"export: the run averages eval_views={views!r}, which exports do not "
+                           "compute; predictions would differ from run.predict. Export a run with "
+                           "eval_views='single' (eval_flip is supported).")
+
+
 def export_keras(workdir: str, path: str, *, which: str = "best") -> Any:
     """Writes a run as a Keras 3 file: ``Resizing`` to ``data.image_size``, the training
     normalization (``Rescaling``, and ``Normalization`` for ``mean_std``), the model (averaged
@@ -370,6 +379,7 @@ def export_keras(workdir: str, path: str, *, which: str = "best") -> Any:
     if not str(path).endswith(".keras"):
         raise InteropError(f"export: {path!r} must end in .keras (Keras 3's model format).")
     run = load_run(workdir, which=which)
+    _check_exportable_views(run.config)
     pre = run.preprocessing
     height, width = pre["image_size"]
     head = [keras.layers.Resizing(height, width, interpolation=_INTERPOLATION[pre["resample"]],

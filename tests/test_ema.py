@@ -56,7 +56,7 @@ def test_the_ema_is_evaluated_selected_and_predicts(ema_run):
         raw, _, _ = ckpt.restore_variables({"params": shapes, "opt_state": {"ema": shapes}})
     finally:
         ckpt.close()
-    for got, ema, plain in zip(*(jax.tree_util.tree_leaves(t) for t in
+    for got, ema, _plain in zip(*(jax.tree_util.tree_leaves(t) for t in
                                  (trained.variables["params"], raw["opt_state"]["ema"], raw["params"]))):
         np.testing.assert_array_equal(got, ema)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(raw["opt_state"]["ema"]),

@@ -267,3 +267,33 @@ def test_cli_reads_every_image_format_pillow_does_in_a_folder(trained, run, caps
     want = run.class_names[int(run.predict(np.asarray(image)[None])[0].argmax())]
     lossless = [r for r in out if r["file"].rsplit(".", 1)[1] in ("tif", "tiff", "bmp", "png", "ppm")]
     assert all(r["predictions"][0]["class"] == want for r in lossless)
+
+
+def test_eval_views_average_the_crops_logits_and_single_is_the_plain_output():
+    import jax
+    import ml_collections
+
+    from cnnlab import models
+    from cnnlab.interop import InteropError, _check_exportable_views
+    from cnnlab.train.steps import EVAL_VIEWS, eval_logits, view_images
+
+    model = models.get_model("simple_cnn", num_classes=3, widths=(4,), dense_units=8)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    variables = model.init(jax.random.PRNGKey(1), x)
+    plain = model.apply(variables, x, training=False)
+    np.testing.assert_allclose(eval_logits(model, variables, x), plain, rtol=1e-6)
+    for views in ("crops5", "scales3"):
+        crops = view_images(x, views)
+        assert len(crops) == len(EVAL_VIEWS[views]) and all(c.shape == x.shape for c in crops)
+        want = np.mean([np.asarray(model.apply(variables, c, training=False)) for c in crops], axis=0)
+        np.testing.assert_allclose(eval_logits(model, variables, x, views=views), want, rtol=1e-5, atol=1e-6)
+        both = np.mean([np.asarray(model.apply(variables, v, training=False))
+                        for c in crops for v in (c, c[:, :, ::-1])], axis=0)
+        np.testing.assert_allclose(eval_logits(model, variables, x, flip=True, views=views), both,
+                                   rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(view_images(x, "scales3")[0], x)
+    assert not np.allclose(view_images(x, "crops5")[0], x)
+    # exports compute single views only: a run averaging crops is refused, not exported wrong
+    with pytest.raises(InteropError, match="eval_views='crops5'"):
+        _check_exportable_views(ml_collections.ConfigDict({"eval_views": "crops5"}))
+    _check_exportable_views(ml_collections.ConfigDict({"eval_flip": True}))

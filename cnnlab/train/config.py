@@ -72,6 +72,10 @@ def train_schema() -> Schema:
         "eval_batch_size": _positive_int(128, "evaluation batch size"),
         "eval_flip": Field(False, bool, doc="test-time augmentation: evaluation, predictions and "
                            "exports average the logits of each image and its left-right mirror"),
+        "eval_views": Field("single", str, choices=("single", "crops5", "scales3"),
+                            doc="test-time views whose logits evaluation and predictions average: the "
+                            "image; 4 corner and 1 centre crops of 87.5%; or centre crops of 100/90/80% "
+                            "(times 2 with eval_flip); exports support single only"),
         "metrics": Field(metrics_lib.DEFAULT_METRICS, tuple, choices=metrics_lib.metric_names,
                          doc="evaluation metrics (cnnlab.train.metrics registry)"),
         "model": {

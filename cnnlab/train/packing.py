@@ -260,7 +260,8 @@ def build_program(
         return step(state, batch)
 
     eval_one = make_eval_step(exp.model, num_classes=exp.num_classes, normalize=exp.normalize,
-                              metrics=tuple(config.metrics), flip=config.eval_flip)
+                              metrics=tuple(config.metrics), flip=config.eval_flip,
+                              views=config.eval_views)
     mesh = exp.mesh
     n_dev = len(mesh.devices.flat)
     if K == 1:

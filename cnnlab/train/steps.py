@@ -232,26 +232,60 @@ def make_eval_step(
     normalize: Callable[[Array], Array],
     metrics: Sequence[str] = metrics_lib.DEFAULT_METRICS,
     flip: bool = False,
+    views: str = "single",
 ) -> Callable[[Any, Any, Batch], dict[str, Array]]:
     """Builds ``eval_step(params, batch_stats, batch) -> sums`` over the masked batch: the sums
     of the registered ``metrics`` plus ``count`` and the confusion matrix ``[true, predicted]``,
-    so a split's metrics count every image exactly once. ``flip``: :func:`eval_logits`'s
-    test-time mirror averaging."""
+    so a split's metrics count every image exactly once. ``flip``, ``views``:
+    :func:`eval_logits`'s test-time augmentation."""
 
     def eval_step(params, batch_stats, batch: Batch) -> dict[str, Array]:
         logits = eval_logits(model, {"params": params, "batch_stats": batch_stats},
-                             normalize(batch["image"]), flip=flip)
+                             normalize(batch["image"]), flip=flip, views=views)
         return metrics_lib.batch_sums(metrics, logits, batch["label"],
                                       batch["mask"].astype(jnp.float32), num_classes)
 
     return eval_step
 
 
-def eval_logits(model: flax_nn.Module, variables: Any, images: Array, *, flip: bool = False) -> Array:
-    """float32 inference logits of ``[N, H, W, C]`` images; ``flip`` (``config.eval_flip``)
-    averages them with the logits of the left-right mirrored images (test-time augmentation)."""
-    logits = model.apply(variables, images, training=False).astype(jnp.float32)
-    if flip:
-        mirrored = model.apply(variables, images[:, :, ::-1], training=False).astype(jnp.float32)
-        logits = 0.5 * (logits + mirrored)
-    return logits
+#: ``eval_views``: the crops, as ``(top, left, size)`` fractions of the image, each resized back
+#: to the image size: the image alone, its four corners and centre at 87.5%, or its centre at
+#: 100%, 90% and 80% (three scales).
+EVAL_VIEWS = {
+    "single": ((0.0, 0.0, 1.0),),
+    "crops5": tuple((t, left, 0.875) for t, left in ((0.0, 0.0), (0.0, 0.125), (0.125, 0.0),
+                                                   (0.125, 0.125), (0.0625, 0.0625))),
+    "scales3": ((0.0, 0.0, 1.0), (0.05, 0.05, 0.9), (0.1, 0.1, 0.8)),
+}
+
+
+def view_images(images: Array, views: str) -> list[Array]:
+    """The ``eval_views`` crops of ``[N, H, W, C]`` images, each resized (bilinear, antialiased)
+    back to ``H x W``."""
+    if views not in EVAL_VIEWS:
+        raise ValueError(f"eval_views={views!r}: expected one of {', '.join(EVAL_VIEWS)}")
+    _, h, w, _ = images.shape
+    out = []
+    for top, left, size in EVAL_VIEWS[views]:
+        if size == 1.0:
+            out.append(images)
+            continue
+        y, x = int(round(top * h)), int(round(left * w))
+        ch, cw = int(round(size * h)), int(round(size * w))
+        crop = images[:, y:y + ch, x:x + cw]
+        out.append(jax.image.resize(crop, images.shape, "bilinear").astype(images.dtype))
+    return out
+
+
+def eval_logits(model: flax_nn.Module, variables: Any, images: Array, *, flip: bool = False,
+                views: str = "single") -> Array:
+    """float32 inference logits of ``[N, H, W, C]`` images, averaged over the test-time views:
+    ``views`` (``config.eval_views``: :data:`EVAL_VIEWS` crops) and, with ``flip``
+    (``config.eval_flip``), each one's left-right mirror."""
+    total, count = None, 0
+    for view in view_images(images, views):
+        for x in ((view, view[:, :, ::-1]) if flip else (view,)):
+            logits = model.apply(variables, x, training=False).astype(jnp.float32)
+            total = logits if total is None else total + logits
+            count += 1
+    return total if count == 1 else total / count
