@@ -12,6 +12,7 @@ ENVIRONMENT = "environment.json"  #: versions, devices, precision and native-cod
 FORMULATIONS = "conv_formulations.json"  #: the convolution formulation per shape, pinned on resume
 PREPROCESSING = "preprocessing.json"  #: normalization (and its statistics) inference needs
 EXTENSIONS = "extensions.json"  #: user modules that registered what the config names
+INIT_FROM = "init_from.json"  #: what config.init_from loaded, and which variables kept their fresh values
 METRICS = "metrics.jsonl"  #: one JSON record per logged step and per evaluation
 CONFUSION_LAST = "confusion_last.npy"  #: the last evaluation's test confusion matrix
 TENSORBOARD = "tb"  #: TensorBoard event files

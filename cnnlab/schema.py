@@ -41,7 +41,9 @@ class Field:
     ``affects_results``: False for a field that changes how a run goes but not what it computes
     (a progress bar, a data path whose images the split record checks). These two flags are the
     one source for what a resume may change silently, what packed trials may differ in, and
-    what a sweep's fingerprint ignores."""
+    what a sweep's fingerprint ignores. ``legacy``: for a field added after runs were recorded
+    without it, the value those runs computed with where it differs from ``default`` (a run whose
+    ``config.json`` lacks the field resumes with it: :func:`legacy_values`)."""
 
     default: Any
     type_: type | tuple[type, ...]
@@ -51,6 +53,7 @@ class Field:
     convert: Callable[[Any], Any] | None = None
     traceable: bool = False
     affects_results: bool = True
+    legacy: Any = dataclasses.field(default=None, compare=False)
 
     def valid_choices(self) -> list[Any] | None:
         if self.choices is None:
@@ -272,6 +275,17 @@ def keys_without_effect(schema: Schema, prefix: str = "") -> tuple[str, ...]:
         else:
             out += keys_without_effect(node, f"{prefix}{key}.")
     return tuple(out)
+
+
+def legacy_values(schema: Schema, prefix: str = "") -> dict[str, Any]:
+    """``{flattened key: legacy value}`` of the fields that declare one (``Field.legacy``)."""
+    out: dict[str, Any] = {}
+    for key, node in schema.items():
+        if isinstance(node, Field):
+            out.update({prefix + key: node.legacy} if node.legacy is not None else {})
+        else:
+            out.update(legacy_values(node, f"{prefix}{key}."))
+    return out
 
 
 def _leaves(schema: Schema, prefix: str) -> list[str]:

@@ -160,7 +160,7 @@ def test_a_user_registers_an_optimizer_and_a_schedule_from_their_own_module(tmp_
     config.schedule.warmup_epochs = 0.0
     assert validate_config(config).optimizer.to_dict() == {
         "name": "user_lion", "learning_rate": 0.1, "weight_decay": 0.0, "grad_clip_norm": 0.0,
-        "user_lion": {"b1": 0.8, "b2": 0.95}}
+        "weight_decay_mask": "default", "lr_multipliers": (), "user_lion": {"b1": 0.8, "b2": 0.95}}
     config.optimizer.user_lion.b1 = 1.5
     with pytest.raises(ConfigError, match=r"'optimizer.user_lion.b1': invalid value 1.5"):
         validate_config(config)

@@ -60,6 +60,16 @@ def _precision(value: Any) -> bool | str:
     return value if isinstance(value, bool) else _PRECISION_WORDS[str(value).strip().lower()]
 
 
+def _freeze_check(value: tuple) -> str | None:
+    for pattern in value:
+        if not isinstance(pattern, str):
+            return f"each item must be a regex string, not {pattern!r}"
+        problem = optim.regex_problem(pattern)
+        if problem:
+            return problem
+    return None
+
+
 def train_schema() -> Schema:
     """Every training field (``data`` included), built from the registries as they are now."""
     return {
@@ -86,6 +96,25 @@ def train_schema() -> Schema:
         "optimizer": optim.optimizer_schema(),
         "schedule": optim.schedule_schema(),
         "loss": losses.loss_schema(),
+        # Fine-tuning (cnnlab.train.finetune): where the weights start, and which stay fixed.
+        "init_from": Field("", str,
+                           doc="start from another model's weights: a cnnlab run directory (its "
+                           "init_from_which checkpoint), a .keras file or a .weights.h5 file (for "
+                           "the config's own model); variables whose path and shape match are "
+                           "loaded, the others (e.g. a head for other classes) keep their fresh "
+                           "initialization and are listed in init_from.json; a resume restores "
+                           "its checkpoint instead; empty: off"),
+        "init_from_which": Field("best", str, choices=("best", "latest"),
+                                 doc="the checkpoint of an init_from run directory (best falls "
+                                 "back to latest when the run has none)"),
+        "freeze": Field((), tuple, _freeze_check,
+                        doc="regexes over '/'-joined parameter paths (e.g. 'Conv2D_0/.*'), each "
+                        "matching a whole path: those parameters are not updated (no weight decay "
+                        "either)"),
+        "freeze_batch_stats": Field(False, bool,
+                                    doc="also keep the moving mean/variance of the normalization "
+                                    "layers whose parameters are all frozen (they still normalize "
+                                    "with each batch's statistics in training)"),
         "train_step": Field("default", str, choices=lambda: steps.STEPS,
                             doc="registered builder of the train step (cnnlab.train.steps.register_step)"),
         "normalization": Field("scale", str, choices=("scale", "mean_std"),

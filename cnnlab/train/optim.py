@@ -2,7 +2,7 @@
 built from a config with optax.
 
 Shared fields sit in the ``optimizer`` section (``name``, ``learning_rate``, ``weight_decay``,
-``grad_clip_norm``) and the ``schedule`` section (``name``, ``warmup_epochs``); an optimizer's or
+``weight_decay_mask``, ``grad_clip_norm``, ``lr_multipliers``) and the ``schedule`` section (``name``, ``warmup_epochs``); an optimizer's or
 schedule's own fields in a sub-section named after it (``optimizer.adam.b1``,
 ``schedule.cosine.min_lr_ratio``). Hyperparameters are arguments: :func:`make_optimizer` takes
 ``hparams`` that may be traced (one value per packed sweep trial); schedules are built for a unit
@@ -23,7 +23,9 @@ and a config sets ``config.optimizer.name = "lion"`` and ``config.optimizer.lion
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import inspect
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -33,6 +35,7 @@ import optax
 
 from cnnlab._registry import Registry
 from cnnlab.schema import (
+    ConfigError,
     Field,
     Schema,
     at_least,
@@ -74,7 +77,8 @@ class Schedule:
 
 OPTIMIZERS = Registry("optimizer", {})
 SCHEDULES = Registry("schedule", {})
-_OPTIMIZER_SHARED = ("name", "learning_rate", "weight_decay", "grad_clip_norm")
+_OPTIMIZER_SHARED = ("name", "learning_rate", "weight_decay", "weight_decay_mask", "grad_clip_norm",
+                     "lr_multipliers")
 _SCHEDULE_SHARED = ("name", "warmup_epochs")
 
 
@@ -89,7 +93,8 @@ def register_optimizer(
     """Decorator registering ``build(learning_rate, **fields)`` as ``optimizer.name = name``,
     with its parameters ``fields`` (set as ``optimizer.<name>.<field>``; a ``traceable`` one may
     differ between packed trials). ``applies_weight_decay``: ``build`` also takes
-    ``weight_decay=`` (decoupled decay of its own, as adamw)."""
+    ``weight_decay=`` (decoupled decay of its own, as adamw) and ``decay_mask=`` (``None``, or
+    ``params -> bool tree`` of the parameters to decay, as optax's ``mask``)."""
     _check_name(name, _OPTIMIZER_SHARED, "optimizer")
 
     def decorator(fn: OptimizerFn) -> OptimizerFn:
@@ -119,9 +124,44 @@ def optimizer_schema() -> Schema:
         "name": Field("adam", str, choices=lambda: OPTIMIZERS, doc="registered optimizer"),
         "learning_rate": Field(1e-3, float, greater_than(0), "peak learning rate", traceable=True),
         "weight_decay": Field(0.0, float, at_least(0), "decoupled weight decay", traceable=True),
+        "weight_decay_mask": Field("default", str, choices=("default", "all"), legacy="all",
+                                   doc="which parameters weight_decay applies to: default (those "
+                                   "with 2 or more dimensions: kernels, not biases or normalization "
+                                   "scales/offsets) or all (runs recorded before this field resume "
+                                   "with all, as they computed)"),
         "grad_clip_norm": Field(0.0, float, at_least(0), "clip gradients to this global norm (0: off)",
                                 traceable=True),
+        "lr_multipliers": Field((), tuple, _check_multipliers, convert=_multipliers,
+                                doc="((regex, factor), ...): the updates of the parameters whose "
+                                "'/'-joined path (e.g. Dense_1/kernel) the regex matches whole are "
+                                "scaled by factor (the first matching pair wins; 0 freezes them)"),
     }, {name: o.fields for name, o in OPTIMIZERS.items()})
+
+
+def _check_multipliers(value: tuple) -> str | None:
+    for item in value:
+        if (not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str)
+                or isinstance(item[1], bool) or not isinstance(item[1], (int, float))):
+            return f"each item must be a (regex, factor) pair, not {item!r}"
+        if item[1] < 0:
+            return f"factor {item[1]} of {item[0]!r} must be >= 0"
+        problem = regex_problem(item[0])
+        if problem:
+            return problem
+    return None
+
+
+def _multipliers(value: tuple) -> tuple[tuple[str, float], ...]:
+    return tuple((str(regex), float(factor)) for regex, factor in value)
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a regular expression, or ``None``."""
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        return f"{pattern!r} is not a regular expression: {err}"
+    return None
 
 
 def schedule_schema() -> Schema:
@@ -146,8 +186,9 @@ def adam(learning_rate: Any, *, b1: Any, b2: Any, eps: Any) -> optax.GradientTra
 
 
 @register_optimizer("adamw", applies_weight_decay=True, **_betas())
-def adamw(learning_rate: Any, *, b1: Any, b2: Any, eps: Any, weight_decay: Any) -> optax.GradientTransformation:
-    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+def adamw(learning_rate: Any, *, b1: Any, b2: Any, eps: Any, weight_decay: Any,
+          decay_mask: Any = None) -> optax.GradientTransformation:
+    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
 
 
 # momentum is structure, not traceable: a zero momentum has no trace stage
@@ -292,15 +333,70 @@ def config_value(config: ml_collections.ConfigDict, key: str) -> Any:
     return part_values(config[section], part, registry.lookup(part).fields)[field]
 
 
+# ---------------------------------------------------------------------------------------------
+# Per-parameter updates: frozen parameters, learning-rate multipliers, the weight-decay mask
+# ---------------------------------------------------------------------------------------------
+
+
+def path_name(keypath: Sequence[Any]) -> str:
+    """The ``"/"``-joined name of a parameter's tree path, e.g. ``"Conv2D_0/kernel"``."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
+
+
+def update_factor(config: ml_collections.ConfigDict) -> Callable[[str], float] | None:
+    """``path -> factor`` on a parameter's updates: 0 for a parameter that ``config.freeze``
+    matches, else the factor of the first ``optimizer.lr_multipliers`` pair whose regex matches
+    the whole path, else 1; ``None`` when neither is set (no stage)."""
+    freeze = [re.compile(p) for p in config.get("freeze", ())]
+    pairs = [(re.compile(r), float(f)) for r, f in config.optimizer.get("lr_multipliers", ())]
+    if not freeze and not pairs:
+        return None
+
+    def factor(path: str) -> float:
+        if any(p.fullmatch(path) for p in freeze):
+            return 0.0
+        return next((f for r, f in pairs if r.fullmatch(path)), 1.0)
+
+    return factor
+
+
+def scale_by_path(factor: Callable[[str], float]) -> optax.GradientTransformation:
+    """Stateless: each leaf of the updates times ``factor(its "/"-joined path)``; a factor of 0
+    gives exact zeros (whatever the update), 1 leaves the leaf as it is."""
+
+    def scaled(keypath, u):
+        f = factor(path_name(keypath))
+        return jnp.zeros_like(u) if f == 0 else u if f == 1 else u * jnp.asarray(f, u.dtype)
+
+    def update(updates, state, params=None):
+        return jax.tree_util.tree_map_with_path(scaled, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def decay_mask(kind: str) -> Callable[[Any], Any] | None:
+    """``optimizer.weight_decay_mask`` as optax's ``mask``: ``"default"`` decays the parameters
+    with 2 or more dimensions (kernels), not biases and normalization scales/offsets; ``"all"``
+    is ``None`` (no mask: every parameter, and the optimizer state of runs recorded before the
+    field existed)."""
+    if kind == "all":
+        return None
+    return lambda params: jax.tree_util.tree_map(lambda p: jnp.ndim(p) > 1, params)
+
+
 def make_optimizer(
     config: ml_collections.ConfigDict,
     steps_per_epoch: int,
     hparams: Mapping[str, Any] | None = None,
 ) -> optax.GradientTransformation:
     """``optax.chain`` of optional gradient clipping, a decay stage (``add_decayed_weights``,
-    unless the optimizer applies ``weight_decay`` itself) and the named optimizer on its
-    schedule; in ``optax.MultiSteps`` when ``grad_accum_steps > 1``; with a model EMA
-    (:func:`with_ema`) when ``ema.decay > 0``.
+    unless the optimizer applies ``weight_decay`` itself; over the parameters of
+    ``optimizer.weight_decay_mask``) and the named optimizer on its schedule; in
+    ``optax.MultiSteps`` when ``grad_accum_steps > 1``. With ``freeze`` or
+    ``optimizer.lr_multipliers`` the chain starts by zeroing the frozen parameters' gradients
+    (so they count in no clipping norm or moment) and ends by scaling each parameter's updates
+    by its factor (:func:`update_factor`; exact zeros for the frozen ones, decay included). With a model EMA (:func:`with_ema`)
+    when ``ema.decay > 0``.
 
     Args:
         config: the training config (``optimizer``, ``schedule``, ``num_epochs``,
@@ -329,13 +425,25 @@ def make_optimizer(
     updates_per_epoch = max(steps_per_epoch // config.grad_accum_steps, 1)
     schedule = make_schedule(config, updates_per_epoch, learning_rate=shared["learning_rate"], hparams=hparams)
     parts = []
+    factor = update_factor(config)
+    if factor is not None:
+        parts.append(scale_by_path(lambda path: float(factor(path) != 0)))
     if o.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(shared["grad_clip_norm"]))
+    mask = decay_mask(o.get("weight_decay_mask", "default"))
     if o.weight_decay and not entry.applies_weight_decay:
-        parts.append(optax.add_decayed_weights(shared["weight_decay"]))
+        parts.append(optax.add_decayed_weights(shared["weight_decay"], mask=mask))
     if entry.applies_weight_decay:
         own["weight_decay"] = shared["weight_decay"]
+        if mask is not None:
+            if "decay_mask" not in inspect.signature(entry.build).parameters:
+                raise ConfigError(
+                    f"config key 'optimizer.weight_decay_mask': optimizer {o.name!r} applies its own "
+                    "weight decay and takes no decay_mask=; set optimizer.weight_decay_mask='all'")
+            own["decay_mask"] = mask
     parts.append(entry.build(schedule, **own))
+    if factor is not None:
+        parts.append(scale_by_path(factor))
     tx = optax.chain(*parts)
     if config.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps).gradient_transformation()

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cnnlab import data as data_lib
 from cnnlab import models, nn
 from cnnlab.schema import flatten, keys_without_effect
-from cnnlab.train import losses, optim
+from cnnlab.train import finetune, losses, optim
 from cnnlab.train.config import train_schema
 from cnnlab.train.experiment import Experiment, initial_state, resolve
 from cnnlab.train.steps import (
@@ -232,6 +232,7 @@ def build_program(
 
     make_step = STEPS.lookup(config.train_step)
     loss_metrics = losses.metric_names(config)
+    kept_stats = finetune.kept_stats_layers(config, finetune.variable_shapes(exp))
 
     def input_variables() -> Any:
         """The loss's extra-input variables (set up on the first training call, so that a
@@ -257,7 +258,10 @@ def build_program(
         step = make_step(model, tx, num_classes=exp.num_classes, preprocess=preprocess,
                          constraints=constraints, label_smoothing=config.loss.label_smoothing,
                          loss_fn=loss_fn, loss_inputs=loss_inputs)
-        return step(state, batch)
+        new, metrics = step(state, batch)
+        if kept_stats:  # config.freeze_batch_stats: frozen layers keep their moving statistics
+            new = new.replace(batch_stats=finetune.keep_stats(new.batch_stats, state.batch_stats, kept_stats))
+        return new, metrics
 
     eval_one = make_eval_step(exp.model, num_classes=exp.num_classes, normalize=exp.normalize,
                               metrics=tuple(config.metrics), flip=config.eval_flip,

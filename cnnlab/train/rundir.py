@@ -34,7 +34,7 @@ import jax
 from cnnlab import runfiles, runtime
 from cnnlab.data.dataset import Dataset
 from cnnlab.native import conv_impl, onednn
-from cnnlab.schema import flatten, keys_without_effect
+from cnnlab.schema import flatten, keys_without_effect, legacy_values
 from cnnlab.train.writers import write_json_atomic, write_text_atomic
 
 SPLIT_FILE = runfiles.SPLIT
@@ -276,6 +276,33 @@ def _default_values() -> dict[str, Any]:
     return flatten(_plain(default_config()))
 
 
+def with_legacy_values(workdir: str | os.PathLike, config: Any) -> tuple[Any, dict[str, Any]]:
+    """``config`` as the run recorded in ``workdir`` computed it: each field that declares a
+    legacy value (``Field.legacy``, e.g. ``optimizer.weight_decay_mask``), absent from the run's
+    ``config.json`` (recorded before the field existed) and at its default in ``config``, set to
+    its legacy value. Returns ``(config, {key: legacy value set})``; a new run is unchanged."""
+    import ml_collections
+
+    from cnnlab.train.config import train_schema
+
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return config, {}
+    with open(path) as f:
+        recorded = flatten(json.load(f))
+    defaults = _default_values()
+    values, changed = config.to_dict(), {}
+    for key, legacy in legacy_values(train_schema()).items():
+        *sections, field = key.split(".")
+        group = values
+        for section in sections:
+            group = group.get(section, {})
+        if key not in recorded and field in group and _plain({"v": group[field]})["v"] == defaults.get(key):
+            group[field] = legacy
+            changed[key] = legacy
+    return (ml_collections.ConfigDict(values) if changed else config), changed
+
+
 def record_config(
     workdir: str | os.PathLike,
     config: Mapping[str, Any],
@@ -307,10 +334,14 @@ def record_config(
     keys = sorted({*old_flat, *new_flat})
     pairs = {k: (old_flat.get(k, _ABSENT), new_flat.get(k, _ABSENT)) for k in keys}
     defaults = _default_values()
-    # A field a newer cnnlab added, at its default, is not a change (the old run computed that).
-    differ = {k: (a, b) for k, (a, b) in pairs.items()
-              if a != b and not (a is _ABSENT and k in defaults and b == defaults[k])}
     from cnnlab.train.config import train_schema
+
+    legacy = legacy_values(train_schema())
+    # A field a newer cnnlab added, at its default (or at the value the old run computed with,
+    # its legacy value: with_legacy_values), is not a change.
+    differ = {k: (a, b) for k, (a, b) in pairs.items()
+              if a != b and not (a is _ABSENT and k in defaults
+                                 and (b == defaults[k] or b == legacy.get(k, _ABSENT)))}
 
     without_effect = keys_without_effect(train_schema())
     changes = {k: v for k, v in differ.items() if k not in without_effect}

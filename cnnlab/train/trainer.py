@@ -30,7 +30,7 @@ import numpy as np
 
 from cnnlab import data as data_lib
 from cnnlab import runfiles
-from cnnlab.train import optim, rundir
+from cnnlab.train import finetune, optim, rundir
 from cnnlab.train import report as report_lib
 from cnnlab.train.checkpoint import Checkpoints
 from cnnlab.train.distributed import is_main_process, process_slice
@@ -245,6 +245,11 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
     if len(configs) != len(workdirs) or not configs:
         raise ValueError("train_trials needs one workdir per config, and at least one config.")
     resolved = [resolve(c) for c in configs]
+    for k, wd in enumerate(workdirs):  # a run recorded before a field existed resumes as it computed
+        resolved[k], legacy = rundir.with_legacy_values(wd, resolved[k])
+        for key, value in legacy.items():
+            say(f"{tag_of(k, len(configs))}{key}={value!r}: {wd} was recorded before this field "
+                "existed and resumes as it computed.")
     if len(configs) > 1 and len({pack_key(c) for c in resolved}) != 1:
         raise NotPackable("The configs differ in fields that cannot be traced in one program.")
     exp = build_experiment(resolved[0])
@@ -255,6 +260,8 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
     ckpts = [Checkpoints(wd, keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
                          best_mode=config.checkpoint.best_mode) for wd in workdirs]
     starts = [c.latest_step() or 0 for c in ckpts]
+    # Fine-tuning's patterns and source refuse a bad config before any record.
+    source = finetune.check(exp, fresh=0 in starts)
     for c, wd, start in zip(resolved, workdirs, starts):
         if is_main_process():
             _record_run(wd, c, exp, step=start, allow_config_change=allow_config_change)
@@ -280,7 +287,7 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
                 exp.for_config(resolved[group[0]]), pick(resolved), pick(workdirs), pick(ckpts),
                 pick(outcomes), start, tag=lambda i, g=group: tag(g[i]), vmap_width=vmap_width,
                 on_epoch_end=on_epoch_end and (lambda i, e, r, g=group: on_epoch_end(g[i], e, r)),
-                timings=timings)
+                timings=timings, source=source)
     finally:
         for c in ckpts:
             c.close()
@@ -289,6 +296,11 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
             report_lib.write_reports(wd, exp.dataset.class_names, overwrite=True)  # its own
     timings["total"] = time.perf_counter() - t_start
     return outcomes, states, timings
+
+
+def tag_of(k: int, num_trials: int) -> str:
+    """``"[k] "`` before a packed trial's lines; nothing for a single run."""
+    return "" if num_trials == 1 else f"[{k}] "
 
 
 def _record_run(workdir: str, config, exp: Experiment, *, step: int, allow_config_change: bool) -> None:
@@ -307,9 +319,10 @@ def _record_run(workdir: str, config, exp: Experiment, *, step: int, allow_confi
 
 
 def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, *, on_epoch_end, tag,
-               vmap_width, timings) -> Any:
+               vmap_width, timings, source=None) -> Any:
     """The loop: trains the trials of one group from ``start_step`` to the end (or until every
-    trial has stopped); fills ``outcomes`` and returns the final states."""
+    trial has stopped); fills ``outcomes`` and returns the final states. A fresh group starts
+    from ``source``'s variables where given (``config.init_from``, :mod:`cnnlab.train.finetune`)."""
     config = exp.config
     K = len(configs)
     t0 = time.perf_counter()
@@ -321,6 +334,12 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
         states = prog.stack([c.restore(s)[0] for c, s in zip(ckpts, prog.trials(states))])
         say(f"Resuming {'' if K == 1 else f'{K} packed trials '}from step {start_step} "
             f"({ckpts[0].latest.directory if K == 1 else 'their checkpoints'}).")
+    elif source is not None:
+        states, record = finetune.initialize(exp, prog, states, source)
+        say(finetune.summary(record))
+        if is_main_process():
+            for wd in workdirs:
+                write_json_atomic(os.path.join(wd, runfiles.INIT_FROM), record)
     writers = [MetricWriter(wd, resume_step=start_step, enabled=is_main_process()) for wd in workdirs]
     if start_step == 0 and is_main_process():
         for k, grid in enumerate(_augmented_grids(exp, configs)):
