@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import inspect
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -385,17 +386,34 @@ def export_keras(workdir: str, path: str, *, which: str = "best") -> Any:
 
 
 def export_main(argv: list[str]) -> None:
-    """``cnnlab export --workdir=RUN [--which=best|latest] [--format=keras] OUT.keras``."""
+    """``cnnlab export --workdir=RUN [--which=best|latest] [--format=keras|onnx] OUT``.
+
+    ``--format=onnx`` without its extra installed exits with code 2 and one line saying how to
+    install it (:mod:`cnnlab.onnx_export`)."""
     parser = argparse.ArgumentParser(
         prog="cnnlab export",
-        description="Write a trained run as a model file of another library (preprocessing and "
-                    "softmax included).")
+        description="Write a trained run as a model file of another library (normalization, "
+                    "test-time flip and softmax included; the Keras file also resizes).")
     parser.add_argument("--workdir", required=True, help="run directory written by `cnnlab train`")
     parser.add_argument("--which", choices=("best", "latest"), default="best",
                         help="checkpoint to export (best falls back to latest when there is none)")
-    parser.add_argument("--format", choices=("keras",), default="keras", help="file format: keras (Keras 3)")
-    parser.add_argument("output", metavar="OUT.keras", help="file to write")
+    parser.add_argument("--format", choices=("keras", "onnx"), default="keras",
+                        help="file format: keras (Keras 3, OUT.keras) or onnx (OUT.onnx)")
+    parser.add_argument("output", metavar="OUT", help="file to write (OUT.keras or OUT.onnx)")
     args = parser.parse_args(argv)
+    if args.format == "onnx":
+        from cnnlab import onnx_export
+
+        try:
+            onnx_export.check_installed()
+        except ImportError as err:
+            print(f"cnnlab export: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        onnx_export.export_onnx(args.workdir, args.output, which=args.which)
+        print(f"Wrote {args.output} (ONNX; input 'images': float32 [batch, height, width, 3] RGB "
+              "0..255 at the run's image size; output 'probabilities' in the order of the run's "
+              "classes.json).")
+        return
     export_keras(args.workdir, args.output, which=args.which)
     print(f"Wrote {args.output} (Keras 3; input: uint8 RGB images of any size; output: class "
           "probabilities in the order of the run's classes.json).")
