@@ -1,10 +1,14 @@
 """Whole models between cnnlab and Keras 3 (an optional extra: ``pip install "cnnlab[keras]"``).
 
-cnnlab's layers have Keras' names, arguments and weight layouts, so a chain of them maps one to
-one onto a ``keras.Sequential``: :func:`to_keras` records the ``cnnlab.nn`` layer calls of a Flax
-model, :func:`from_keras` rebuilds a Keras chain as a :class:`Sequential` of ``cnnlab.nn`` layers,
-and ``cnnlab export`` (:func:`export_main`) writes a trained run as a ``.keras`` file with its
-preprocessing and a softmax. Branches and skip connections (ResNet, Inception) are refused.
+cnnlab's layers have Keras' names, arguments and weight layouts, so they map one to one onto
+Keras layers: :func:`to_keras` reads the ``cnnlab.nn`` layer calls of a Flax model and the
+dataflow between them from its jaxpr (:mod:`cnnlab.layer_graph`) and rebuilds it, a chain as a
+``keras.Sequential``, a model with skip connections or branches (ResNet, Inception: every
+built-in model) as a functional ``keras.Model`` with ``Add``/``Concatenate`` layers;
+:func:`from_keras` rebuilds a Keras chain as a :class:`Sequential` of ``cnnlab.nn`` layers;
+``cnnlab export`` (:func:`export_main`) writes a trained run as a ``.keras`` file with its
+preprocessing, test-time flip and softmax, or (``--format=onnx``, :mod:`cnnlab.onnx_export`) as
+an ONNX file.
 
 >>> import jax, jax.numpy as jnp
 >>> from cnnlab import interop, models

@@ -67,7 +67,7 @@ def predict_function(run: Any):
     return predict
 
 
-def export_onnx(workdir: str, path: str, *, which: str = "best", opset: int = 17) -> Any:
+def export_onnx(workdir: str, path: str, *, which: str = "best", opset: int = 18) -> Any:
     """Writes run ``workdir``'s ``which`` checkpoint to ``path`` (``.onnx``) and returns the
     ``onnx.ModelProto``; see the module docstring for its input and output.
 
@@ -124,6 +124,7 @@ def _nhwc_max_pooling() -> Iterator[None]:
     lowering. (The one place cnnlab touches jax2onnx's plugin registry.)"""
     from jax2onnx.plugins import plugin_system
 
+    plugin_system.import_all_plugins()  # the registry fills as plugins are imported
     registry = plugin_system.PLUGIN_REGISTRY
     name = jax.lax.reduce_window_max_p.name
     original = registry[name]
