@@ -41,7 +41,7 @@ COMMANDS = {
     "report": "print a run's classification report and redraw its plots",
     "sweep": "run a hyperparameter sweep (`cnnlab sweep report` summarizes one)",
     "predict": "classify image files and folders with a trained run",
-    "export": "write a trained run in another format (a Keras model)",
+    "export": "write a trained run in another format (a Keras or ONNX model)",
     "summary": "print a config's or a run's model: layers, output shapes, parameters, FLOPs",
 }
 _USAGE = "usage: cnnlab <command> [flags]   (cnnlab <command> --help lists its flags)"
@@ -301,7 +301,7 @@ def _commands() -> dict[str, _Command]:
         "sweep report": _Command("cnnlab sweep report --workdir=<sweep dir>", sweep_cli.report,
                                  sweep_cli.define_report_flags, ("workdir",)),
         "predict": _Command("cnnlab predict --workdir=<run dir> PATH...", _predict),
-        "export": _Command("cnnlab export --workdir=<run dir> --format=keras OUT.keras", _export),
+        "export": _Command("cnnlab export --workdir=<run dir> --format=keras|onnx OUT.keras|OUT.onnx", _export),
         "summary": _Command("cnnlab summary --config=<file.py> [--config.<key>=<value> ...] [--num_classes=N] "
                             "| --workdir=<run dir>", _summary, _define_summary_flags, config_fields=True),
     }

@@ -1,10 +1,14 @@
 """Whole models between cnnlab and Keras 3 (an optional extra: ``pip install "cnnlab[keras]"``).
 
-cnnlab's layers have Keras' names, arguments and weight layouts, so a chain of them maps one to
-one onto a ``keras.Sequential``: :func:`to_keras` records the ``cnnlab.nn`` layer calls of a Flax
-model, :func:`from_keras` rebuilds a Keras chain as a :class:`Sequential` of ``cnnlab.nn`` layers,
-and ``cnnlab export`` (:func:`export_main`) writes a trained run as a ``.keras`` file with its
-preprocessing and a softmax. Branches and skip connections (ResNet, Inception) are refused.
+cnnlab's layers have Keras' names, arguments and weight layouts, so they map one to one onto
+Keras layers: :func:`to_keras` reads the ``cnnlab.nn`` layer calls of a Flax model and the
+dataflow between them from its jaxpr (:mod:`cnnlab.layer_graph`) and rebuilds it, a chain as a
+``keras.Sequential``, a model with skip connections or branches (ResNet, Inception: every
+built-in model) as a functional ``keras.Model`` with ``Add``/``Concatenate`` layers;
+:func:`from_keras` rebuilds a Keras chain as a :class:`Sequential` of ``cnnlab.nn`` layers;
+``cnnlab export`` (:func:`export_main`) writes a trained run as a ``.keras`` file with its
+preprocessing, test-time flip and softmax, or (``--format=onnx``, :mod:`cnnlab.onnx_export`) as
+an ONNX file.
 
 >>> import jax, jax.numpy as jnp
 >>> from cnnlab import interop, models
@@ -20,6 +24,7 @@ import argparse
 import dataclasses
 import inspect
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnlab import backend
+from cnnlab import backend, layer_graph
 from cnnlab import nn as cnn
+from cnnlab.layer_graph import LayerGraph
 
 Array = jax.Array
 
@@ -158,69 +164,6 @@ def _cnnlab_layer(keras_layer: Any) -> flax_nn.Module:
 # --------------------------------------------------------------------------- cnnlab -> Keras
 
 
-@dataclasses.dataclass
-class _Call:
-    layer: flax_nn.Module
-    path: tuple[str, ...]
-    inputs: Array
-    outputs: Array
-
-    @property
-    def where(self) -> str:
-        return f"{type(self.layer).__name__} at {'/'.join(self.path) or '<root>'}"
-
-
-def _trace(module: flax_nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]) -> list[_Call]:
-    """The ``cnnlab.nn`` layer calls of ``module`` on a random input, checked to form a chain."""
-    calls: list[_Call] = []
-    stack: list[list[int]] = []  # per open module call: [number of modules it called]
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        layer = context.module
-        if stack:
-            stack[-1][0] += 1
-        path = tuple(layer.scope.path) if layer.scope else ()
-        stack.append([0])
-        try:
-            out = next_fun(*args, **kwargs)
-        finally:
-            (children,) = stack.pop()
-        if type(layer) in LAYERS.values():
-            calls.append(_Call(layer, path, args[0], out))
-        elif not children and stack:
-            raise InteropError(
-                f"to_keras: {type(layer).__module__}.{type(layer).__name__} at {'/'.join(path)} is not a "
-                f"cnnlab layer with a Keras equivalent; those are {sorted(LAYERS)}.")
-        return out
-
-    x = jax.random.normal(jax.random.key(0), (1, *input_shape), jnp.float32)
-    kwargs = {"training": False} if "training" in inspect.signature(type(module).__call__).parameters else {}
-    with flax_nn.intercept_methods(interceptor):
-        y = module.apply(variables, x, **kwargs)
-    if not calls:
-        raise InteropError(f"to_keras: {type(module).__name__} calls no cnnlab.nn layer.")
-    previous = x
-    for i, call in enumerate(calls):
-        if not _same(call.inputs, previous):
-            after = calls[i - 1].where if i else "the model input"
-            raise InteropError(
-                f"to_keras: the input of {call.where} is not the output of {after}: only chains of "
-                "layers are supported, not skip connections, branches or array operations "
-                "between layers.")
-        previous = call.outputs
-    if not _same(y, previous):
-        raise InteropError(f"to_keras: {type(module).__name__}'s output is not the output of its last "
-                           f"layer ({calls[-1].where}); only chains of layers are supported.")
-    return calls
-
-
-def _same(a: Any, b: Any) -> bool:
-    return (isinstance(a, jax.Array) and isinstance(b, jax.Array) and a.shape == b.shape
-            and bool(jnp.array_equal(a.astype(jnp.float32), b.astype(jnp.float32))))
-
-
 def _layer_weights(variables: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Array]:
     out: dict[str, Array] = {}
     for collection in ("params", "batch_stats"):
@@ -231,19 +174,51 @@ def _layer_weights(variables: Mapping[str, Any], path: tuple[str, ...]) -> dict[
     return out
 
 
-def _keras_layers(module, variables, input_shape) -> list[tuple[Any, dict[str, Array]]]:
-    """``[(unbuilt Keras layer, its weights by Keras name)]`` for the chain of ``module``."""
-    keras = _keras()
-    out = []
-    for call in _trace(module, variables, input_shape):
-        where = f"to_keras: {call.where}"
-        keras_cls = getattr(keras.layers, type(call.layer).__name__)
-        try:
-            layer = keras_cls(**_keras_arguments(call.layer, keras_cls, where))
-        except (TypeError, ValueError) as err:
-            raise InteropError(f"{where}: Keras refuses its arguments: {err}") from None
-        out.append((layer, _layer_weights(variables, call.path)))
-    return out
+def _graph(module, variables, input_shape) -> LayerGraph:
+    try:
+        return layer_graph.trace(module, variables, input_shape, layer_types=tuple(LAYERS.values()))
+    except layer_graph.GraphError as err:
+        raise InteropError(f"to_keras: {err}") from None
+
+
+class _KerasGraph:
+    """The Keras layers of a :class:`~cnnlab.layer_graph.LayerGraph` (one per cnnlab layer: a
+    layer called twice is one shared Keras layer), applied to Keras tensors with
+    :meth:`__call__`; :meth:`set_weights` once the model is built."""
+
+    def __init__(self, graph: LayerGraph, variables: Mapping[str, Any]):
+        keras = _keras()
+        self.graph, self.layers, self.weights = graph, {}, {}
+        for node in graph.nodes:
+            if node.kind != "layer" or node.path in self.layers:
+                continue
+            where = f"to_keras: {node.where}"
+            keras_cls = getattr(keras.layers, type(node.layer).__name__)
+            try:
+                layer = keras_cls(**_keras_arguments(node.layer, keras_cls, where))
+            except (TypeError, ValueError) as err:
+                raise InteropError(f"{where}: Keras refuses its arguments: {err}") from None
+            self.layers[node.path] = layer
+            self.weights[node.path] = _layer_weights(variables, node.path)
+
+    def __call__(self, x: Any) -> Any:
+        keras = _keras()
+        values = [x]
+        for node in self.graph.nodes[1:]:
+            args = [values[i] for i in node.inputs]
+            if node.kind == "layer":
+                values.append(self.layers[node.path](args[0]))
+            elif node.kind == "add":
+                values.append(keras.layers.Add()(args))
+            elif node.kind == "concatenate":
+                values.append(keras.layers.Concatenate(axis=node.axis)(args))
+            else:
+                values.append(keras.layers.Activation(node.activation)(args[0]))
+        return values[self.graph.output]
+
+    def set_weights(self) -> None:
+        for path, layer in self.layers.items():
+            _set_weights(layer, self.weights[path])
 
 
 def _set_weights(layer: Any, arrays: Mapping[str, Array]) -> None:
@@ -259,20 +234,39 @@ def _set_weights(layer: Any, arrays: Mapping[str, Array]) -> None:
         w.assign(value)
 
 
-def _keras_sequential(input_shape, head, layers, tail=()) -> Any:
+def _keras_model(graph: LayerGraph, variables: Mapping[str, Any], input_shape, head=(), tail=()) -> Any:
+    """``head`` layers, the graph's and ``tail``'s, as a ``keras.Sequential`` where they form a
+    chain (what :func:`from_keras` reads back), else as a functional ``keras.Model``."""
     keras = _keras()
-    model = keras.Sequential([keras.Input(tuple(input_shape)), *head, *(k for k, _ in layers), *tail])
-    for layer, arrays in layers:
-        _set_weights(layer, arrays)
+    body = _KerasGraph(graph, variables)
+    if graph.is_chain:
+        layers = [body.layers[node.path] for node in graph.nodes[1:]]
+        model = keras.Sequential([keras.Input(tuple(input_shape)), *head, *layers, *tail])
+    else:
+        inputs = x = keras.Input(tuple(input_shape))
+        for layer in head:
+            x = layer(x)
+        x = body(x)
+        for layer in tail:
+            x = layer(x)
+        model = keras.Model(inputs, x)
+    body.set_weights()
     return model
 
 
 def to_keras(module: flax_nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]) -> Any:
-    """A ``keras.Sequential`` with the layers and weights of a chain of ``cnnlab.nn`` layers.
+    """A Keras model with the layers, weights and dataflow of a Flax model of ``cnnlab.nn`` layers.
+
+    A chain of layers (StridedNet, SimpleCNN, a :class:`Sequential`) becomes a
+    ``keras.Sequential``; a model with skip connections or branches (ResNet's residual sums,
+    Inception's concatenated branches) a functional ``keras.Model`` with ``Add`` and
+    ``Concatenate`` layers where the Flax model sums or concatenates layer outputs
+    (:func:`cnnlab.layer_graph.trace` reads them from the model's jaxpr).
 
     Args:
-      module: a Flax model whose ``__call__`` applies ``cnnlab.nn`` layers one after another
-        (StridedNet, SimpleCNN, a :class:`Sequential`); it is run once to record them.
+      module: a Flax model whose ``__call__`` applies ``cnnlab.nn`` layers, possibly inside its
+        own submodules, and between them only ``x + y``, ``jnp.concatenate``, float casts and
+        activation functions (``jax.nn.relu``, ...); it is traced once, not run.
       variables: its ``{"params", "batch_stats"}``.
       input_shape: one example's shape, e.g. ``(96, 96, 3)``.
 
@@ -281,10 +275,10 @@ def to_keras(module: flax_nn.Module, variables: Mapping[str, Any], input_shape: 
       ``module.apply(variables, x, training=False)`` (in float32).
 
     Raises:
-      InteropError: a layer without a Keras equivalent, an argument Keras lacks, or a model that
-        is not a chain (a skip connection or branch), naming it.
+      InteropError: a layer without a Keras equivalent, an argument Keras lacks, or an
+        operation between layers that Keras has no layer for, naming it.
     """
-    return _keras_sequential(input_shape, (), _keras_layers(module, variables, input_shape))
+    return _keras_model(_graph(module, variables, input_shape), variables, input_shape)
 
 
 # --------------------------------------------------------------------------- Keras -> cnnlab
@@ -389,11 +383,12 @@ def export_keras(workdir: str, path: str, *, which: str = "best") -> Any:
             keras.layers.Rescaling(1.0 / 255.0)]
     if pre["normalization"] == "mean_std":
         head.append(keras.layers.Normalization(mean=pre["mean"], variance=np.square(pre["std"])))
-    layers = _keras_layers(run.model, run.variables, (height, width, 3))
+    graph = _graph(run.model, run.variables, (height, width, 3))
     if not run.config.get("eval_flip", False):
-        keras_model = _keras_sequential((None, None, 3), head, layers, [keras.layers.Activation("softmax")])
+        keras_model = _keras_model(graph, run.variables, (None, None, 3), head,
+                                   [keras.layers.Activation("softmax")])
     else:  # the run's test-time mirror averaging (config.eval_flip), as run.predict does
-        body = _keras_sequential((height, width, 3), (), layers)
+        body = _keras_model(graph, run.variables, (height, width, 3))
         images = keras.Input((None, None, 3))
         x = images
         for layer in head:
@@ -405,17 +400,34 @@ def export_keras(workdir: str, path: str, *, which: str = "best") -> Any:
 
 
 def export_main(argv: list[str]) -> None:
-    """``cnnlab export --workdir=RUN [--which=best|latest] [--format=keras] OUT.keras``."""
+    """``cnnlab export --workdir=RUN [--which=best|latest] [--format=keras|onnx] OUT``.
+
+    ``--format=onnx`` without its extra installed exits with code 2 and one line saying how to
+    install it (:mod:`cnnlab.onnx_export`)."""
     parser = argparse.ArgumentParser(
         prog="cnnlab export",
-        description="Write a trained run as a model file of another library (preprocessing and "
-                    "softmax included).")
+        description="Write a trained run as a model file of another library (normalization, "
+                    "test-time flip and softmax included; the Keras file also resizes).")
     parser.add_argument("--workdir", required=True, help="run directory written by `cnnlab train`")
     parser.add_argument("--which", choices=("best", "latest"), default="best",
                         help="checkpoint to export (best falls back to latest when there is none)")
-    parser.add_argument("--format", choices=("keras",), default="keras", help="file format: keras (Keras 3)")
-    parser.add_argument("output", metavar="OUT.keras", help="file to write")
+    parser.add_argument("--format", choices=("keras", "onnx"), default="keras",
+                        help="file format: keras (Keras 3, OUT.keras) or onnx (OUT.onnx)")
+    parser.add_argument("output", metavar="OUT", help="file to write (OUT.keras or OUT.onnx)")
     args = parser.parse_args(argv)
+    if args.format == "onnx":
+        from cnnlab import onnx_export
+
+        try:
+            onnx_export.check_installed()
+        except ImportError as err:
+            print(f"cnnlab export: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        onnx_export.export_onnx(args.workdir, args.output, which=args.which)
+        print(f"Wrote {args.output} (ONNX; input 'images': float32 [batch, height, width, 3] RGB "
+              "0..255 at the run's image size; output 'probabilities' in the order of the run's "
+              "classes.json).")
+        return
     export_keras(args.workdir, args.output, which=args.which)
     print(f"Wrote {args.output} (Keras 3; input: uint8 RGB images of any size; output: class "
           "probabilities in the order of the run's classes.json).")

@@ -150,10 +150,14 @@ def test_unsupported_layers_and_models_are_named():
     with pytest.raises(ValueError, match="Add layer"):
         interop.from_keras(branched)
 
-    resnet = models.get_model("resnet", num_classes=3, stem_filters=4, stage_filters=(8,), stage_depths=(1,))
-    variables = _init(resnet, (1, 16, 16, 3))
-    with pytest.raises(ValueError, match="only chains of layers are supported, not skip connections"):
-        interop.to_keras(resnet, variables, (16, 16, 3))
+    class Scaled(flax_nn.Module):  # an operation between layers that Keras has no layer for
+        @flax_nn.compact
+        def __call__(self, x):
+            return cnn.Dense(3)(cnn.Flatten()(x) * 2.0)
+
+    variables = _init(Scaled(), (1, 4, 4, 3))
+    with pytest.raises(ValueError, match=r"Scaled applies `mul` to a layer's output; between cnnlab layers"):
+        interop.to_keras(Scaled(), variables, (4, 4, 3))
 
     class FlaxDense(flax_nn.Module):
         @flax_nn.compact
