@@ -348,7 +348,7 @@ _INTERPOLATION = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicu
                   "lanczos": "lanczos3", "box": "area", "hamming": "bilinear"}
 
 
-def _check_exportable_views(config: Any) -> None:
+def check_exportable_views(config: Any) -> None:
     """Exports compute what ``run.predict`` does: a run averaging test-time crops is refused."""
     views = config.get("eval_views", "single")
     if views != "single":
@@ -373,7 +373,7 @@ def export_keras(workdir: str, path: str, *, which: str = "best") -> Any:
     if not str(path).endswith(".keras"):
         raise InteropError(f"export: {path!r} must end in .keras (Keras 3's model format).")
     run = load_run(workdir, which=which)
-    _check_exportable_views(run.config)
+    check_exportable_views(run.config)
     pre = run.preprocessing
     height, width = pre["image_size"]
     head = [keras.layers.Resizing(height, width, interpolation=_INTERPOLATION[pre["resample"]],

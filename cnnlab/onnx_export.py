@@ -81,7 +81,10 @@ def export_onnx(workdir: str, path: str, *, which: str = "best", opset: int = 18
     if not str(path).endswith(".onnx"):
         raise ValueError(f"export: {path!r} must end in .onnx.")
     jax2onnx = _jax2onnx()
+    from cnnlab.interop import check_exportable_views
+
     run = load_run(workdir, which=which)
+    check_exportable_views(run.config)
     height, width = run.preprocessing["image_size"]
     predict = predict_function(run)
     spec = jax.ShapeDtypeStruct(("batch", height, width, 3), jnp.float32)
