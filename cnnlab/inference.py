@@ -187,6 +187,16 @@ def load_run(workdir: str, *, which: str = "best") -> Run:
     return Run(trained, preprocessing, forward)
 
 
+def check_exportable_views(config: Any) -> None:
+    """Exports compute what ``run.predict`` does: a run averaging test-time crops is refused."""
+    views = config.get("eval_views", "single")
+    if views != "single":
+        raise ValueError(f"export: the run averages eval_views={views!r}, which exports do not "
+                           "compute; predictions would differ from run.predict. Export a run with "
+                           "eval_views='single' (eval_flip is supported).")
+
+
+
 # --------------------------------------------------------------------------- cnnlab predict
 
 

@@ -348,15 +348,6 @@ _INTERPOLATION = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicu
                   "lanczos": "lanczos3", "box": "area", "hamming": "bilinear"}
 
 
-def check_exportable_views(config: Any) -> None:
-    """Exports compute what ``run.predict`` does: a run averaging test-time crops is refused."""
-    views = config.get("eval_views", "single")
-    if views != "single":
-        raise InteropError(f"export: the run averages eval_views={views!r}, which exports do not "
-                           "compute; predictions would differ from run.predict. Export a run with "
-                           "eval_views='single' (eval_flip is supported).")
-
-
 def export_keras(workdir: str, path: str, *, which: str = "best") -> Any:
     """Writes a run as a Keras 3 file: ``Resizing`` to ``data.image_size``, the training
     normalization (``Rescaling``, and ``Normalization`` for ``mean_std``), the model (averaged
@@ -368,7 +359,7 @@ def export_keras(workdir: str, path: str, *, which: str = "best") -> Any:
     Pillow's. Returns the Keras model.
     """
     keras = _keras()
-    from cnnlab.inference import load_run
+    from cnnlab.inference import check_exportable_views, load_run
 
     if not str(path).endswith(".keras"):
         raise InteropError(f"export: {path!r} must end in .keras (Keras 3's model format).")

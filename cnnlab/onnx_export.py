@@ -76,13 +76,11 @@ def export_onnx(workdir: str, path: str, *, which: str = "best", opset: int = 18
       ValueError: a ``path`` not ending in ``.onnx``, or a converted graph whose probabilities
         differ from JAX's by more than :data:`CHECK_ATOL` (nothing is written then).
     """
-    from cnnlab.inference import load_run
+    from cnnlab.inference import check_exportable_views, load_run
 
     if not str(path).endswith(".onnx"):
         raise ValueError(f"export: {path!r} must end in .onnx.")
     jax2onnx = _jax2onnx()
-    from cnnlab.interop import check_exportable_views
-
     run = load_run(workdir, which=which)
     check_exportable_views(run.config)
     height, width = run.preprocessing["image_size"]

@@ -274,7 +274,7 @@ def test_eval_views_average_the_crops_logits_and_single_is_the_plain_output():
     import ml_collections
 
     from cnnlab import models
-    from cnnlab.interop import InteropError, check_exportable_views
+    from cnnlab.inference import check_exportable_views
     from cnnlab.train.steps import EVAL_VIEWS, eval_logits, view_images
 
     model = models.get_model("simple_cnn", num_classes=3, widths=(4,), dense_units=8)
@@ -294,6 +294,6 @@ def test_eval_views_average_the_crops_logits_and_single_is_the_plain_output():
     np.testing.assert_array_equal(view_images(x, "scales3")[0], x)
     assert not np.allclose(view_images(x, "crops5")[0], x)
     # exports compute single views only: a run averaging crops is refused, not exported wrong
-    with pytest.raises(InteropError, match="eval_views='crops5'"):
+    with pytest.raises(ValueError, match="eval_views='crops5'"):
         check_exportable_views(ml_collections.ConfigDict({"eval_views": "crops5"}))
     check_exportable_views(ml_collections.ConfigDict({"eval_flip": True}))

@@ -23,7 +23,7 @@ SMALL = {
     "inception": dict(stem_filters=8, stage_widths=(8, 16)),
 }
 #: A value for each traceable field of the built-in models (nonzero, so every term shows).
-VALUES = {"weight_decay": 1e-3, "dropout": 0.3, "head_dropout": 0.4}
+VALUES = {"weight_decay": 1e-3, "dropout": 0.3, "head_dropout": 0.4, "drop_path_rate": 0.5}
 
 
 def _leaves(tree):
