@@ -268,9 +268,10 @@ def _layer_node(layer: Any, kind: str, args: tuple, kwargs: dict, found: dict[st
     config = layer.get_config()
     defaults = {p.name: p.default for p in inspect.signature(type(layer).__init__).parameters.values()
                 if p.default is not inspect.Parameter.empty}
-    for key, value in config.items():
-        if key not in fields and key not in _KERAS_ONLY and value != defaults.get(key, value):
-            _unsupported(found, f"{kind}({key}={value!r})", layer.name)
+    lacking = [f"{key}={value!r}" for key, value in config.items()
+               if key not in fields and key not in _KERAS_ONLY and value != defaults.get(key, value)]
+    if lacking:
+        _unsupported(found, f"{kind}({', '.join(lacking)})", layer.name)
     kept = {k: _hashable(v) for k, v in config.items() if k in fields}
     training = not (kind == "BatchNormalization" and not layer.trainable)
     return Node(layer.name, kind, args, kwargs, layer=cls, config=kept, training=training)
@@ -464,7 +465,11 @@ def load_graph(path: str) -> Graph:
         from keras.src.applications import convnext
 
         custom = {"LayerScale": convnext.LayerScale, "StochasticDepth": convnext.StochasticDepth}
-        keras_model = keras.saving.load_model(path, compile=False, custom_objects=custom)
+        # Keras creates and reads its weights with JAX operations: run them now, also when the
+        # first call comes from inside a trace (the trainer's jitted init).
+        with jax.ensure_compile_time_eval():
+            keras_model = keras.saving.load_model(path, compile=False, custom_objects=custom)
+            graph = to_graph(keras_model)
         _FILES.clear()  # one file's graph at a time: a process trains one model
-        _FILES[key] = to_graph(keras_model)
+        _FILES[key] = graph
     return _FILES[key]

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cnnlab import activations, backend, initializers
 from cnnlab import functional as F
@@ -402,9 +403,8 @@ class Normalization(nn.Module):
             mean = self.variable("batch_stats", "mean", jnp.zeros, stats_shape, jnp.float32).value
             variance = self.variable("batch_stats", "variance", jnp.ones, stats_shape, jnp.float32).value
         else:
-            mean, variance = (jnp.broadcast_to(jnp.reshape(jnp.asarray(v, jnp.float32),
-                                                           jnp.shape(v) if jnp.ndim(v) else ()),
-                                               stats_shape) for v in (self.mean, self.variance))
+            mean, variance = (jnp.broadcast_to(np.asarray(v, np.float32), stats_shape)
+                              for v in (self.mean, self.variance))
         mean = jnp.reshape(mean, shape).astype(x.dtype)
         std = jnp.maximum(jnp.sqrt(jnp.reshape(variance, shape).astype(x.dtype)), 1e-7)
         return mean + x * std if self.invert else (x - mean) / std

@@ -29,12 +29,15 @@ class _Merge(nn.Module):
                              f"arrays; got {type(inputs).__name__}.")
         return list(inputs)
 
-    def __call__(self, inputs: Sequence[Array]) -> Array:
+    def fold(self, inputs: Sequence[Array]) -> Array:
         inputs = self.check(inputs)
         out = inputs[0]
         for x in inputs[1:]:
             out = type(self).combine(out, x)
         return out
+
+    def __call__(self, inputs: Sequence[Array]) -> Array:
+        return self.fold(inputs)
 
 
 class Add(_Merge):
@@ -67,7 +70,7 @@ class Average(_Merge):
     combine = staticmethod(jnp.add)
 
     def __call__(self, inputs: Sequence[Array]) -> Array:
-        return super().__call__(inputs) / len(inputs)
+        return self.fold(inputs) / len(inputs)
 
 
 class Subtract(_Merge):
