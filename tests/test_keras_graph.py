@@ -89,15 +89,18 @@ def _compare(keras_model, x):
 # --------------------------------------------------------------------------- applications
 
 #: (application, input size). The fast set is none of them on a shared 2-core machine, where
-#: each takes 40-90 s (Keras builds it, then both sides compile): all are slow-marked.
+#: each takes 40-90 s (Keras builds it, then both sides compile): all are slow-marked. The
+#: pre-activation ResNets and DenseNets end in a batch norm in training mode over 1x1 maps at
+#: 32 px: with batch 2 that normalizes two numbers per channel to about +-1, which turns float
+#: rounding into sign flips; at 64 px they agree like the others (ResNet50V2: 0.0 in training).
 APPLICATIONS = [
     ("VGG16", 32), ("VGG19", 32),
     ("ResNet50", 32), ("ResNet101", 32), ("ResNet152", 32),
-    ("ResNet50V2", 32), ("ResNet101V2", 32), ("ResNet152V2", 32),
+    ("ResNet50V2", 64), ("ResNet101V2", 64), ("ResNet152V2", 64),
     ("MobileNet", 32), ("MobileNetV2", 32), ("MobileNetV3Small", 32), ("MobileNetV3Large", 32),
     *((f"EfficientNetB{i}", 32) for i in range(8)),
     *((f"EfficientNetV2B{i}", 32) for i in range(4)),
-    ("DenseNet121", 32), ("DenseNet169", 32), ("DenseNet201", 32),
+    ("DenseNet121", 64), ("DenseNet169", 64), ("DenseNet201", 64),
     ("InceptionV3", 75), ("Xception", 71), ("ConvNeXtTiny", 32),
 ]
 
