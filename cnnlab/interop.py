@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnlab import backend, layer_graph
+from cnnlab import backend, keras_graph, layer_graph
 from cnnlab import nn as cnn
+from cnnlab.keras_graph import InteropError
 from cnnlab.layer_graph import LayerGraph
 
 Array = jax.Array
@@ -45,10 +46,6 @@ Array = jax.Array
 _CNNLAB_ONLY = ("parent", "name", "dtype", "param_dtype", "rng_collection")
 _KERAS_ONLY = ("name", "trainable", "dtype", "input_shape", "batch_input_shape", "batch_shape")
 _STATS = ("moving_mean", "moving_variance")
-
-
-class InteropError(ValueError):
-    """A model (or layer, or argument) that cannot move between cnnlab and Keras."""
 
 
 def _keras():
@@ -309,24 +306,37 @@ def _chain(keras_model: Any) -> list[Any]:
     return layers
 
 
-def from_keras(keras_model: Any) -> tuple[Sequential, dict[str, Any]]:
-    """A cnnlab :class:`Sequential` and its variables for a chain of Keras layers.
+def from_keras(keras_model: Any) -> tuple[flax_nn.Module, dict[str, Any]]:
+    """A cnnlab module and its variables for a Keras 3 model.
+
+    A chain of Keras layers (the tutorial's StridedNet) becomes a :class:`Sequential` of
+    ``cnnlab.nn`` layers with variables ``layers_<i>``; any other model (branches, merges,
+    shared layers, nested models, ``keras.ops`` arithmetic: the ``keras.applications``) a
+    :class:`cnnlab.keras_graph.KerasGraph` with variables under the Keras layers' names
+    (:func:`cnnlab.keras_graph.import_model`).
 
     Args:
-      keras_model: a built ``keras.Sequential`` or single-path functional model made of layers
-        cnnlab has (:data:`LAYERS`, plus ``Softmax``), e.g. the tutorial's StridedNet.
+      keras_model: a built Keras model.
 
     Returns:
       ``(module, {"params", "batch_stats"})`` with Keras' weights and BatchNormalization
-      statistics; ``module.apply(variables, x)`` equals ``keras_model(x, training=False)``.
+      statistics; ``module.apply(variables, x)`` equals ``keras_model(x, training=False)``,
+      and with ``training=True, mutable=["batch_stats"]`` ``keras_model(x, training=True)``.
 
     Raises:
-      InteropError: an unsupported layer or argument (naming the layer's class and name), or a
-        model that is not a chain.
+      InteropError: the unsupported layers, each class with its count and first layer name.
     """
-    layers, params, stats = [], {}, {}
-    for i, keras_layer in enumerate(_chain(keras_model)):
-        layers.append(_cnnlab_layer(keras_layer))
+    try:
+        return _from_chain(keras_model)
+    except InteropError:  # not a chain, or layers or weights only the graph import has
+        return keras_graph.import_model(keras_model)
+
+
+def _from_chain(keras_model: Any) -> tuple[Sequential, dict[str, Any]]:
+    chain = _chain(keras_model)
+    layers = [_cnnlab_layer(keras_layer) for keras_layer in chain]
+    params, stats = {}, {}
+    for i, keras_layer in enumerate(chain):
         for w in keras_layer.weights:
             target = stats if w.name in _STATS else params
             target.setdefault(f"layers_{i}", {})[w.name] = jnp.asarray(np.asarray(w.numpy()))

@@ -138,17 +138,16 @@ def test_a_functional_keras_chain_imports_with_equal_outputs():
 
 def test_unsupported_layers_and_models_are_named():
     odd = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
-                            keras.layers.LayerNormalization(name="ln")])
-    with pytest.raises(ValueError, match="LayerNormalization layer 'ln' is not supported"):
+                            keras.layers.GaussianNoise(0.1, name="noise")])
+    with pytest.raises(ValueError, match="GaussianNoise: 1 \\(first: 'noise'\\)"):
         interop.from_keras(odd)
     renorm = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(renorm=True, name="bn")])
-    with pytest.raises(ValueError, match="'bn' sets renorm=True"):
+    with pytest.raises(ValueError, match="BatchNormalization\\(renorm=True.*\\): 1 \\(first: 'bn'\\)"):
         interop.from_keras(renorm)
     inp = keras.Input((8, 8, 3))
     y = keras.layers.Conv2D(3, 3, padding="same", name="branch")(inp)
-    branched = keras.Model(inp, keras.layers.Add()([inp, y]))
-    with pytest.raises(ValueError, match="Add layer"):
-        interop.from_keras(branched)
+    branched = keras.Model(inp, keras.layers.Add()([inp, y]))  # graphs import (tests/test_keras_graph.py)
+    assert "branch" in interop.from_keras(branched)[1]["params"]
 
     class Scaled(flax_nn.Module):  # an operation between layers that Keras has no layer for
         @flax_nn.compact

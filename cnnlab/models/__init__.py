@@ -10,6 +10,7 @@ their config file) with ``@cnnlab.models.register("my_net", traceable=(...))``.
 """
 
 from cnnlab.models.inception import InceptionNet
+from cnnlab.models.keras_file import KerasFile
 from cnnlab.models.registry import (
     MODELS,
     get_model,
@@ -22,5 +23,5 @@ from cnnlab.models.resnet import ResNet
 from cnnlab.models.simple_cnn import SimpleCNN
 from cnnlab.models.stridednet import StridedNet
 
-__all__ = ["MODELS", "InceptionNet", "ResNet", "SimpleCNN", "StridedNet", "get_model", "model_fields",
+__all__ = ["MODELS", "InceptionNet", "KerasFile", "ResNet", "SimpleCNN", "StridedNet", "get_model", "model_fields",
            "model_schema", "register", "traceable_fields"]
