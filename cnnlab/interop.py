@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,17 +47,7 @@ _KERAS_ONLY = ("name", "trainable", "dtype", "input_shape", "batch_input_shape",
 _STATS = ("moving_mean", "moving_variance")
 
 
-def _keras():
-    """Keras, on the JAX backend unless ``KERAS_BACKEND`` (read at Keras' import) says otherwise."""
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    try:
-        import keras
-    except ImportError as err:
-        if err.name != "keras":
-            raise ImportError(f"importing Keras failed: {err} (KERAS_BACKEND="
-                              f"{os.environ['KERAS_BACKEND']!r}; cnnlab uses 'jax').") from None
-        raise ImportError('cnnlab.interop needs Keras 3: pip install "cnnlab[keras]".') from None
-    return keras
+_keras = keras_graph.keras_module  # Keras on the JAX backend, or a clear ImportError
 
 
 class Rescaling(flax_nn.Module):

@@ -57,7 +57,7 @@ def keras_module():
         if err.name != "keras":
             raise ImportError(f"importing Keras failed: {err} (KERAS_BACKEND="
                               f"{os.environ['KERAS_BACKEND']!r}; cnnlab uses 'jax').") from None
-        raise ImportError('importing a Keras model needs Keras 3: pip install "cnnlab[keras]".') from None
+        raise ImportError('cnnlab.interop needs Keras 3: pip install "cnnlab[keras]".') from None
     return keras
 
 
