@@ -87,7 +87,8 @@ def test_a_user_registers_a_model_from_their_own_module(tmp_path, monkeypatch):
     np.testing.assert_allclose(nn.regularization_loss(updates[nn.LOSSES]), 1e-2 * jnp.sum(kernel ** 2), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+# every registered model that builds from its defaults ("keras" needs a file: test_keras_graph.py)
+@pytest.mark.parametrize("name", sorted(set(models.MODELS) - {"keras"}))
 def test_every_model_builds_and_runs(name):
     model = models.get_model(name, num_classes=5)
     x = jnp.zeros((2, 64, 64, 3))
