@@ -123,6 +123,11 @@ def chosen_part_section(kind: str, shared: Mapping[str, Field],
     return Section(fields, chosen_only)
 
 
+def traceable_names(fields: Mapping[str, Field]) -> tuple[str, ...]:
+    """The names of the ``traceable`` fields, in declaration order."""
+    return tuple(name for name, f in fields.items() if f.traceable)
+
+
 def part_values(section: Any, part: str, fields: Mapping[str, Field]) -> dict[str, Any]:
     """The values of ``part``'s ``fields`` in a (validated) chosen-part section, defaults
     filled in."""

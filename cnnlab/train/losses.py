@@ -48,7 +48,15 @@ import jax.numpy as jnp
 import optax
 
 from cnnlab._registry import Registry
-from cnnlab.schema import Field, Schema, at_least, chosen_part_section, in_range, part_values
+from cnnlab.schema import (
+    Field,
+    Schema,
+    at_least,
+    chosen_part_section,
+    in_range,
+    part_values,
+    traceable_names,
+)
 
 LossFn = Callable[..., Any]
 #: Record keys the trainer writes itself; a loss's metric may not take them.
@@ -78,7 +86,7 @@ class Loss:
     inputs: InputsSetup | None = None
 
     def traceable(self) -> tuple[str, ...]:
-        return tuple(name for name, f in self.fields.items() if f.traceable)
+        return traceable_names(self.fields)
 
 
 LOSSES = Registry("loss", {})

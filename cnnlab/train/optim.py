@@ -43,6 +43,7 @@ from cnnlab.schema import (
     greater_than,
     in_range,
     part_values,
+    traceable_names,
 )
 
 OptimizerFn = Callable[..., optax.GradientTransformation]
@@ -60,7 +61,7 @@ class Optimizer:
     applies_weight_decay: bool = False
 
     def traceable(self) -> tuple[str, ...]:
-        return tuple(name for name, f in self.fields.items() if f.traceable)
+        return traceable_names(self.fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ class Schedule:
     fields: dict[str, Field]
 
     def traceable(self) -> tuple[str, ...]:
-        return tuple(name for name, f in self.fields.items() if f.traceable)
+        return traceable_names(self.fields)
 
 
 OPTIMIZERS = Registry("optimizer", {})
