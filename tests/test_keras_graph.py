@@ -8,7 +8,6 @@ the Keras model before the import, so both sides run without it). Convolutions r
 (``CNNLAB_CONV_FORMULATION=xla``), as Keras' do: the other formulations round differently.
 """
 
-import functools
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -63,27 +62,8 @@ def _compare(keras_model, x):
     """``(inference, training)`` relative differences of the imported model to Keras'."""
     _no_dropout(keras_model)
     module, variables = interop.from_keras(keras_model)
-    inputs = x if isinstance(x, list) else [x]
-    infer = jax.jit(lambda v, xs: module.apply(v, *xs))(variables, inputs)
-    train, _ = jax.jit(lambda v, xs: module.apply(v, *xs, training=True, mutable=["batch_stats"]))(
-        variables, inputs)
-
-    # Keras jitted whole as well (stateless_call), so that both sides are one XLA program.
-    trainable = [w.value for w in keras_model.trainable_variables]
-    frozen = [w.value for w in keras_model.non_trainable_variables]
-
-    @functools.partial(jax.jit, static_argnums=1)
-    def keras_out(xs, training):
-        return keras_model.stateless_call(trainable, frozen, xs if len(xs) > 1 else xs[0],
-                                          training=training)[0]
-
-    rels = []
-    for got, training in ((infer, False), (train, True)):
-        expected = keras_out(inputs, training)
-        got_l = got if isinstance(got, list) else [got]
-        exp_l = expected if isinstance(expected, list) else [expected]
-        rels.append(max(_rel(g, e) for g, e in zip(got_l, exp_l)))
-    return rels
+    diff = interop.compare_with_keras(keras_model, module, variables, x)
+    return diff["inference"], diff["training"]
 
 
 # --------------------------------------------------------------------------- applications
@@ -275,6 +255,18 @@ def test_keras_model_starts_from_the_file_and_gives_logits(tmp_path):
     with pytest.raises(ValueError, match="model.kwargs.path"):
         models.get_model("keras", num_classes=3)
     assert "path" in models.model_schema("keras") and models.model_schema("keras")["path"].doc
+
+
+@pytest.mark.parametrize("path,reason", [("", "is required"), ("model.h5", "must be a .keras file"),
+                                         ("missing.keras", "no such file")])
+def test_a_bad_keras_path_is_refused_before_the_run_records_anything(tmp_path, path, reason):
+    from cnnlab.schema import ConfigError
+    from cnnlab.train import train_and_evaluate
+
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=f"model.kwargs.path.*{reason}"):
+        train_and_evaluate(_keras_config(path and str(tmp_path / path)), str(workdir))
+    assert not workdir.exists()
 
 
 def _keras_config(path, learning_rate=3e-3):

@@ -19,6 +19,7 @@ file must stay where the config says. BatchNormalization keeps the file's moment
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,21 @@ import jax.numpy as jnp
 
 from cnnlab import keras_graph
 from cnnlab.models.registry import register
+
+
+def check_keras_path(path: Any) -> str | None:
+    """``None`` for an existing ``.keras`` file, else why not (the config check of
+    ``model.kwargs.path``, so a bad path is refused before the run records anything)."""
+    if not path:
+        return "is required: the .keras file to train (architecture and weights)"
+    if not str(path).endswith(".keras"):
+        return "must be a .keras file, as Keras 3's model.save writes"
+    if not os.path.isfile(path):
+        return "no such file"
+    return None
+
+
+_CHECKED = {"check": check_keras_path}
 
 
 def _is_softmax(node: keras_graph.Node) -> bool:
@@ -87,7 +103,7 @@ class KerasFile(flax_nn.Module):
     """A ``.keras`` file's model mapping ``[N, H, W, C]`` images to ``num_classes`` logits."""
 
     num_classes: int
-    path: str = ""  # the .keras file (architecture and initial weights); required
+    path: str = dataclasses.field(default="", metadata=_CHECKED)  # the .keras file to train (required)
     new_head: bool = False  # replace a last Dense whose size is not num_classes by a fresh one
     dtype: Any = None  # compute dtype (set by mixed_precision; parameters stay float32)
 

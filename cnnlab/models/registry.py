@@ -104,6 +104,8 @@ def model_schema(name: str) -> dict[str, Field]:
         hints = {}
     docs = _field_comments(cls)
     traceable = set(traceable_fields(name))
+    # A field may declare its own check, ``dataclasses.field(..., metadata={"check": fn})`` with
+    # ``fn(value) -> None or the reason``: a bad value is refused before the run records anything.
     out: dict[str, Field] = {}
     for f in dataclasses.fields(cls):
         if f.name in ("parent", "name", *CONFIG_SET_FIELDS):
@@ -117,7 +119,8 @@ def model_schema(name: str) -> dict[str, Field]:
         type_ = _field_type(hints.get(f.name, Any))
         if isinstance(default, list):
             default = tuple(default)
-        out[f.name] = Field(default, type_, doc=docs.get(f.name, ""), traceable=f.name in traceable)
+        out[f.name] = Field(default, type_, check=f.metadata.get("check"), doc=docs.get(f.name, ""),
+                            traceable=f.name in traceable)
     return out
 
 
