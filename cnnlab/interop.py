@@ -220,14 +220,15 @@ def _set_weights(layer: Any, arrays: Mapping[str, Array]) -> None:
         w.assign(value)
 
 
-def _keras_model(graph: LayerGraph, variables: Mapping[str, Any], input_shape, head=(), tail=()) -> Any:
+def _keras_model(graph: LayerGraph, variables: Mapping[str, Any], input_shape, head=(), tail=(),
+                 name: str | None = None) -> Any:
     """``head`` layers, the graph's and ``tail``'s, as a ``keras.Sequential`` where they form a
     chain (what :func:`from_keras` reads back), else as a functional ``keras.Model``."""
     keras = _keras()
     body = _KerasGraph(graph, variables)
     if graph.is_chain:
         layers = [body.layers[node.path] for node in graph.nodes[1:]]
-        model = keras.Sequential([keras.Input(tuple(input_shape)), *head, *layers, *tail])
+        model = keras.Sequential([keras.Input(tuple(input_shape)), *head, *layers, *tail], name=name)
     else:
         inputs = x = keras.Input(tuple(input_shape))
         for layer in head:
@@ -235,7 +236,7 @@ def _keras_model(graph: LayerGraph, variables: Mapping[str, Any], input_shape, h
         x = body(x)
         for layer in tail:
             x = layer(x)
-        model = keras.Model(inputs, x)
+        model = keras.Model(inputs, x, name=name)
     body.set_weights()
     return model
 
@@ -321,6 +322,42 @@ def from_keras(keras_model: Any) -> tuple[flax_nn.Module, dict[str, Any]]:
         return keras_graph.import_model(keras_model)
 
 
+def compare_with_keras(keras_model: Any, module: flax_nn.Module, variables: Mapping[str, Any],
+                       inputs: Any) -> dict[str, float]:
+    """How far an imported model's outputs are from Keras': ``{"inference": r, "training": r}``,
+    each ``max|cnnlab - keras| / max|keras|`` over the outputs on ``inputs`` (an array, or a list
+    for several inputs), in inference mode and in training mode (batch statistics; dropout is
+    random on both sides, so set a Keras model's dropout rates to 0 before importing it to
+    compare training mode). Both sides run as one jitted XLA program each (Keras through
+    ``stateless_call``), so the differences are rounding, not op-by-op dispatch."""
+    import functools
+
+    inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    infer = jax.jit(lambda v, xs: module.apply(v, *xs))(variables, inputs)
+    train, _ = jax.jit(lambda v, xs: module.apply(v, *xs, training=True, mutable=["batch_stats"]))(
+        variables, inputs)
+    trainable = [w.value for w in keras_model.trainable_variables]
+    frozen = [w.value for w in keras_model.non_trainable_variables]
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def keras_out(xs, training):
+        return keras_model.stateless_call(trainable, frozen, xs if len(xs) > 1 else xs[0],
+                                          training=training)[0]
+
+    def rel(got, expected):
+        got, expected = np.asarray(got), np.asarray(expected)
+        if got.shape != expected.shape:
+            raise InteropError(f"compare_with_keras: output shape {got.shape} here, {expected.shape} in Keras")
+        return float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+
+    out = {}
+    for mode, got in (("inference", infer), ("training", train)):
+        expected = keras_out(inputs, mode == "training")
+        pairs = zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected), strict=True)
+        out[mode] = max(rel(g, e) for g, e in pairs)
+    return out
+
+
 def _from_chain(keras_model: Any) -> tuple[Sequential, dict[str, Any]]:
     chain = _chain(keras_model)
     layers = [_cnnlab_layer(keras_layer) for keras_layer in chain]
@@ -347,10 +384,16 @@ _INTERPOLATION = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicu
                   "lanczos": "lanczos3", "box": "area", "hamming": "bilinear"}
 
 
+#: The name of the trained network nested in a ``cnnlab export`` Keras file.
+EXPORT_BODY = "cnnlab_model"
+
+
 def export_keras(workdir: str, path: str, *, which: str = "best") -> Any:
     """Writes a run as a Keras 3 file: ``Resizing`` to ``data.image_size``, the training
-    normalization (``Rescaling``, and ``Normalization`` for ``mean_std``), the model (averaged
-    with its output on the mirrored images where the run sets ``eval_flip``), a softmax.
+    normalization (``Rescaling``, and ``Normalization`` for ``mean_std``), the model as one
+    nested Keras model named :data:`EXPORT_BODY` (averaged with its output on the mirrored
+    images where the run sets ``eval_flip``), a softmax. ``config.init_from`` takes the nested
+    model alone (:func:`trained_network`).
 
     It takes uint8 or float 0..255 ``[N, H, W, 3]`` images of any size; on images of the run's
     size its probabilities equal ``cnnlab.load_run(workdir, which=which).predict``'s. Other sizes
@@ -374,19 +417,26 @@ def export_keras(workdir: str, path: str, *, which: str = "best") -> Any:
     if pre["normalization"] == "mean_std":
         head.append(keras.layers.Normalization(mean=pre["mean"], variance=np.square(pre["std"])))
     graph = _graph(run.model, run.variables, (height, width, 3))
-    if not run.config.get("eval_flip", False):
-        keras_model = _keras_model(graph, run.variables, (None, None, 3), head,
-                                   [keras.layers.Activation("softmax")])
-    else:  # the run's test-time mirror averaging (config.eval_flip), as run.predict does
-        body = _keras_model(graph, run.variables, (height, width, 3))
-        images = keras.Input((None, None, 3))
-        x = images
-        for layer in head:
-            x = layer(x)
-        logits = keras.layers.Average()([body(x), body(keras.ops.flip(x, axis=2))])
-        keras_model = keras.Model(images, keras.layers.Activation("softmax")(logits))
+    # The trained network is one nested model (EXPORT_BODY), which init_from takes back alone.
+    body = _keras_model(graph, run.variables, (height, width, 3), name=EXPORT_BODY)
+    images = keras.Input((None, None, 3))
+    x = images
+    for layer in head:
+        x = layer(x)
+    logits = body(x)
+    if run.config.get("eval_flip", False):  # the run's test-time mirror averaging, as run.predict
+        logits = keras.layers.Average()([logits, body(keras.ops.flip(x, axis=2))])
+    keras_model = keras.Model(images, keras.layers.Activation("softmax")(logits))
     keras_model.save(path)
     return keras_model
+
+
+def trained_network(keras_model: Any) -> Any:
+    """The trained network of a ``cnnlab export`` file (its nested :data:`EXPORT_BODY` model,
+    without the preprocessing head, mirror averaging and softmax around it); any other Keras
+    model as it is."""
+    nested = [layer for layer in keras_model.layers if layer.name == EXPORT_BODY]
+    return nested[0] if len(nested) == 1 else keras_model
 
 
 def export_main(argv: list[str]) -> None:

@@ -95,6 +95,23 @@ def test_init_from_a_keras_file_and_a_weights_file(source_run, tmp_path):
     assert record["kind"] == "keras_weights" and not record["reinitialized"]
 
 
+def test_init_from_a_cnnlab_export_takes_its_network_without_the_preprocessing(source_run, tmp_path):
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    pytest.importorskip("keras")
+    from cnnlab import interop
+
+    exported = str(tmp_path / "export.keras")
+    interop.export_keras(source_run, exported, which="latest")  # Resizing, Rescaling, model, softmax
+    state, _ = train(_finetune_config(exported, freeze=BODY), str(tmp_path / "run"))
+    source = _flat(load_trained(source_run, which="latest").variables["params"])
+    params = _flat(state.params)
+    for path in ("Conv2D_0/kernel", "Conv2D_0/bias", "Dense_0/kernel", "Dense_0/bias"):
+        np.testing.assert_array_equal(params[path], source[path])
+    record = json.loads((tmp_path / "run" / "init_from.json").read_text())
+    assert record["kind"] == "keras" and len(record["loaded"]) == 4
+    assert set(record["reinitialized"]) == {"params/Dense_1/kernel", "params/Dense_1/bias"}
+
+
 def test_frozen_normalization_layers_keep_their_statistics(tmp_path):
     config = _finetune_config("", classes=4, freeze=("Conv2D_.*", "BatchNormalization_[01]/.*"),
                               freeze_batch_stats=True)
@@ -221,6 +238,7 @@ def test_bad_fine_tuning_fields_are_refused_before_anything_is_written(tmp_path,
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_fine_tuned_run_resumes_exactly(source_run, tmp_path, monkeypatch):
     config = _finetune_config(source_run, classes=4, freeze=("Conv2D_0/.*",))  # 3 steps an epoch
     config.num_epochs = 2
@@ -243,6 +261,7 @@ def test_a_fine_tuned_run_resumes_exactly(source_run, tmp_path, monkeypatch):
     assert a[-1] == b[-1]  # every final metric, exactly
 
 
+@pytest.mark.slow
 def test_packed_fine_tuned_trials_equal_each_alone(source_run, tmp_path):
     configs = []
     for lr in (1e-3, 3e-3):

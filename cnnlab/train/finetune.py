@@ -106,7 +106,7 @@ def _keras():
 
 def load_source(exp: Experiment) -> Source:
     """The variables of ``config.init_from``: a run directory (``load_trained``), a ``.keras``
-    file (``interop.from_keras``) or a ``.weights.h5`` file, which holds weights only and so is
+    file (``interop.from_keras``; of a ``cnnlab export`` file, the network inside it) or a ``.weights.h5`` file, which holds weights only and so is
     read into the config's own model exported to Keras (``interop.to_keras``; the same
     architecture, the number of classes included, is required).
 
@@ -135,7 +135,8 @@ def load_source(exp: Experiment) -> Source:
 
     try:
         if path.endswith(".keras"):
-            keras_model = keras.saving.load_model(path, compile=False)
+            # a cnnlab export: its network alone, since the run normalizes its own inputs
+            keras_model = interop.trained_network(keras.saving.load_model(path, compile=False))
             record["kind"] = "keras"
         else:
             fresh = jax.device_get(variable_shapes(exp))
