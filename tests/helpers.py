@@ -9,6 +9,12 @@ from cnnlab import sweep
 from cnnlab.train.writers import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def fast_only(values, *fast):
+    """Parametrize ``values``: those in ``fast`` run in the default test command, the others
+    only under ``-m slow`` (variants of a case the fast ones cover, kept for CI's slow step)."""
+    return [v if v in fast else pytest.param(v, marks=pytest.mark.slow, id=str(v)) for v in values]
 SMOKE = str(ROOT / "configs" / "smoke.py")
 
 # configs/smoke.py shrunk to seconds per run; exec'd with the config as ``c`` (also in subprocesses).

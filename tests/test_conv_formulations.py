@@ -381,6 +381,7 @@ def test_two_processes_measuring_at_once_keep_one_choice(fresh_cache):
     assert len(json.loads(fresh_cache.read_text())) == 1
 
 
+@pytest.mark.slow
 def test_a_resumed_run_compiles_the_formulations_its_run_recorded(fresh_cache, monkeypatch, tmp_path):
     # The run records its choices; a resume in a new process whose machine cache is gone (or
     # would now measure otherwise) compiles the recorded ones: no timing noise in resumes.

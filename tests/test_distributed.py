@@ -87,6 +87,7 @@ def _assert_close_records(a, b, rtol):
                 np.testing.assert_allclose(ra[key], rb[key], rtol=rtol, atol=atol, err_msg=key)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device_with_the_same_global_batch(tmp_path):
     one = _launch(tmp_path / "one")
     eight = _launch(tmp_path / "eight",
@@ -133,6 +134,7 @@ print("RESULT " + json.dumps({{"final": [o.metrics for o in outcomes],
 """
 
 
+@pytest.mark.slow
 def test_two_processes_train_a_pack_and_match_one_process(tmp_path):
     """Packs work with several processes: the batch axis is split over them as in a single run."""
     address = f"127.0.0.1:{_free_port()}"
@@ -187,6 +189,7 @@ def test_gradient_accumulation_equals_the_large_batch_update():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_steps_per_dispatch_and_accumulation_run_end_to_end(tmp_path):
     sys.path.insert(0, str(ROOT / "configs"))
     import smoke
@@ -209,6 +212,7 @@ def test_steps_per_dispatch_and_accumulation_run_end_to_end(tmp_path):
     assert results["accum2"]["test/accuracy"] > 0.25
 
 
+@pytest.mark.slow
 def test_no_recompilation_after_the_first_step(tmp_path, caplog):
     import logging
 

@@ -77,6 +77,7 @@ def test_a_resume_with_the_ema_equals_the_uninterrupted_run(ema_run, tmp_path):
     assert epoch_records(resumed)[-1] == epoch_records(workdir)[-1]
 
 
+@pytest.mark.slow
 def test_trials_differing_in_decay_pack_and_equal_alone(tmp_path):
     base = tiny_config()
     base.ema.decay = 0.9

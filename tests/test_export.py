@@ -12,7 +12,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from helpers import tiny_config  # noqa: E402
+from helpers import fast_only, tiny_config  # noqa: E402
 
 from cnnlab import interop, load_run  # noqa: E402
 
@@ -60,7 +60,7 @@ def _images(run, n, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("key", sorted(MODELS))
+@pytest.mark.parametrize("key", fast_only(sorted(MODELS), "resnet"))
 def test_every_builtin_model_exports_to_keras_predicting_as_the_run(key, trained, tmp_path):
     run_dir = trained(key)
     run = load_run(run_dir)

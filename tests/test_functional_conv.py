@@ -450,6 +450,7 @@ print(n)
 """
 
 
+@pytest.mark.slow
 def test_transposed_convolutions_of_tiny_inputs_never_crash_the_process():
     # A 2-pixel-high input with kernel (3, 2), strides 2, 'same' aborted some jaxlib builds in
     # XLA's algebraic simplifier (Keras' lhs_dilation form); a subprocess turns an abort into a failure.

@@ -182,6 +182,7 @@ def test_importing_interop_does_not_import_keras_and_a_missing_keras_says_how_to
         'ImportError: cnnlab.interop needs Keras 3: pip install "cnnlab[keras]".')
 
 
+@pytest.mark.slow
 def test_export_writes_a_keras_file_predicting_as_the_run(tmp_path):
     from cnnlab import load_run
     from cnnlab.train import train_and_evaluate

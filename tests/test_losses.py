@@ -104,6 +104,7 @@ def test_a_users_loss_trains_and_its_traceable_field_packs(tmp_path):
     assert first[1] > first[0]
 
 
+@pytest.mark.slow
 def test_the_focal_loss_trains(tmp_path):
     c = tiny_config()
     c.loss.name = "focal"
@@ -140,6 +141,7 @@ def _step_records(workdir):
     return [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["kind"] == "train"]
 
 
+@pytest.mark.slow
 def test_a_losss_metrics_are_logged_per_step_and_per_epoch_alone_and_packed(tmp_path):
     base = tiny_config()
     base.loss.name = "poly1_metrics_test"
@@ -226,6 +228,7 @@ def test_distill_is_the_formula():
     np.testing.assert_allclose(loss, (1 - w) * ce + w * T**2 * kd, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_distill_with_weight_zero_trains_as_the_cross_entropy(teacher, tmp_path):
     # The teacher is tiny_config trained with the cross-entropy: the same run, but for the loss.
     train_and_evaluate(_student(teacher, weight=0.0), str(tmp_path / "run"))
@@ -257,6 +260,7 @@ def test_distill_logs_its_terms_and_resumes_exactly(teacher, student, tmp_path, 
     assert epoch_records(resumed)[-1] == records[-1]  # every metric, exactly
 
 
+@pytest.mark.slow
 def test_two_distill_trials_differing_in_temperature_pack_and_equal_alone(teacher, student, tmp_path):
     configs = [_student(teacher, temperature=t) for t in (2.0, 8.0)]
     assert len({pack_key(c) for c in configs}) == 1

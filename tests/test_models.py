@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import fast_only
 
 from cnnlab import models, nn
 
@@ -88,7 +89,7 @@ def test_a_user_registers_a_model_from_their_own_module(tmp_path, monkeypatch):
 
 
 # every registered model that builds from its defaults ("keras" needs a file: test_keras_graph.py)
-@pytest.mark.parametrize("name", sorted(set(models.MODELS) - {"keras"}))
+@pytest.mark.parametrize("name", fast_only(sorted(set(models.MODELS) - {"keras"}), "resnet", "stridednet", "simple_cnn"))
 def test_every_model_builds_and_runs(name):
     model = models.get_model(name, num_classes=5)
     x = jnp.zeros((2, 64, 64, 3))
@@ -107,7 +108,7 @@ def _outputs(name, values, variables, x):
     return train, train_updates.get(nn.LOSSES, {}), evaluated, eval_updates.get(nn.LOSSES, {})
 
 
-@pytest.mark.parametrize("name", BUILT_IN)
+@pytest.mark.parametrize("name", fast_only(BUILT_IN, "resnet", "stridednet", "simple_cnn"))
 def test_traced_fields_give_what_the_same_python_values_give(name):
     fields = models.traceable_fields(name)
     assert fields and set(fields) <= set(VALUES)

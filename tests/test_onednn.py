@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import fast_only
 from jax import lax
 
 import cnnlab.functional as F
@@ -227,7 +228,7 @@ def _fresh_process(env):
     return json.loads(run.stdout.strip().splitlines()[-1]), run.stderr
 
 
-@pytest.mark.parametrize("damage", ["cut short", "empty", "garbage"])
+@pytest.mark.parametrize("damage", fast_only(["cut short", "empty", "garbage"], "cut short"))
 def test_a_damaged_library_is_rebuilt_never_loaded(needs_onednn, tmp_path, damage):
     # A library cut short with its ELF header intact used to kill every later process with
     # SIGBUS; an empty or garbage one turned oneDNN off for good.

@@ -96,6 +96,7 @@ def test_pack_key_ignores_exactly_the_traceable_fields():
         assert (keys[0] == keys[1]) == (name == "adamw")
 
 
+@pytest.mark.slow
 def test_finished_resumed_and_fresh_trials_train_in_one_call(tmp_path, capsys):
     """A finished trial is re-evaluated (and says it is complete), a half-trained one resumes
     from its step, a fresh one starts: each ends with exactly the records of the same config
@@ -152,6 +153,7 @@ print(json.dumps({"devices": devices, "rows": rows}))
 '''
 
 
+@pytest.mark.slow
 def test_packed_trials_shard_over_devices_and_match_one_device(tmp_path):
     """A pack of 2 trials on 2 (forced CPU) devices holds one trial per device, and each trial's
     metrics equal the same pack on one device."""

@@ -7,7 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from helpers import epoch_records, tiny_config
+from helpers import epoch_records, fast_only, tiny_config
 
 from cnnlab.native import conv_impl
 from cnnlab.schema import ConfigError
@@ -16,7 +16,7 @@ from cnnlab.train.experiment import build_model, resolve
 from cnnlab.train.rundir import ConfigChangedError
 
 
-@pytest.mark.parametrize("name", ["stridednet", "resnet", "inception", "simple_cnn"])
+@pytest.mark.parametrize("name", fast_only(["stridednet", "resnet", "inception", "simple_cnn"], "resnet", "simple_cnn"))
 def test_channels_first_computes_what_channels_last_does_from_the_same_variables(name):
     config = default_config()
     config.model.name = name

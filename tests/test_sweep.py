@@ -235,6 +235,7 @@ def test_resume_after_kill_skips_finished_trials_and_resumes_interrupted_ones(tm
 # --- workers -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_local_workers_share_one_study_and_never_run_a_trial_twice(tmp_path):
     path = write_sweep_file(tmp_path / "workers.py", [3e-3, 1e-3, 2e-3, 5e-4], pack=2)
     workdir = tmp_path / "w"
@@ -289,6 +290,7 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_on_postgresql_claim_each_trial_once(tmp_path, postgres_url):
     path = write_sweep_file(tmp_path / "pg.py", [3e-3, 1e-3, 2e-3, 5e-4], pack=2)
     workdir = tmp_path / "w"
