@@ -312,13 +312,41 @@ def _graph(model: Any, found: dict[str, list[str]]) -> Graph:
     else:
         seen_nodes: dict[int, int] = {}
 
-        def visit(tensor: Any) -> Ref:
-            if id(tensor) in refs:
-                return refs[id(tensor)]
-            operation, node, index = _producer(tensor)
-            if id(node) not in seen_nodes:
-                call_args = _map(tuple(node.arguments.args), visit, is_tensor)
-                call_kwargs = {k: _map(v, visit, is_tensor) for k, v in node.arguments.kwargs.items()
+        def call_tensors(node: Any) -> list[Any]:
+            """The symbolic tensors a Keras call takes, in argument order."""
+            tensors: list[Any] = []
+            collect = lambda t: tensors.append(t)  # noqa: E731
+            _map(tuple(node.arguments.args), collect, is_tensor)
+            for k, v in node.arguments.kwargs.items():
+                if k not in ("training", "mask"):
+                    _map(v, collect, is_tensor)
+            return tensors
+
+        def known(tensor: Any) -> Ref | None:
+            if id(tensor) not in refs:
+                _, node, index = _producer(tensor)
+                if id(node) not in seen_nodes:
+                    return None
+                refs[id(tensor)] = Ref(seen_nodes[id(node)], index)
+            return refs[id(tensor)]
+
+        def visit(output: Any) -> Ref:
+            """Adds the calls ``output`` depends on, each after its inputs' (a depth-first walk
+            on an explicit stack: a deep model, e.g. EfficientNetB7, exceeds Python's recursion
+            limit), and returns its :class:`Ref`."""
+            stack = [output]
+            while stack:
+                tensor = stack[-1]
+                if known(tensor) is not None:
+                    stack.pop()
+                    continue
+                operation, node, _ = _producer(tensor)
+                pending = [t for t in call_tensors(node) if known(t) is None]
+                if pending:
+                    stack.extend(reversed(pending))
+                    continue
+                call_args = _map(tuple(node.arguments.args), known, is_tensor)
+                call_kwargs = {k: _map(v, known, is_tensor) for k, v in node.arguments.kwargs.items()
                                if k not in ("training", "mask")}
                 kind = type(operation).__name__
                 if isinstance(operation, keras.layers.Layer):
@@ -329,9 +357,7 @@ def _graph(model: Any, found: dict[str, list[str]]) -> Graph:
                     _unsupported(found, f"keras.ops.{kind}", operation.name)
                     nodes.append(Node(operation.name, kind, call_args, call_kwargs, op=_missing))
                 seen_nodes[id(node)] = len(nodes) - 1
-            ref = Ref(seen_nodes[id(node)], index)
-            refs[id(tensor)] = ref
-            return ref
+            return known(output)
 
         outputs = [visit(t) for t in model.outputs]
         outputs = outputs[0] if len(outputs) == 1 else outputs

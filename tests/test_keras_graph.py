@@ -153,6 +153,18 @@ def _dag():
     return keras.Model([a_in, b_in], [L.Dense(5, activation="softmax")(head), L.Dense(3)(head)])
 
 
+def test_a_graph_deeper_than_pythons_recursion_limit_imports():
+    """EfficientNetB1 and deeper exceeded Python's recursion limit in a recursive walk."""
+    inputs = x = keras.Input((4, 4, 2))
+    for _ in range(400):  # 800 calls deep
+        x = keras.layers.Average()([x, keras.layers.ReLU()(x)])
+    keras_model = keras.Model(inputs, x)
+    module, variables = interop.from_keras(keras_model)
+    data = np.random.default_rng(0).normal(size=(2, 4, 4, 2)).astype("float32")
+    diff = interop.compare_with_keras(keras_model, module, variables, data)
+    assert diff["inference"] <= MAX_REL and diff["training"] <= MAX_REL, diff
+
+
 def test_hand_built_dag_imports_with_equal_outputs():
     keras_model = _dag()
     _randomize_stats(keras_model)
