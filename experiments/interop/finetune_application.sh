@@ -12,8 +12,6 @@ import sys, keras
 # ImageNet's head (1000 classes), as a pretrained file has; cnnlab replaces it (new_head=True)
 keras.applications.MobileNetV2(input_shape=(96, 96, 3), weights=None, classes=1000).save(sys.argv[1])
 PY
-python -m cnnlab train --config=configs/stridednet.py --workdir="$OUT/run" \
-  --config.model.name=keras --config.model.kwargs.path="$OUT/mobilenetv2.keras" \
-  --config.model.kwargs.new_head=True --config.num_epochs="${EPOCHS:-10}" \
-  --config.optimizer.learning_rate=1e-3 --config.seed="${SEED:-0}"
+python -m cnnlab train --config=experiments/interop/keras_tutorial4.py --workdir="$OUT/run" \
+  --config.model.kwargs.path="$OUT/mobilenetv2.keras" --config.seed="${SEED:-0}"
 python -m cnnlab summary --workdir="$OUT/run" | tail -4
