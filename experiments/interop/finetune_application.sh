@@ -13,5 +13,6 @@ import sys, keras
 keras.applications.MobileNetV2(input_shape=(96, 96, 3), weights=None, classes=1000).save(sys.argv[1])
 PY
 python -m cnnlab train --config=experiments/interop/keras_tutorial4.py --workdir="$OUT/run" \
-  --config.model.kwargs.path="$OUT/mobilenetv2.keras" --config.seed="${SEED:-0}"
+  --config.model.kwargs.path="$OUT/mobilenetv2.keras" --config.seed="${SEED:-0}" \
+  --config.num_epochs="${EPOCHS:-15}"
 python -m cnnlab summary --workdir="$OUT/run" | tail -4
