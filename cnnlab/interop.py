@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import sys
 from collections.abc import Mapping, Sequence
@@ -330,8 +331,6 @@ def compare_with_keras(keras_model: Any, module: flax_nn.Module, variables: Mapp
     random on both sides, so set a Keras model's dropout rates to 0 before importing it to
     compare training mode). Both sides run as one jitted XLA program each (Keras through
     ``stateless_call``), so the differences are rounding, not op-by-op dispatch."""
-    import functools
-
     inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     infer = jax.jit(lambda v, xs: module.apply(v, *xs))(variables, inputs)
     train, _ = jax.jit(lambda v, xs: module.apply(v, *xs, training=True, mutable=["batch_stats"]))(

@@ -16,8 +16,8 @@ def _peer(name: str) -> str | None:
     """The PyTorch run a cnnlab variant is compared with."""
     if not name.startswith("cnnlab"):
         return None
-    suffix = name.split("-")[-1] if "-" in name and name.split("-")[-1] in ("avx2", "bf16") else ""
-    return "torch-eager" + (f"-{suffix}" if suffix else "")
+    suffix = name.rsplit("-", 1)[-1]
+    return "torch-eager" + (f"-{suffix}" if suffix in ("avx2", "bf16") else "")
 
 
 def _fmt(v: float | None, digits: int = 0) -> str:
