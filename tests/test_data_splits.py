@@ -272,3 +272,57 @@ def test_validation_carve_on_tiny_classes():
     assert len(va) == 1 and np.all(np.bincount(y[tr], minlength=3) >= 1)
     with pytest.raises(ValueError, match="val_fraction=0.5"):
         D.carve_validation(np.arange(2), np.array([0, 1]), 0.5, 0)
+
+
+def test_validation_folds_are_disjoint_equal_stratified_and_seeded():
+    y = np.repeat(np.arange(5), [31, 50, 47, 13, 2])
+    idx = np.random.default_rng(0).permutation(len(y) + 40)[: len(y)]  # a training split's indices
+    labels = np.zeros(idx.max() + 1, np.int32)
+    labels[idx] = y
+    k = 4
+    folds = [D.fold_validation(idx, labels, k, j, seed=3) for j in range(k)]
+    for train, val in folds:
+        assert len(val) == len(y) // k and len(train) == len(y) - len(y) // k
+        assert np.intersect1d(train, val).size == 0 and np.union1d(train, val).size == len(y)
+        # in the order of the training split's indices, as the validation carve
+        assert (np.argsort([list(idx).index(i) for i in val]) == np.arange(len(val))).all()
+    vals = np.concatenate([v for _, v in folds])
+    assert np.unique(vals).size == vals.size == len(y) - len(y) % k  # each image validates at most once
+    counts = np.stack([np.bincount(labels[v], minlength=5) for _, v in folds])
+    per_class = np.bincount(y)
+    # each class has floor or ceil of n_c / k images in each fold (the undealt tail aside)
+    assert (counts >= per_class // k - 1).all() and (counts <= -(-per_class // k)).all()
+    again = D.fold_validation(idx, labels, k, 2, seed=3)
+    np.testing.assert_array_equal(again[1], folds[2][1])
+    assert not np.array_equal(D.fold_validation(idx, labels, k, 2, seed=4)[1], folds[2][1])
+    with pytest.raises(ValueError, match="fold=4 of folds=4"):
+        D.fold_validation(idx, labels, k, 4)
+
+
+@pytest.mark.parametrize("protocol", ["stratified", "tfds"])
+def test_load_folds_share_the_test_split_and_replace_the_carve(protocol):
+    cfg = {"source": "synthetic", "synthetic_per_class": 40, "image_size": 8, "split": protocol,
+           "train_per_class": 20, "val_fraction": 0.3}
+    plain = D.load_dataset(cfg, verbose=False)
+    folds = D.load_folds({**cfg, "folds": 3}, [0, 1, 2], verbose=False)
+    pool = np.sort(np.concatenate([plain.train.indices, plain.val.indices]))
+    for j, ds in enumerate(folds):
+        assert ds.test is folds[0].test  # one test split, as without folds
+        np.testing.assert_array_equal(ds.test.indices, plain.test.indices)
+        np.testing.assert_array_equal(np.sort(np.concatenate([ds.train.indices, ds.val.indices])), pool)
+        assert len(ds.val) == len(pool) // 3  # val_fraction's carve is not used
+        alone = D.load_dataset({**cfg, "folds": 3, "fold": j}, verbose=False)
+        np.testing.assert_array_equal(alone.val.indices, ds.val.indices)
+        np.testing.assert_array_equal(alone.train.images, ds.train.images)
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"folds": 1}, "data.folds.*must be 0 \\(off\\) or >= 2"),
+    ({"folds": 3, "fold": 3}, "data.fold.*must be < folds=3"),
+    ({"fold": 1}, "data.fold.*needs folds >= 2"),
+])
+def test_bad_fold_fields_are_named(fields, match):
+    from cnnlab.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        D.load_dataset({"source": "synthetic", **fields}, verbose=False)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import TINY, assert_same_epoch_records, epoch_records, tiny_config
+from helpers import TINY, assert_same_epoch_records, epoch_records, tiny_config, train_packed_and_alone
 
 from cnnlab import sweep
 from cnnlab.schema import copy_config
@@ -71,6 +71,24 @@ def test_packed_trials_differing_in_traced_fields_equal_each_alone(tmp_path):
         final = train_and_evaluate(config, str(tmp_path / f"alone{k}"))
         records = assert_same_epoch_records(str(tmp_path / f"packed{k}"), str(tmp_path / f"alone{k}"), k)
         assert final["test/accuracy"] == pytest.approx(records[-1]["test/accuracy"], abs=1e-9)
+
+
+def test_packed_trials_on_different_validation_folds_equal_each_alone(tmp_path):
+    """Trials that differ in data.fold (and seed) share one program, each training on its
+    own fold's images and validating on its own fold, with the same mean/std normalization."""
+    base = tiny_config()
+    base.data.folds = 3
+    base.normalization = "mean_std"
+    configs = [resolve(apply_point(base, {"data.fold": j, "seed": j})) for j in (0, 2)]
+    assert len({pack_key(c) for c in configs}) == 1
+    packed = train_packed_and_alone(configs, tmp_path)
+    splits = [json.loads((tmp_path / f"packed{k}" / "split.json").read_text()) for k in range(2)]
+    assert [s["protocol"]["folds"] for s in splits] == [{"folds": 3, "fold": 0}, {"folds": 3, "fold": 2}]
+    assert [(s["splits"]["train"]["count"], s["splits"]["val"]["count"]) for s in splits] == [(80, 40)] * 2
+    assert not set(splits[0]["splits"]["val"]["files"]) & set(splits[1]["splits"]["val"]["files"])
+    pre = [(tmp_path / f"packed{k}" / "preprocessing.json").read_text() for k in range(2)]
+    assert pre[0] == pre[1] and "mean" in pre[0]  # the folds' images, so every fold alike
+    assert packed[0][-1]["val/loss"] != packed[1][-1]["val/loss"]  # each its own validation images
 
 
 def test_pack_key_ignores_exactly_the_traceable_fields():

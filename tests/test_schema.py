@@ -70,6 +70,8 @@ def with_value(config, key, value) -> ml_collections.ConfigDict:
         ("data.augment.mixup.alpha", 0.0, "'data.augment.mixup.alpha': invalid value 0.0 (must be > 0)"),
         ("schedule.warmup_epochs", 9.0, "invalid value 9.0 (must be <= num_epochs=4)"),
         ("checkpoint.best_metric", "val/acc", "did you mean 'val/accuracy'?"),
+        ("data.folds", 1, "config key 'data.folds': invalid value 1 (must be 0 (off) or >= 2)"),
+        ("data.fold", 2, "config key 'data.fold': invalid value 2 (needs folds >= 2"),
     ],
 )
 def test_one_error_format_names_the_key_the_value_and_the_closest_valid_one(key, value, message):
@@ -85,6 +87,9 @@ def test_best_metric_is_a_validation_metric_unless_test_selection_is_asked_for()
     no_val = with_value(config, "data.val_fraction", 0.0)
     with pytest.raises(ConfigError, match=r"'checkpoint.best_metric'.*data.val_fraction is 0"):
         validate_config(no_val)
+    validate_config(with_value(no_val, "data.folds", 5))  # k-fold validation is a validation split
+    with pytest.raises(ConfigError, match=r"'data.fold': invalid value 5 \(must be < folds=5"):
+        validate_config(with_value(with_value(no_val, "data.folds", 5), "data.fold", 5))
     on_test = with_value(no_val, "checkpoint.best_metric", "test/accuracy")
     with pytest.raises(ConfigError, match="checkpoint.select_on_test=True"):
         validate_config(on_test)

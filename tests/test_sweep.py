@@ -198,6 +198,49 @@ def test_worker_trains_every_group_through_train_trials_and_unpacks_what_cannot_
     assert [t.intermediate_values for t in trials] == [{1: 0.25}, {1: 0.25}]
 
 
+def test_a_cross_validated_trial_is_the_mean_of_its_folds_packed_together(tmp_path, monkeypatch):
+    calls = []
+
+    def train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=None):
+        calls.append([(c.data.folds, c.data.fold, os.path.relpath(w, tmp_path)) for c, w in zip(configs, workdirs)])
+        outcomes = []
+        for k, c in enumerate(configs):
+            lr, fold = c.optimizer.learning_rate, c.data.fold
+            on_epoch_end(k, 1, {"val/accuracy": lr + fold / 100})
+            error = ValueError("bad fold") if (lr, fold) == (0.2, 1) else None
+            outcomes.append(TrialOutcome(metrics={"val/accuracy": lr + fold / 10, "val/loss": 1.0 + fold},
+                                         error=error))
+        return outcomes, {"total": 0.0}
+
+    monkeypatch.setattr(cnnlab.train, "train_trials", train_trials)
+    sw = sweep.Sweep(grid=sweep.product({"optimizer.learning_rate": [0.1, 0.2]}), pack=3, folds=3)
+    options = studylib.StorageOptions(url=studylib.default_storage(str(tmp_path)))
+    assert sweep.Worker(tiny_config(), sw, str(tmp_path), options, pack=3, poll_interval=0.1).run() == 2
+    # pack counts runs: each trial's three folds in one program, in their own directories
+    assert calls == [[(3, j, f"trials/{slot:04d}/fold_{j}") for j in range(3)] for slot in (0, 1)]
+    first, second = sorted(load_study(options.url).get_trials(), key=lambda t: t.user_attrs[studylib.SLOT])
+    assert first.state.name == "COMPLETE" and first.value == pytest.approx(0.2)  # mean of .1, .2, .3
+    assert first.user_attrs[studylib.FOLD_VALUES] == pytest.approx([0.1, 0.2, 0.3])
+    assert first.user_attrs[studylib.METRICS]["val/loss"] == pytest.approx(2.0)
+    assert first.intermediate_values == pytest.approx({1: 0.11})  # reported once all folds reached it
+    assert second.state.name == "FAIL" and second.user_attrs[studylib.ERROR] == "fold 1: ValueError: bad fold"
+    trial_config = load_module(str(tmp_path / "trials" / "0000" / "config.py")).get_config()
+    assert trial_config.data.folds == 0  # the trial's config trains on the whole training split
+    assert load_module(str(tmp_path / "trials" / "0000" / "fold_2" / "config.py")).get_config().data.fold == 2
+
+
+def test_cross_validated_sweep_end_to_end(tmp_path):
+    sw = sweep.Sweep(grid=sweep.product({"optimizer.learning_rate": [3e-3]}), pack=2, folds=2)
+    summary = sweep.run_sweep(tiny_config(), sw, str(tmp_path), poll_interval=0.1)
+    folds = [epoch_records(str(tmp_path / "trials" / "0000" / f"fold_{j}")) for j in range(2)]
+    assert summary["best"]["value"] == pytest.approx((folds[0][-1]["val/accuracy"] + folds[1][-1]["val/accuracy"]) / 2)
+    table = (tmp_path / "trials.md").read_text()
+    assert "mean over 2 validation folds" in table and "val/accuracy sd over folds" in table
+    val = [set(json.loads((tmp_path / "trials" / "0000" / f"fold_{j}" / "split.json").read_text())
+               ["splits"]["val"]["files"]) for j in range(2)]
+    assert val[0] and val[1] and not val[0] & val[1]
+
+
 # --- resume --------------------------------------------------------------------------------------
 
 

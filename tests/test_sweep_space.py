@@ -87,6 +87,8 @@ def test_grid_construction_errors(build, match):
     (sweep.Sweep(space={"optimizer.learning_rate": sweep.uniform(-1.0, 1.0)}, num_trials=2),
      r"value for 'optimizer.learning_rate'.*invalid value -1.0"),
     (sweep.Sweep(grid=sweep.product({"seed": [0]}), pack=0), r"pack must be an integer >= 1"),
+    (sweep.Sweep(grid=sweep.product({"seed": [0]}), folds=1), r"Invalid Sweep\(folds=1\): must be 0 \(off\) or an integer >= 2"),
+    (sweep.Sweep(grid=sweep.product({"data.fold": [0, 1]}), folds=3), r"sets data.folds and data.fold itself; do not sweep them"),
 ])
 def test_validation_rejects_bad_fields_and_values(sw, match):
     with pytest.raises(ValueError, match=match):
@@ -107,6 +109,10 @@ def test_sweeps_rank_on_validation_metrics_and_need_an_opt_in_for_test():
                                                "checkpoint.best_mode": "min"})
     with pytest.raises(ValueError, match=r"needs a validation split: set data.val_fraction > 0"):
         sweep.validate_sweep(sweep.Sweep(grid=grid), no_val)
+    sweep.validate_sweep(sweep.Sweep(grid=grid, folds=3), no_val)  # the folds validate
+    assert sweep.Sweep(grid=grid, folds=3).to_dict()["folds"] == 3 and "folds" not in sweep.Sweep(grid=grid).to_dict()
+    with pytest.raises(ValueError, match=r"the base config sets data.folds=4: remove it"):
+        sweep.validate_sweep(sweep.Sweep(grid=grid, folds=3), space.apply_point(base_config(), {"data.folds": 4}))
 
 
 def test_sweep_metrics_are_the_configs_registered_metrics_on_each_split(monkeypatch):

@@ -32,10 +32,16 @@ from cnnlab.data.augmentations import (
     register_augment,
 )
 from cnnlab.data.config import CLASS_PRESETS, default_data_config, resolve_config
-from cnnlab.data.dataset import Dataset, Split, decode_images, load_dataset
+from cnnlab.data.dataset import Dataset, Split, decode_images, load_dataset, load_folds
 from cnnlab.data.iterator import epoch_order, iterate_epoch, iterate_train, num_batches
 from cnnlab.data.sources import ENV_DATA_DIR, TFDS_INSTALL_HINT, make_synthetic
-from cnnlab.data.splits import carve_validation, class_count_table, stratified_split, tfds_split
+from cnnlab.data.splits import (
+    carve_validation,
+    class_count_table,
+    fold_validation,
+    stratified_split,
+    tfds_split,
+)
 
 # JAX-dependent names, imported on first access.
 _LAZY = {
@@ -66,6 +72,7 @@ __all__ = [
     "augment_preset",
     "cache_root",
     "carve_validation",
+    "fold_validation",
     "class_count_table",
     "decode_images",
     "default_data_config",
@@ -73,6 +80,7 @@ __all__ = [
     "iterate_epoch",
     "iterate_train",
     "load_dataset",
+    "load_folds",
     "make_synthetic",
     "num_batches",
     "register_augment",

@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 from cnnlab.data.augmentations import augment_schema
-from cnnlab.schema import Field, Schema, at_least, default_config, in_range, resolve
+from cnnlab.schema import Field, Schema, at_least, default_config, in_range, invalid, resolve
 
 #: Named class selections.
 CLASS_PRESETS: dict[str, tuple[str, ...]] = {
@@ -75,6 +75,11 @@ def data_schema() -> Schema:
         "val_fraction": _fraction(0.1, "validation share carved (stratified) from the training split",
                                   allow_zero=True),
         "split_seed": Field(42, int, at_least(0), "seed of the split and of the validation carve"),
+        "folds": Field(0, int, lambda v: None if v == 0 or v >= 2 else "must be 0 (off) or >= 2",
+                       "k-fold validation: the training split's images in k stratified folds of "
+                       "equal size; fold `fold` is the validation split (replacing val_fraction's "
+                       "carve) and the others train (0: off)"),
+        "fold": Field(0, int, at_least(0), "which of the `folds` folds validates (0 .. folds-1)"),
         "image_size": Field(96, (int, tuple), _size_check, doc="output size, int or (height, width)"),
         "resize": Field("stretch", str, choices=("stretch", "crop", "pad"),
                         doc="ignore aspect / shorter side then centre crop / letterbox"),
@@ -102,6 +107,15 @@ def data_schema() -> Schema:
     }
 
 
+def folds_problem(cfg: Any) -> tuple[str, str] | None:
+    """``(key, message)`` when ``fold`` does not index one of ``folds`` folds, else None."""
+    if cfg["folds"] and not cfg["fold"] < cfg["folds"]:
+        return "fold", f"must be < folds={cfg['folds']} (folds are numbered 0 .. {cfg['folds'] - 1})"
+    if not cfg["folds"] and cfg["fold"]:
+        return "fold", "needs folds >= 2 (folds=0: no k-fold validation)"
+    return None
+
+
 def default_data_config() -> ml_collections.ConfigDict:
     """All data fields with their defaults, as a ConfigDict a training config can embed."""
     return default_config(data_schema())
@@ -113,7 +127,11 @@ def resolve_config(config: Any = None) -> dict[str, Any]:
     Raises:
       ConfigError: an unknown key or a bad value (a ``ValueError`` naming the key).
     """
-    return resolve(data_schema(), config, prefix="data.")
+    cfg = resolve(data_schema(), config, prefix="data.")
+    problem = folds_problem(cfg)
+    if problem:
+        raise invalid(f"data.{problem[0]}", cfg[problem[0]], problem[1])
+    return cfg
 
 
 def known_num_classes(config: Any = None) -> int | None:

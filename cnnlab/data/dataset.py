@@ -12,7 +12,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,6 +375,51 @@ def _make_split(prep: _Prepared, idx: np.ndarray) -> Split:
     return Split(images, prep.labels[idx].astype(np.int32), idx, [prep.files[i] for i in idx])
 
 
+def _prepare(cfg: dict[str, Any], verbose: bool) -> _Prepared:
+    if cfg["source"] == "folder":
+        return _prepare_folder(cfg, verbose)
+    if cfg["source"] == "synthetic":
+        return _prepare_synthetic(cfg)
+    return _prepare_tfds(cfg, verbose)
+
+
+def _split(prep: _Prepared, cfg: dict[str, Any], *, warn: bool, test: Split | None = None) -> Dataset:
+    """The :class:`Dataset` of ``prep`` under the split fields of ``cfg`` (``test``: the test
+    split, when an equal one was made already: folds share it)."""
+    names = prep.class_names
+    assigned = assign_splits(cfg, prep.labels, prep.files, names, predefined_train=prep.predefined_train)
+    split_of = {int(i): name for name, idx in assigned.items() for i in idx}
+    index = {f: i for i, f in enumerate(prep.files)}
+    skipped = [{**s, "split": split_of[index[s["file"]]]} for s in prep.manifest["skipped"]]
+    if warn:
+        _warn_skipped(skipped, str(prep.manifest.get("source_dir", cfg["source"])))
+    splits = {name: test if name == "test" and test is not None else _make_split(prep, idx)
+              for name, idx in assigned.items()}
+    return Dataset(
+        train=splits["train"],
+        test=splits["test"],
+        val=splits.get("val"),
+        class_names=list(names),
+        manifest={**prep.manifest, "skipped": skipped},
+        config=cfg,
+        cache_path=prep.cache_path,
+        cache_hit=prep.cache_hit,
+    )
+
+
+def _say_loaded(ds: Dataset, prep: _Prepared, cfg: dict[str, Any], seconds: float) -> None:
+    h, w = image_hw(cfg["image_size"])
+    how = ("cache hit" if prep.cache_hit else "prepared") + (f" {prep.cache_path}" if prep.cache_path else "")
+    folds = f", fold {cfg['fold']} of {cfg['folds']} validates" if cfg.get("folds") else ""
+    print(
+        f"{_PREFIX} {cfg['source']}: {len(ds.class_names)} classes, {int(prep.ok.sum()):,} images at {h}x{w} "
+        f"({cfg['resize']}), split={cfg['split']}{folds}, skipped={len(ds.manifest['skipped'])}; "
+        f"{how} in {seconds:.2f} s",
+        flush=True,
+    )
+    print(ds.summary(), flush=True)
+
+
 def load_dataset(config: Any = None, *, verbose: bool = True) -> Dataset:
     """Loads (preparing and caching on first use) and splits the configured dataset.
 
@@ -389,38 +434,22 @@ def load_dataset(config: Any = None, *, verbose: bool = True) -> Dataset:
       FileNotFoundError: the data directory (or ``$CALTECH101_DIR``) is missing.
       ImportError: ``source="tfds"`` without tensorflow-datasets.
     """
+    return load_folds(config, None, verbose=verbose)[0]
+
+
+def load_folds(config: Any, folds: Sequence[int] | None, *, verbose: bool = True) -> list[Dataset]:
+    """:func:`load_dataset` for each validation fold in ``folds`` of a config with
+    ``folds >= 2`` (``None``: the config's own ``fold``), from one preparation: the same
+    images and test split, each fold's own training and validation splits."""
     cfg = resolve_config(config)
     t0 = time.perf_counter()
-    if cfg["source"] == "folder":
-        prep = _prepare_folder(cfg, verbose)
-    elif cfg["source"] == "synthetic":
-        prep = _prepare_synthetic(cfg)
-    else:
-        prep = _prepare_tfds(cfg, verbose)
-    names = prep.class_names
-    assigned = assign_splits(cfg, prep.labels, prep.files, names, predefined_train=prep.predefined_train)
-    split_of = {int(i): name for name, idx in assigned.items() for i in idx}
-    index = {f: i for i, f in enumerate(prep.files)}
-    skipped = [{**s, "split": split_of[index[s["file"]]]} for s in prep.manifest["skipped"]]
-    _warn_skipped(skipped, str(prep.manifest.get("source_dir", cfg["source"])))
-    splits = {name: _make_split(prep, idx) for name, idx in assigned.items()}
-    ds = Dataset(
-        train=splits["train"],
-        test=splits["test"],
-        val=splits.get("val"),
-        class_names=list(names),
-        manifest={**prep.manifest, "skipped": skipped},
-        config=cfg,
-        cache_path=prep.cache_path,
-        cache_hit=prep.cache_hit,
-    )
+    prep = _prepare(cfg, verbose)
+    if folds is not None and not cfg["folds"]:
+        raise ValueError("load_folds: the data config has folds=0 (no k-fold validation)")
+    out: list[Dataset] = []
+    for i, fold in enumerate([cfg["fold"]] if folds is None else folds):
+        fold_cfg = cfg if folds is None else {**cfg, "fold": int(fold)}
+        out.append(_split(prep, fold_cfg, warn=i == 0, test=out[0].test if out else None))
     if verbose:
-        h, w = image_hw(cfg["image_size"])
-        how = ("cache hit" if prep.cache_hit else "prepared") + (f" {prep.cache_path}" if prep.cache_path else "")
-        print(
-            f"{_PREFIX} {cfg['source']}: {len(names)} classes, {int(prep.ok.sum()):,} images at {h}x{w} "
-            f"({cfg['resize']}), split={cfg['split']}, skipped={len(skipped)}; {how} in {time.perf_counter() - t0:.2f} s",
-            flush=True,
-        )
-        print(ds.summary(), flush=True)
-    return ds
+        _say_loaded(out[0], prep, out[0].config, time.perf_counter() - t0)
+    return out

@@ -5,6 +5,8 @@
   in the same order, without depending on scikit-learn.
 * :func:`tfds_split`: a fixed number of seeded training images per class, the rest test.
 * :func:`carve_validation`: a stratified, seeded validation split out of the training split.
+* :func:`fold_validation`: fold ``j`` of ``k`` stratified, equal-sized folds of the training
+  split as the validation split (k-fold cross-validation).
 """
 
 from __future__ import annotations
@@ -165,6 +167,42 @@ def carve_validation(
     return train_indices[~is_val], train_indices[is_val]
 
 
+def fold_validation(
+    train_indices: np.ndarray,
+    labels: np.ndarray,
+    folds: int,
+    fold: int,
+    seed: int = 42,
+    class_names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Splits ``train_indices`` into (train, val) where val is fold ``fold`` of ``folds``, both
+    in the order of ``train_indices``.
+
+    Each class's images (sorted, then shuffled by ``default_rng([seed, crc32(class key +
+    "/folds")])``) are dealt to the folds in turn, continuing from class to class, as
+    scikit-learn's ``StratifiedKFold`` balances them: a class has ``floor`` or ``ceil`` of
+    ``n_c / folds`` images in each fold. The ``n % folds`` images dealt last validate in no
+    fold, so every fold holds exactly ``n // folds`` images and every fold's training split
+    the same number (folds then pack into one program, like seeds). The folds are disjoint;
+    each image validates at most once.
+    """
+    train_indices = np.asarray(train_indices, np.int64)
+    if folds < 2 or not 0 <= fold < folds:
+        raise ValueError(f"fold={fold} of folds={folds}: need folds >= 2 and 0 <= fold < folds")
+    y = np.asarray(labels)[train_indices]
+    if y.size < folds:
+        raise ValueError(f"folds={folds}: the training split has only {y.size} images")
+    dealt = []
+    for c in np.unique(y):
+        pos = np.flatnonzero(y == c)
+        pos = pos[np.argsort(train_indices[pos], kind="stable")]
+        dealt.append(pos[_draw(pos.size, pos.size, seed, _class_key(c, class_names) + "/folds")])
+    order = np.concatenate(dealt)[: y.size - y.size % folds]
+    is_val = np.zeros(y.size, bool)
+    is_val[order[fold::folds]] = True
+    return train_indices[~is_val], train_indices[is_val]
+
+
 def assign_splits(
     cfg: dict[str, Any],
     labels: np.ndarray,
@@ -174,7 +212,8 @@ def assign_splits(
     predefined_train: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Indices of every listed file per split (``train``, ``val`` when ``val_fraction > 0``,
-    ``test``) under the data config ``cfg``.
+    ``test``) under the data config ``cfg``: with ``folds``, the validation split is fold
+    ``fold`` of the training split (:func:`fold_validation`) and ``val_fraction`` is unused.
 
     Depends only on the sorted file list, its labels and the split fields, never on which
     images decode, so an unreadable file cannot move any other file to another split. The
@@ -188,6 +227,9 @@ def assign_splits(
         train, test = tfds_split(labels, files, cfg["train_per_class"], cfg["split_seed"], names)
     else:
         train, test = stratified_split(labels, cfg["test_fraction"], cfg["split_seed"], names)
+    if cfg.get("folds"):
+        train, val = fold_validation(train, labels, cfg["folds"], cfg["fold"], cfg["split_seed"], names)
+        return {"train": train, "val": val, "test": test}
     if not cfg["val_fraction"]:
         return {"train": train, "test": test}
     train, val = carve_validation(train, labels, cfg["val_fraction"], cfg["split_seed"], names)

@@ -3,7 +3,8 @@
 Written to the sweep's workdir:
 
 * ``trials.csv`` and ``trials.md``: one row per trial (slot), sorted by the target metric: its
-  state, the metric, every swept field's value, the other val/test/train metrics, pack size,
+  state, the metric (with ``Sweep(folds=k)`` the mean over folds, their standard deviation and
+  each fold's value), every swept field's value, the other val/test/train metrics, pack size,
   duration, retries, error, and its run directory.
 * ``params.png``: the metric against each swept field (log axes for log ranges; categories as
   labels; a grid's values as the ticks), pruned trials hollow, each point labelled with the
@@ -23,6 +24,7 @@ import csv
 import json
 import math
 import os
+import statistics
 from typing import Any
 
 import ml_collections
@@ -66,8 +68,11 @@ def _rows(info: dict[str, Any], study) -> list[dict[str, Any]]:
         if value is None and t.intermediate_values:
             value = t.intermediate_values[max(t.intermediate_values)]
         values = attrs.get(study_lib.VALUES) or {}
+        folds = attrs.get(study_lib.FOLD_VALUES)
         rows.append({
             "trial": t.number, "slot": slot, "state": t.state.name, metric: value,
+            **({f"{metric} sd over folds": statistics.stdev(folds),
+                "folds": " ".join(f"{v:.4g}" for v in folds)} if folds else {}),
             **{f: values.get(f, t.params.get(f)) for f in info["fields"]},
             **{m: metrics[m] for m in recorded if m != metric and m in metrics},
             "epochs": len(t.intermediate_values),
@@ -114,7 +119,9 @@ def _write_tables(workdir: str, rows, info, importances, note: str) -> str:
     shown = [c for c in cols if c != "workdir"]
     lines = [f"# Sweep {workdir}", "",
              f"{info['sweep']['sampler']} sweep, {len(rows)} trials, sorted by "
-             f"`{info['sweep']['metric']}` ({info['sweep']['mode']}).", "",
+             f"`{info['sweep']['metric']}` ({info['sweep']['mode']})"
+             + (f", each trial's the mean over {info['sweep']['folds']} validation folds"
+                if info["sweep"].get("folds") else "") + ".", "",
              "| " + " | ".join(shown) + " |", "|" + "|".join("---" for _ in shown) + "|"]
     for r in rows:
         cells = [_fmt(r.get(c)).replace("|", "\\|").replace("\n", " ")[:80] for c in shown]

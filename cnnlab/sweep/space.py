@@ -245,6 +245,13 @@ class Sweep:
             (the ``--pack`` flag overrides it); 1 runs every trial alone.
         select_on_test: allow a ``test/`` target metric (model selection on the test set, with
             a warning: its numbers then overstate how the chosen config generalizes).
+        folds: k-fold cross-validated ranking (0: off; else >= 2). Each trial trains ``folds``
+            runs, run ``j`` validating on fold ``j`` of the training split (``data.folds``,
+            ``data.fold``: equal-sized, stratified, disjoint) and training on the rest; the
+            trial's value is the mean of the metric over its folds (reported per epoch once
+            every fold has reached it). The folds pack like seeds: ``pack`` counts runs, so
+            ``pack=folds`` trains a trial's folds in one program. A trial's runs are
+            ``trials/<slot>/fold_<j>``.
     """
 
     grid: Grid | None = None
@@ -259,6 +266,7 @@ class Sweep:
     seed: int = 0
     pack: int = 1
     select_on_test: bool = False
+    folds: int = 0
 
     @property
     def kind(self) -> str:
@@ -283,6 +291,7 @@ class Sweep:
             "pruner_kwargs": dict(self.pruner_kwargs), "sampler_kwargs": dict(self.sampler_kwargs),
             "seed": self.seed,
             "num_trials": self.num_slots, **({"select_on_test": True} if self.select_on_test else {}),
+            **({"folds": self.folds} if self.folds else {}),
         }
         if self.kind == "grid":
             out["grid"] = [{k: jsonable(v) for k, v in p.items()} for p in self.grid]
@@ -396,8 +405,18 @@ def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
             )
         warnings.warn(f"Sweep metric={sweep.metric!r} (select_on_test=True): the test set is used "
                       "for model selection, so test numbers overstate the chosen config.", stacklevel=2)
-    if sweep.metric.startswith("val/") and not config.data.val_fraction:
-        raise ValueError(f"metric={sweep.metric!r} needs a validation split: set data.val_fraction > 0.")
+    if not isinstance(sweep.folds, int) or isinstance(sweep.folds, bool) or sweep.folds == 1 or sweep.folds < 0:
+        raise ValueError(f"Invalid Sweep(folds={sweep.folds!r}): must be 0 (off) or an integer >= 2.")
+    if sweep.folds and config.data.folds:
+        raise ValueError(f"Sweep(folds={sweep.folds}) sets data.folds and data.fold itself; the base "
+                         f"config sets data.folds={config.data.folds}: remove it.")
+    declared = sweep.grid is not None if sweep.kind == "grid" else isinstance(sweep.space, Mapping)
+    if sweep.folds and declared and {"data.folds", "data.fold"} & set(sweep.fields()):
+        raise ValueError(f"Sweep(folds={sweep.folds}) sets data.folds and data.fold itself; do not "
+                         "sweep them too.")
+    if sweep.metric.startswith("val/") and not (config.data.val_fraction or sweep.folds or config.data.folds):
+        raise ValueError(f"metric={sweep.metric!r} needs a validation split: set data.val_fraction > 0 "
+                         "(or Sweep(folds=k)).")
     if sweep.mode not in MODES:
         raise ValueError(f"Invalid Sweep(mode={sweep.mode!r}): {one_of(sweep.mode, list(MODES))}")
     if sweep.pruner not in PRUNERS:

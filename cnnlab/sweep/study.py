@@ -50,6 +50,7 @@ DUPLICATE = "cnnlab.duplicate_of"
 PACKED = "cnnlab.pack_size"
 DURATION = "cnnlab.duration_s"
 TIMINGS = "cnnlab.timings"
+FOLD_VALUES = "cnnlab.fold_values"
 # Study user attributes.
 FINGERPRINT = "cnnlab.fingerprint"
 READY = "cnnlab.ready"

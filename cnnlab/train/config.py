@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 from cnnlab import models
-from cnnlab.data.config import data_schema
+from cnnlab.data.config import data_schema, folds_problem
 from cnnlab.native import conv_impl
 from cnnlab.schema import (
     ConfigError,
@@ -193,17 +193,25 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if c.schedule.warmup_epochs > c.num_epochs:
         raise invalid("schedule.warmup_epochs", c.schedule.warmup_epochs,
                       f"must be <= num_epochs={c.num_epochs}")
+    problem = folds_problem(c.data)
+    if problem:
+        raise invalid(f"data.{problem[0]}", c.data[problem[0]], problem[1])
     _check_best_metric(c)
     return c
+
+
+def has_validation(config: ml_collections.ConfigDict) -> bool:
+    """Whether the config's data has a validation split (a carve, or k-fold validation)."""
+    return bool(config.data.val_fraction or config.data.get("folds", 0))
 
 
 def _check_best_metric(c: ml_collections.ConfigDict) -> None:
     best = c.checkpoint.best_metric
     if best not in selection_metrics(c):
         raise invalid("checkpoint.best_metric", best, one_of(best, list(selection_metrics(c))))
-    if best.startswith(("val/", "val_ema/")) and c.data.val_fraction == 0:
+    if best.startswith(("val/", "val_ema/")) and not has_validation(c):
         raise ConfigError(f"config key 'checkpoint.best_metric': {best!r} needs a validation split, "
-                          "but data.val_fraction is 0 (set data.val_fraction > 0)")
+                          "but data.val_fraction is 0 (set data.val_fraction > 0, or data.folds)")
     if best.startswith(("test/", "test_ema/")):
         if not c.checkpoint.select_on_test:
             raise ConfigError(f"config key 'checkpoint.best_metric': {best!r} selects the model on "

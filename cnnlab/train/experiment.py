@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -46,6 +47,9 @@ class Experiment:
     normalization: dict[str, Any]
     #: the loss's extra inputs once :meth:`loss_inputs` has set them up (shared by copies)
     loaded_loss_inputs: list[Any] = dataclasses.field(default_factory=list, repr=False)
+    #: with k-fold validation (``data.folds``): ``{fold: Dataset}`` of the folds loaded, the
+    #: config's own included (shared by copies)
+    fold_datasets: dict[int, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -67,12 +71,23 @@ class Experiment:
             self.loaded_loss_inputs.append(inputs)
         return self.loaded_loss_inputs[0]
 
+    def dataset_for(self, config: ml_collections.ConfigDict) -> Any:
+        """The data of another pack-compatible config: this one's, or with k-fold validation
+        that config's fold (loaded by :func:`build_experiment`'s ``folds``)."""
+        if not config.data.get("folds") or config.data.fold == self.config.data.fold:
+            return self.dataset
+        if config.data.fold not in self.fold_datasets:
+            raise ValueError(f"data.fold={config.data.fold} was not loaded with this experiment "
+                             f"(folds {sorted(self.fold_datasets)}): pass it to build_experiment")
+        return self.fold_datasets[config.data.fold]
+
     def for_config(self, config: ml_collections.ConfigDict) -> Experiment:
-        """The same data and mesh for another (validated, pack-compatible) config: its own
-        model and optimizer."""
+        """The same mesh (and data, or its own fold's) for another (validated,
+        pack-compatible) config: its own model and optimizer."""
         if config is self.config:
             return self
-        exp = dataclasses.replace(self, config=config, tx=optim.make_optimizer(config, self.steps_per_epoch))
+        exp = dataclasses.replace(self, config=config, dataset=self.dataset_for(config),
+                                  tx=optim.make_optimizer(config, self.steps_per_epoch))
         exp.model = exp.model_with()
         return exp
 
@@ -180,6 +195,16 @@ def normalization_record(config: ml_collections.ConfigDict, train_images: np.nda
     return record
 
 
+def statistics_images(config: ml_collections.ConfigDict, dataset: Any) -> np.ndarray:
+    """The images whose statistics normalize: the training split's; with k-fold validation
+    all the folds' (training and validation, in file order), so that every fold normalizes
+    alike and the folds pack into one program. (Pixel statistics only: no label is used.)"""
+    if not config.data.get("folds") or config.normalization != "mean_std":
+        return dataset.train.images
+    order = np.argsort(np.concatenate([dataset.train.indices, dataset.val.indices]), kind="stable")
+    return np.concatenate([dataset.train.images, dataset.val.images])[order]
+
+
 def make_normalize(record: dict[str, Any]):
     """``images uint8 -> float32`` as training normalizes them, from :func:`normalization_record`."""
     return lambda images: data_lib.normalize(images, record["normalization"], record.get("mean"),
@@ -210,17 +235,24 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return resolve_batch_size(config, jax.device_count())
 
 
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
-    """Validates the config, loads the data and builds model, optimizer and device mesh."""
+def build_experiment(config: ml_collections.ConfigDict, *, folds: Sequence[int] = ()) -> Experiment:
+    """Validates the config, loads the data and builds model, optimizer and device mesh.
+    ``folds``: with k-fold validation, the other validation folds to load as well (for packed
+    trials that differ in ``data.fold``; see :meth:`Experiment.dataset_for`)."""
     config = resolve(config)
-    dataset = data_lib.load_dataset(config.data, verbose=is_main_process())
+    if config.data.folds:
+        order = [config.data.fold, *sorted(set(folds) - {config.data.fold})]
+        loaded = data_lib.load_folds(config.data, order, verbose=is_main_process())
+        fold_datasets, dataset = dict(zip(order, loaded, strict=True)), loaded[0]
+    else:
+        fold_datasets, dataset = {}, data_lib.load_dataset(config.data, verbose=is_main_process())
     n_train = len(dataset.train.labels)
     if n_train < config.batch_size:
         raise ValueError(
             f"batch_size={config.batch_size} exceeds the {n_train} training images; lower it."
         )
     steps_per_epoch = n_train // config.batch_size
-    normalization = normalization_record(config, dataset.train.images)
+    normalization = normalization_record(config, statistics_images(config, dataset))
     exp = Experiment(
         config=config,
         dataset=dataset,
@@ -231,6 +263,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         normalize=make_normalize(normalization),
         image_shape=tuple(dataset.train.images.shape[1:]),
         normalization=normalization,
+        fold_datasets=fold_datasets,
     )
     exp.model = exp.model_with()
     return exp

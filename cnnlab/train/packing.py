@@ -7,7 +7,8 @@ is nonzero in some trial is a traced argument (:func:`traced_values`), so a tria
 hyperparameter arithmetic is the same float32 arithmetic packed or alone. Which fields may differ is declared
 by their owners, not listed here: a model's traceable fields (``cnnlab.models.traceable_fields``),
 an optimizer's (``cnnlab.train.optim.traceable_optimizer_fields``), an augmentation op's
-(``augment_pipeline(...).traceable()``), plus ``seed``. :func:`pack_key` is equal exactly for
+(``augment_pipeline(...).traceable()``), plus ``seed`` and the validation fold ``data.fold``
+(each trial then reads its own fold's training and validation images). :func:`pack_key` is equal exactly for
 configs that can share a program. Each packed trial computes what it computes alone, so its
 metrics equal the same config trained alone (tested), and its checkpoints are ordinary run
 checkpoints.
@@ -100,7 +101,7 @@ def pack_key(config: ml_collections.ConfigDict) -> str:
     """Equal for configs that can be trained in one packed program."""
     config = resolve(config)
     flat = {k: v for k, v in flatten(config).items() if not k.startswith("data.augment.")}
-    for key in (*traceable_values(config), "seed", *keys_without_effect(train_schema())):
+    for key in (*traceable_values(config), "seed", "data.fold", *keys_without_effect(train_schema())):
         flat.pop(key, None)
     flat["data.augment"] = _pipeline(config).structure()
     # Whether an optimizer stage exists (e.g. decoupled weight decay) shows in its state's
@@ -185,24 +186,29 @@ class Program:
     ``train_step(states, h, batch)`` / ``train_chunk(states, h, batches)`` (``steps_per_dispatch``
     steps under ``lax.scan``) -> ``(states, metrics)`` (the variables of the loss's extra inputs,
     e.g. a teacher's weights, are an argument of the compiled program, shared by the trials);
-    ``eval_sums(states, batch)`` -> summed metrics of each trial; ``trials(states)`` -> one
-    state per trial; ``stack(states_list)``.
-    With one trial every tree is a single trial's (no trial axis).
+    ``eval_sums(states, batch)`` -> summed metrics of each trial on one batch;
+    ``eval_sums_each(states, batches)`` -> the same with each trial its own batch (``[K, B, ...]``,
+    e.g. its own validation fold); ``trials(states)`` -> one state per trial;
+    ``stack(states_list)``. ``shared``: every trial reads the same training batches (equal seeds
+    and folds). With one trial every tree is a single trial's (no trial axis).
     """
 
     size: int
     seeds: list[int]
+    folds: list[int]
     shared: bool
     h: dict[str, Any]
     train_step: Callable
     train_chunk: Callable
     eval_sums: Callable
+    eval_sums_each: Callable | None
     reset_sums: Callable
     trials: Callable
     stack: Callable
     init: Callable
     chunk_sharding: NamedSharding
     eval_sharding: NamedSharding
+    eval_each_sharding: NamedSharding
     vmap_width: int
 
     def take(self, tree: Any, k: int) -> Any:
@@ -219,7 +225,8 @@ def build_program(
     config = exp.config
     K = len(configs)
     seeds = [int(c.seed) for c in configs]
-    shared = len(set(seeds)) == 1
+    folds = [int(c.data.fold) for c in configs]
+    shared = len(set(zip(seeds, folds))) == 1
     h_host = traced_values(configs)
     model_keys = [k for k in h_host if k.startswith("model.kwargs.")]
     opt_keys = [k for k in h_host if k.startswith(("optimizer.", "schedule.", "ema."))]
@@ -274,6 +281,7 @@ def build_program(
 
         def eval_step(st, batch):
             return eval_one(st.params, st.batch_stats, batch)
+        eval_each = None
         trials = lambda st: (st,)  # noqa: E731
         stack = lambda states: states[0]  # noqa: E731
         trial_axis = None
@@ -286,9 +294,13 @@ def build_program(
             return over_trials(lambda s, hk, b: train_step(s, hk, b, variables), K, vmap_width,
                                shared)(st, h, batch)
         veval = over_trials(eval_one, K, vmap_width, shared=True)
+        veval_each = over_trials(eval_one, K, vmap_width, shared=False)
 
         def eval_step(st, batch):
             return veval(st.params, st.batch_stats, batch)
+
+        def eval_each(st, batches):
+            return veval_each(st.params, st.batch_stats, batches)
         trials = jax.jit(lambda st: tuple(jax.tree_util.tree_map(lambda x, k=k: x[k], st) for k in range(K)))
         trial_axis = "data" if n_dev > 1 and K % n_dev == 0 and jax.process_count() == 1 else None
         stack_jit = jax.jit(lambda *trees: _stack(trees),
@@ -300,10 +312,10 @@ def build_program(
     # trial axis is (then each device sees every batch of its trials).
     if trial_axis:
         chunk_spec = PartitionSpec() if shared else PartitionSpec(None, trial_axis)
-        eval_spec = PartitionSpec()
+        eval_spec, eval_each_spec = PartitionSpec(), PartitionSpec(trial_axis)
     else:
         chunk_spec = PartitionSpec(None, "data") if shared else PartitionSpec(None, None, "data")
-        eval_spec = PartitionSpec("data")
+        eval_spec, eval_each_spec = PartitionSpec("data"), PartitionSpec(None, "data")
     h = jax.device_put({k: jnp.asarray(v) for k, v in h_host.items()},
                        NamedSharding(mesh, PartitionSpec(trial_axis) if K > 1 else PartitionSpec()))
 
@@ -327,13 +339,15 @@ def build_program(
         donate_argnums=0,
     )
     return Program(
-        size=K, seeds=seeds, shared=shared, h=h,
+        size=K, seeds=seeds, folds=folds, shared=shared, h=h,
         train_step=lambda st, h, batch: step_jit(st, h, batch, input_variables()),
         train_chunk=lambda st, h, batches: chunk_jit(st, h, batches, input_variables()),
         eval_sums=jax.jit(eval_step),
+        eval_sums_each=None if eval_each is None else jax.jit(eval_each),
         reset_sums=jax.jit(reset, donate_argnums=0),
         trials=trials, stack=stack, init=init,
         chunk_sharding=NamedSharding(mesh, chunk_spec),
         eval_sharding=NamedSharding(mesh, eval_spec),
+        eval_each_sharding=NamedSharding(mesh, eval_each_spec),
         vmap_width=vmap_width,
     )

@@ -74,7 +74,8 @@ def write_split_record(workdir: str | os.PathLike, dataset: Dataset) -> dict[str
         "protocol": {
             k: dataset.config.get(k)
             for k in ("split", "split_seed", "test_fraction", "train_per_class", "val_fraction")
-        },
+        } | ({"folds": {"folds": dataset.config["folds"], "fold": dataset.config["fold"]}}
+             if dataset.config.get("folds") else {}),
     }
     write_json_atomic(os.path.join(workdir, SPLIT_FILE), record)
     return record

@@ -119,26 +119,53 @@ def _crossed(previous: int, step: int, every: int) -> bool:
 
 
 def eval_splits(exp: Experiment) -> dict[str, Any]:
+    """The evaluated splits of the experiment's data: ``val`` (when it has one) and ``test``."""
+    return _eval_splits_of(exp.dataset)
+
+
+def _eval_splits_of(dataset: Any) -> dict[str, Any]:
     splits = {}
-    if getattr(exp.dataset, "val", None) is not None and len(exp.dataset.val.labels):
-        splits["val"] = exp.dataset.val
-    splits["test"] = exp.dataset.test
+    if getattr(dataset, "val", None) is not None and len(dataset.val.labels):
+        splits["val"] = dataset.val
+    splits["test"] = dataset.test
     return splits
 
 
-def evaluate_trials(exp: Experiment, prog: Program, states: Any) -> list[dict[str, dict[str, Any]]]:
-    """``[{split: metrics}]`` per trial, for every eval split."""
+def _each_trial_batches(splits: Sequence[Any], batch_size: int, rows: slice):
+    """Evaluation batches with a leading trial axis, trial ``k``'s from ``splits[k]`` (in order,
+    padded as alone); a trial whose split has fewer batches gets empty ones (all masked),
+    which add nothing to its sums."""
+    iters = [data_lib.iterate_epoch(s.images, s.labels, batch_size, shuffle=False, drop_remainder=False)
+             for s in splits]
+    for _ in range(max(s.num_batches(batch_size) for s in splits)):
+        batches = [next(it, None) for it in iters]
+        template = next(b for b in batches if b is not None)
+        batches = [b if b is not None else {k: np.zeros_like(v) for k, v in template.items()}
+                   for b in batches]
+        yield {k: np.stack([b[k][rows] for b in batches]) for k in template}
+
+
+def evaluate_trials(exp: Experiment, prog: Program, states: Any,
+                    datasets: Sequence[Any] | None = None) -> list[dict[str, dict[str, Any]]]:
+    """``[{split: metrics}]`` per trial, for every eval split. ``datasets``: each trial's data
+    (:meth:`Experiment.dataset_for`) where packed trials validate on their own folds."""
     rows = process_slice(exp.config.eval_batch_size)
     out: list[dict[str, dict[str, Any]]] = [{} for _ in range(prog.size)]
     for name, split in eval_splits(exp).items():
-        batches = (
-            {k: v[rows] for k, v in batch.items()}
-            for batch in data_lib.iterate_epoch(split.images, split.labels, exp.config.eval_batch_size,
-                                                shuffle=False, drop_remainder=False)
-        )
+        own = [_eval_splits_of(d)[name] for d in datasets] if datasets else [split]
+        if any(s is not split for s in own):  # each trial its own split (its validation fold)
+            batches, sums_of = _each_trial_batches(own, exp.config.eval_batch_size, rows), prog.eval_sums_each
+            sharding = prog.eval_each_sharding
+        else:
+            batches = (
+                {k: v[rows] for k, v in batch.items()}
+                for batch in data_lib.iterate_epoch(split.images, split.labels, exp.config.eval_batch_size,
+                                                    shuffle=False, drop_remainder=False)
+            )
+            sums_of, sharding = prog.eval_sums, prog.eval_sharding
         totals = None
-        for batch in data_lib.prefetch_to_device(batches, 2, prog.eval_sharding):
-            sums = prog.eval_sums(states, batch)
+        for batch in data_lib.prefetch_to_device(batches, 2, sharding):
+            sums = sums_of(states, batch)
             totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
         totals = jax.device_get(totals)
         for k in range(prog.size):
@@ -146,13 +173,14 @@ def evaluate_trials(exp: Experiment, prog: Program, states: Any) -> list[dict[st
     return out
 
 
-def evaluate_with_ema(exp: Experiment, prog: Program, states: Any) -> list[dict[str, dict[str, Any]]]:
+def evaluate_with_ema(exp: Experiment, prog: Program, states: Any,
+                      datasets: Sequence[Any] | None = None) -> list[dict[str, dict[str, Any]]]:
     """:func:`evaluate_trials`, plus each split evaluated with the model EMA's weights as
     ``<split>_ema`` where the config keeps one (with the current batch statistics)."""
-    out = evaluate_trials(exp, prog, states)
+    out = evaluate_trials(exp, prog, states, datasets)
     ema = optim.ema_params(states.opt_state)
     if ema is not None:
-        for k, results in enumerate(evaluate_trials(exp, prog, states.replace(params=ema))):
+        for k, results in enumerate(evaluate_trials(exp, prog, states.replace(params=ema), datasets)):
             out[k].update({f"{split}_ema": values for split, values in results.items()})
     return out
 
@@ -252,7 +280,11 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
                 "existed and resumes as it computed.")
     if len(configs) > 1 and len({pack_key(c) for c in resolved}) != 1:
         raise NotPackable("The configs differ in fields that cannot be traced in one program.")
-    exp = build_experiment(resolved[0])
+    exp = build_experiment(resolved[0], folds=[c.data.fold for c in resolved])
+    per_epoch = {c.data.fold: len(exp.dataset_for(c).train) // exp.config.batch_size for c in resolved}
+    if len(set(per_epoch.values())) > 1:  # unreadable images left the folds' training splits unequal
+        raise NotPackable(f"The validation folds train {per_epoch} steps per epoch (fold: steps); "
+                          "they cannot share one program.")
     exp.loss_inputs()  # a loss's setup (e.g. loading a teacher) refuses a bad config before any record
     config = exp.config
     K = len(configs)
@@ -264,7 +296,7 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
     source = finetune.check(exp, fresh=0 in starts)
     for c, wd, start in zip(resolved, workdirs, starts):
         if is_main_process():
-            _record_run(wd, c, exp, step=start, allow_config_change=allow_config_change)
+            _record_run(wd, c, exp.for_config(c), step=start, allow_config_change=allow_config_change)
         else:  # refuse a changed config in every process, not only in the one that writes
             rundir.record_config(wd, c.to_dict(), step=start, allow_config_change=allow_config_change,
                                  check_only=True)
@@ -326,6 +358,7 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
     config = exp.config
     K = len(configs)
     t0 = time.perf_counter()
+    datasets = [exp.dataset_for(c) for c in configs]  # each trial's own (its validation fold)
     for wd in workdirs:  # a resume compiles the formulations its run chose
         rundir.pin_formulations(wd)
     prog = build_program(exp, configs, vmap_width=vmap_width)
@@ -342,13 +375,15 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
                 write_json_atomic(os.path.join(wd, runfiles.INIT_FROM), record)
     writers = [MetricWriter(wd, resume_step=start_step, enabled=is_main_process()) for wd in workdirs]
     if start_step == 0 and is_main_process():
-        for k, grid in enumerate(_augmented_grids(exp, configs)):
+        for k, grid in enumerate(_augmented_grids(exp, configs, datasets)):
             writers[k].write_image("augmented_batch", grid, 0)
     total_steps = config.num_epochs * exp.steps_per_epoch
-    varying = sorted(varying_fields(configs)) + ([] if prog.shared else ["seed"])
+    varying = sorted(varying_fields(configs)) + [name for name, values in
+                                                  (("seed", prog.seeds), ("data.fold", prog.folds))
+                                                  if len(set(values)) > 1]
     say(
         f"Training {f'{K} packed trials of ' if K > 1 else ''}{config.model.name} on "
-        f"{len(exp.dataset.train.labels)} images ({exp.num_classes} classes), {config.num_epochs} "
+        f"{len(exp.dataset.train.labels)} images{_fold_note(configs)} ({exp.num_classes} classes), {config.num_epochs} "
         f"epochs x {exp.steps_per_epoch} steps, batch {config.batch_size}, "
         + (f"varying {varying}, {prog.vmap_width} vmapped side by side, " if K > 1 else "")
         + f"{len(exp.mesh.devices.flat)} device(s) in {jax.process_count()} process(es) "
@@ -385,7 +420,7 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
         records = [train_record(epoch, prog.take(sums, k)) for k in range(K)]
         if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
             t = time.perf_counter()
-            results = evaluate_with_ema(exp, prog, states)
+            results = evaluate_with_ema(exp, prog, states, datasets)
             timings["eval"] += time.perf_counter() - t
             t = time.perf_counter()
             for k, state in enumerate(prog.trials(states)):
@@ -414,7 +449,7 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
     kill_at = int(os.environ.get(_FAULT_KILL_AT_STEP, "-1"))
     step, first = start_step, True
     t_window, n_window, t_train = time.perf_counter(), 0, time.perf_counter()
-    stream = _host_chunks(exp, prog, start_step)
+    stream = _host_chunks(exp, prog, start_step, datasets)
     try:
         for chunk in data_lib.prefetch_to_device(stream, 2, prog.chunk_sharding):
             n = chunk["label"].shape[0]
@@ -487,29 +522,38 @@ def _run_group(exp: Experiment, configs, workdirs, ckpts, outcomes, start_step, 
     return states
 
 
-def _augmented_grids(exp: Experiment, configs) -> list[np.ndarray]:
+def _fold_note(configs) -> str:
+    folds = sorted({c.data.fold for c in configs})
+    if not configs[0].data.folds:
+        return ""
+    return f" (validation fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))} of {configs[0].data.folds})"
+
+
+def _augmented_grids(exp: Experiment, configs, datasets) -> list[np.ndarray]:
     """Per trial, a grid of the first 16 images of its first training batch after its
     augmentation pipeline (with a fixed key): what the model is shown."""
-    train, grids = exp.dataset.train, {}
-    for c in configs:
-        if (c.seed, str(c.data.augment)) not in grids:
+    grids = {}
+    keys = [(c.seed, c.data.fold, str(c.data.augment)) for c in configs]
+    for c, key, dataset in zip(configs, keys, datasets, strict=True):
+        if key not in grids:
+            train = dataset.train
             batch = next(data_lib.iterate_train(train.images, train.labels, c.batch_size, seed=c.seed))
             pipeline = data_lib.augment_pipeline(c.data.augment, exp.num_classes)
             images, _ = pipeline(jax.random.PRNGKey(0), batch["image"][:16], batch["label"][:16])
-            grids[c.seed, str(c.data.augment)] = image_grid(jax.device_get(images))
-    return [grids[c.seed, str(c.data.augment)] for c in configs]
+            grids[key] = image_grid(jax.device_get(images))
+    return [grids[key] for key in keys]
 
 
-def _host_chunks(exp: Experiment, prog: Program, start_step: int):
+def _host_chunks(exp: Experiment, prog: Program, start_step: int, datasets: Sequence[Any]):
     """This process's rows of the training stream in chunks of ``steps_per_dispatch`` batches:
-    ``[S, B, ...]`` (one data order) or ``[S, K, B, ...]`` (each trial its own seed's order); a
-    chunk never crosses an epoch boundary."""
+    ``[S, B, ...]`` (one data order) or ``[S, K, B, ...]`` (each trial its own seed's order of
+    its own training images); a chunk never crosses an epoch boundary."""
     config = exp.config
     rows = process_slice(config.batch_size)
     streams = [
-        data_lib.iterate_train(exp.dataset.train.images, exp.dataset.train.labels, config.batch_size,
-                               seed=s, start_step=start_step, num_epochs=config.num_epochs)
-        for s in (prog.seeds[:1] if prog.shared else prog.seeds)
+        data_lib.iterate_train(datasets[k].train.images, datasets[k].train.labels, config.batch_size,
+                               seed=prog.seeds[k], start_step=start_step, num_epochs=config.num_epochs)
+        for k in range(1 if prog.shared else prog.size)
     ]
     step, pending = start_step, []
     for batches in zip(*streams):
