@@ -229,6 +229,7 @@ def test_a_cross_validated_trial_is_the_mean_of_its_folds_packed_together(tmp_pa
     assert load_module(str(tmp_path / "trials" / "0000" / "fold_2" / "config.py")).get_config().data.fold == 2
 
 
+@pytest.mark.slow
 def test_cross_validated_sweep_end_to_end(tmp_path):
     sw = sweep.Sweep(grid=sweep.product({"optimizer.learning_rate": [3e-3]}), pack=2, folds=2)
     summary = sweep.run_sweep(tiny_config(), sw, str(tmp_path), poll_interval=0.1)
