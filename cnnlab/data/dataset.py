@@ -442,10 +442,10 @@ def load_folds(config: Any, folds: Sequence[int] | None, *, verbose: bool = True
     ``folds >= 2`` (``None``: the config's own ``fold``), from one preparation: the same
     images and test split, each fold's own training and validation splits."""
     cfg = resolve_config(config)
-    t0 = time.perf_counter()
-    prep = _prepare(cfg, verbose)
     if folds is not None and not cfg["folds"]:
         raise ValueError("load_folds: the data config has folds=0 (no k-fold validation)")
+    t0 = time.perf_counter()
+    prep = _prepare(cfg, verbose)
     out: list[Dataset] = []
     for i, fold in enumerate([cfg["fold"]] if folds is None else folds):
         fold_cfg = cfg if folds is None else {**cfg, "fold": int(fold)}

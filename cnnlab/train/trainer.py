@@ -296,7 +296,7 @@ def _train_trials(configs, workdirs, *, on_epoch_end=None, tag=None, vmap_width=
     source = finetune.check(exp, fresh=0 in starts)
     for c, wd, start in zip(resolved, workdirs, starts):
         if is_main_process():
-            _record_run(wd, c, exp.for_config(c), step=start, allow_config_change=allow_config_change)
+            _record_run(wd, c, exp, step=start, allow_config_change=allow_config_change)
         else:  # refuse a changed config in every process, not only in the one that writes
             rundir.record_config(wd, c.to_dict(), step=start, allow_config_change=allow_config_change,
                                  check_only=True)
@@ -338,7 +338,7 @@ def tag_of(k: int, num_trials: int) -> str:
 def _record_run(workdir: str, config, exp: Experiment, *, step: int, allow_config_change: bool) -> None:
     """The run directory's records: config (refusing an unannounced change on resume), classes,
     extensions, preprocessing, split and environment."""
-    dataset = exp.dataset
+    dataset = exp.dataset_for(config)  # its own validation fold's
     os.makedirs(workdir, exist_ok=True)
     rundir.record_config(workdir, config.to_dict(), step=step, allow_config_change=allow_config_change)
     write_json_atomic(os.path.join(workdir, runfiles.CLASSES), list(dataset.class_names))
