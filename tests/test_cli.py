@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, SMOKE
+from helpers import ROOT, SMOKE, fast_only
 
 from cnnlab import cli
 
@@ -47,29 +47,33 @@ def test_top_level_help_lists_every_command(args):
         assert re.search(rf"^  {name} +\S", proc.stdout, re.M), proc.stdout
 
 
-def test_command_help_lists_its_own_flags_and_the_config_fields():
-    for args, needles in [
-        (["train", "--help"], ["--workdir", "--allow_config_change", "--verbose",
-                               "optimizer.learning_rate (float, 0.001): peak learning rate"]),
-        (["sweep", f"--config={ROOT / 'configs' / 'sweeps' / 'smoke_grid.py'}", "--help"],
-         ["--workers: Local worker processes. (default: 1)", "--pack", "schedule.name (str, 'constant')"]),
-        (["sweep", "report", "--help"], ["--study_name", "--storage"]),
-        (["eval", "--help"], ["--which: <best|latest>: Checkpoint to evaluate. (default: 'best')",
-                              "--output_dir", "--workdir", "--data_dir", "$CALTECH101_DIR",
-                              "--overwrite: Replace output files that exist already"]),
-        (["report", "-h"], ["--output_dir", "--workdir", "--overwrite"]),
-        (["predict", "--help"], ["usage: cnnlab predict", "--workdir", "--top_k"]),
-        (["export", "--help"], ["usage: cnnlab export", "--workdir", "--format"]),
-        (["summary", "--help"], ["usage: cnnlab summary", "--config", "--workdir", "--num_classes",
-                                 "parameters, FLOPs."]),
-    ]:
-        proc = cnnlab(*args)
-        assert proc.returncode == 0, proc.stderr
-        for needle in needles:
-            assert needle in proc.stdout, (args, needle, proc.stdout)
-        for absl_global in ("--flagfile", "--logtostderr", "--helpfull", "--only_check_args", "jax_"):
-            assert absl_global not in proc.stdout, (args, absl_global)
-        assert ("config fields" in proc.stdout) == (args[0] in ("train", "sweep", "summary") and "report" not in args)
+HELP_CASES = {
+    "train": (["train", "--help"], ["--workdir", "--allow_config_change", "--verbose",
+                                    "optimizer.learning_rate (float, 0.001): peak learning rate"]),
+    "sweep": (["sweep", f"--config={ROOT / 'configs' / 'sweeps' / 'smoke_grid.py'}", "--help"],
+              ["--workers: Local worker processes. (default: 1)", "--pack", "schedule.name (str, 'constant')"]),
+    "sweep report": (["sweep", "report", "--help"], ["--study_name", "--storage"]),
+    "eval": (["eval", "--help"], ["--which: <best|latest>: Checkpoint to evaluate. (default: 'best')",
+                                  "--output_dir", "--workdir", "--data_dir", "$CALTECH101_DIR",
+                                  "--overwrite: Replace output files that exist already"]),
+    "report": (["report", "-h"], ["--output_dir", "--workdir", "--overwrite"]),
+    "predict": (["predict", "--help"], ["usage: cnnlab predict", "--workdir", "--top_k"]),
+    "export": (["export", "--help"], ["usage: cnnlab export", "--workdir", "--format"]),
+    "summary": (["summary", "--help"], ["usage: cnnlab summary", "--config", "--workdir", "--num_classes",
+                                        "parameters, FLOPs."]),
+}
+
+
+@pytest.mark.parametrize("command", fast_only(list(HELP_CASES), "train", "sweep", "eval"))
+def test_command_help_lists_its_own_flags_and_the_config_fields(command):
+    args, needles = HELP_CASES[command]
+    proc = cnnlab(*args)
+    assert proc.returncode == 0, proc.stderr
+    for needle in needles:
+        assert needle in proc.stdout, (args, needle, proc.stdout)
+    for absl_global in ("--flagfile", "--logtostderr", "--helpfull", "--only_check_args", "jax_"):
+        assert absl_global not in proc.stdout, (args, absl_global)
+    assert ("config fields" in proc.stdout) == (args[0] in ("train", "sweep", "summary") and "report" not in args)
 
 
 # --------------------------------------------------------------------------- user errors
@@ -211,6 +215,7 @@ def _snapshot(root):
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
+@pytest.mark.slow
 def test_eval_and_report_work_on_a_read_only_run(interrupted_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(interrupted_run[0], run)
@@ -283,6 +288,7 @@ def test_eval_and_report_never_overwrite_a_record_unless_asked(interrupted_run, 
 # --------------------------------------------------------------------------- moved data
 
 
+@pytest.mark.slow
 def test_eval_finds_moved_data_through_data_dir_or_caltech101_dir(tmp_path):
     from cnnlab.data.testing import make_tree
 

@@ -227,6 +227,7 @@ def test_auto_really_measures_and_off_the_cpu_uses_xla(fresh_cache, monkeypatch)
     assert conv_impl.choose(spec, ("dw",)) == ("xla",)
 
 
+@pytest.mark.slow
 def test_cnnlab_train_chooses_by_measurement_when_asked(tmp_path):
     import os
     import subprocess

@@ -104,6 +104,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_model_and_agree_on_its_parameters(tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     procs = [_launch(tmp_path / "run", address=address, nproc=2, pid=i) for i in range(2)]

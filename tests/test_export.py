@@ -93,7 +93,8 @@ def test_branched_models_export_as_functional_keras_models_with_their_merges():
         assert merge in {type(layer).__name__ for layer in keras_model.layers}
 
 
-@pytest.mark.parametrize("key", ["resnet", "inception", "stridednet", "simple_cnn"])
+@pytest.mark.parametrize("key", fast_only(["resnet", "inception", "stridednet", "simple_cnn"],
+                                           "resnet", "stridednet", "simple_cnn"))
 def test_onnx_export_predicts_as_the_run(key, trained, tmp_path):
     pytest.importorskip("jax2onnx")
     ort = pytest.importorskip("onnxruntime")

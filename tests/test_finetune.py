@@ -112,6 +112,7 @@ def test_init_from_a_cnnlab_export_takes_its_network_without_the_preprocessing(s
     assert set(record["reinitialized"]) == {"params/Dense_1/kernel", "params/Dense_1/bias"}
 
 
+@pytest.mark.slow
 def test_frozen_normalization_layers_keep_their_statistics(tmp_path):
     config = _finetune_config("", classes=4, freeze=("Conv2D_.*", "BatchNormalization_[01]/.*"),
                               freeze_batch_stats=True)

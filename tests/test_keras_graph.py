@@ -153,6 +153,7 @@ def _dag():
     return keras.Model([a_in, b_in], [L.Dense(5, activation="softmax")(head), L.Dense(3)(head)])
 
 
+@pytest.mark.slow
 def test_a_graph_deeper_than_pythons_recursion_limit_imports():
     """EfficientNetB1 and deeper exceeded Python's recursion limit in a recursive walk."""
     inputs = x = keras.Input((4, 4, 2))

@@ -150,6 +150,7 @@ def test_trial_labels_name_the_swept_values():
     assert format_values({}) == ""
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_finished_epoch_when_the_run_is_killed(tmp_path):
     # SIGKILL right after epoch 1 (3 steps of the tiny config): its points are on disk, as the
     # trainer flushes TensorBoard every epoch (tensorboardX alone flushes every 2 minutes).

@@ -8,7 +8,13 @@ import subprocess
 import sys
 
 import pytest
-from helpers import TINY, assert_same_epoch_records, epoch_records, tiny_config, train_packed_and_alone
+from helpers import (
+    TINY,
+    assert_same_epoch_records,
+    epoch_records,
+    tiny_config,
+    train_packed_and_alone,
+)
 
 from cnnlab import sweep
 from cnnlab.schema import copy_config
@@ -73,6 +79,7 @@ def test_packed_trials_differing_in_traced_fields_equal_each_alone(tmp_path):
         assert final["test/accuracy"] == pytest.approx(records[-1]["test/accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_packed_trials_on_different_validation_folds_equal_each_alone(tmp_path):
     """Trials that differ in data.fold (and seed) share one program, each training on its
     own fold's images and validating on its own fold, with the same mean/std normalization."""

@@ -72,6 +72,7 @@ def test_true_without_native_bfloat16_says_so_once_and_runs(monkeypatch, capsys)
     assert err.count("mixed_precision=True on a CPU without native bfloat16 (no bf16 here)") == 1
 
 
+@pytest.mark.slow
 def test_auto_from_the_command_line(tmp_path):
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", conv_impl.FORMULATION_ENV: "auto"}
     run = subprocess.run(

@@ -62,6 +62,7 @@ def test_stridednet_counts_equal_the_keras_tutorial_model():
     assert imported.flops == s.flops
 
 
+@pytest.mark.slow
 def test_an_imported_keras_application_counts_as_keras():
     keras = pytest.importorskip("keras")
     keras_model = keras.applications.VGG16(weights=None, input_shape=(64, 64, 3), classes=10)
