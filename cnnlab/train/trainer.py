@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -24,7 +25,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -163,11 +163,11 @@ def evaluate_trials(exp: Experiment, prog: Program, states: Any,
                                                     shuffle=False, drop_remainder=False)
             )
             sums_of, sharding = prog.eval_sums, prog.eval_sharding
-        totals = None
-        for batch in data_lib.prefetch_to_device(batches, 2, sharding):
-            sums = sums_of(states, batch)
-            totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-        totals = jax.device_get(totals)
+        # Every batch's sums stay on the device until the pass ends, then add up on the host in
+        # batch order (the same float32 additions as on the device): an addition per batch
+        # would wait for that batch, so the next one could not be dispatched behind it.
+        pending = [sums_of(states, batch) for batch in data_lib.prefetch_to_device(batches, 2, sharding)]
+        totals = functools.reduce(lambda a, b: jax.tree_util.tree_map(np.add, a, b), jax.device_get(pending))
         for k in range(prog.size):
             out[k][name] = split_values(exp.config.metrics, prog.take(totals, k))
     return out
