@@ -3,8 +3,13 @@ autodiff; the per-shape choice is measured once, cached per machine and forced b
 environment. oneDNN's forms fall back to XLA's where oneDNN is unavailable; tests/test_onednn.py
 tests them where it is."""
 
+import contextlib
 import itertools
 import json
+import os
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +135,9 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNLAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv(conv_impl.FORMULATION_ENV, "auto")
     monkeypatch.setattr(conv_impl, "_memory", {})
+    # The machine's load unread (as where /proc/stat is absent): a test's choices never depend on
+    # what else runs meanwhile. test_a_choice_timed_under_load_... sets it.
+    monkeypatch.setattr(conv_impl, "_cpu_ticks", lambda: None)
     return tmp_path / conv_impl.CACHE_FILE
 
 
@@ -320,6 +328,57 @@ def test_a_damaged_cache_is_measured_again_not_trusted(fresh_cache, monkeypatch,
     assert all(entry[p] in conv_impl.TABLES[p] for p in ("fwd", "dx", "dw"))
     want = _lax_grads(x, k, g, spec)
     np.testing.assert_allclose(dx, want[0], atol=ATOL, rtol=RTOL)
+
+
+def test_a_choice_timed_under_load_is_timed_again_when_the_machine_is_quiet(fresh_cache, monkeypatch):
+    x, k, g, spec = _case(GEOMETRIES[1])
+    key = f"{conv_impl._machine_key()}|{conv_impl._spec_key(spec)}"
+    load = {"others": 0.9}
+
+    @contextlib.contextmanager
+    def others_busy():
+        yield [load["others"]]
+
+    monkeypatch.setattr(conv_impl, "others_busy", others_busy)
+    monkeypatch.setattr(conv_impl, "_quiet_now", lambda: load["others"] <= conv_impl.BUSY)
+    calls = []
+    # under load phase looks 20% slower than XLA's; on the quiet machine 20% faster
+    loaded = {**FAKE_MS, "dx": {"xla": 10.0, "phase": 12.0, "onednn": 12.0}}
+    monkeypatch.setattr(conv_impl, "measure", _fake_measure(calls, loaded))
+    assert conv_impl.choose(spec, ("dx",)) == ("xla",)
+    assert json.loads(fresh_cache.read_text())[key]["busy"] == 0.9
+
+    def new_process():  # started after every measurement so far
+        monkeypatch.setattr(conv_impl, "_memory", {})
+        monkeypatch.setattr(conv_impl, "_STARTED", time.time() + 0.01)
+        return conv_impl.choose(spec, ("dx",))
+
+    assert new_process() == ("xla",) and len(calls) == 1  # still busy: the provisional choice holds
+    load["others"] = 0.0
+    monkeypatch.setattr(conv_impl, "measure", _fake_measure(calls))
+    assert conv_impl.choose(spec, ("dx",)) == ("xla",) and len(calls) == 1  # this process keeps its choice
+    monkeypatch.setattr(conv_impl, "_memory", {})  # a process started before that measurement:
+    monkeypatch.setattr(conv_impl, "_STARTED", 0.0)
+    assert conv_impl.choose(spec, ("dx",)) == ("xla",) and len(calls) == 1  # its sibling's choice
+    assert new_process() == ("phase",) and len(calls) == 2  # quiet: timed again, and kept
+    entry = json.loads(fresh_cache.read_text())[key]
+    assert entry["busy"] == 0.0 and entry["dx"] == "phase"
+    assert new_process() == ("phase",) and len(calls) == 2
+    # an entry from before loads were recorded is timed again once, as if timed under load
+    legacy = json.loads(fresh_cache.read_text())
+    legacy[key] = {"dx": "xla"}
+    fresh_cache.write_text(json.dumps(legacy))
+    assert new_process() == ("phase",) and len(calls) == 3
+
+
+def test_others_busy_counts_the_cpu_time_of_other_processes():
+    if conv_impl._cpu_ticks() is None:
+        pytest.skip("the machine's CPU counters (/proc/stat) cannot be read here")
+    burn = "import time\nend = time.time() + 1.0\nwhile time.time() < end: pass"
+    with conv_impl.others_busy() as busy:
+        subprocess.run([sys.executable, "-c", burn], check=True)
+    # one process spinning for a second on this machine's CPUs (more if others run too)
+    assert 0.8 / os.cpu_count() <= busy[0] <= 1.0
 
 
 def test_pinned_choices_win_over_measurement_and_other_machines_are_ignored(fresh_cache, monkeypatch):

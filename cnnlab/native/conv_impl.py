@@ -21,7 +21,9 @@ the best of 7, in a thread of its own; a forward-only use times the forward alon
 is kept if it beats XLA's by 10%, and the choice is cached per machine (oneDNN's presence,
 version, bfloat16 support and ISA limit included) in ``<cache root>/conv_formulations.json``,
 one measurement per shape at a time across threads and processes (a lock file); a formulation
-that fails to run on this CPU is skipped, and :func:`pin_choices` makes a resumed run reuse the
+that fails to run on this CPU is skipped; a choice timed while other processes kept the CPUs
+busy (:func:`others_busy`) is marked so and timed again by the first process that finds the
+machine quiet, so a measurement taken under load is not kept for ever; :func:`pin_choices` makes a resumed run reuse the
 choices it recorded (:func:`made_choices`); elsewhere (other backends,
 multi-process runs, whose processes must compile the same program), and where nothing wins,
 XLA's. A bfloat16 convolution on oneDNN where oneDNN has no bfloat16 primitives (an
@@ -256,6 +258,41 @@ COVERED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 CACHE_FILE = "conv_formulations.json"
 #: An alternative is kept only if its best time is below this fraction of XLA's.
 MARGIN = 0.9
+#: The share of the machine's CPU time that other processes may take while a shape is timed
+#: (:func:`others_busy`) for its choice to be kept for good; above it the choice is provisional.
+BUSY = 0.2
+_STARTED = time.time()  # entries timed after this process started are its siblings': kept
+
+
+def _cpu_ticks() -> tuple[float, float] | None:
+    """``(busy, total)`` CPU seconds of the whole machine since boot (Linux ``/proc/stat``), or
+    None where they cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / hz, sum(fields) / hz
+
+
+@contextlib.contextmanager
+def others_busy() -> Iterator[list[float]]:
+    """Measures, over the ``with`` block, the share of the machine's CPU time that processes
+    other than this one used (0 to 1); yields a list that holds it at the block's end (empty
+    where the machine's counters cannot be read)."""
+    share: list[float] = []
+    before, own = _cpu_ticks(), time.process_time()
+    try:
+        yield share
+    finally:
+        after = _cpu_ticks()
+        if before is not None and after is not None and after[1] > before[1]:
+            others = (after[0] - before[0]) - (time.process_time() - own)
+            share.append(round(min(max(others / (after[1] - before[1]), 0.0), 1.0), 3))
 _XLA = ("xla", "xla", "xla")
 _memory: dict[str, dict[str, str]] = {}
 
@@ -471,15 +508,27 @@ def choose(spec: ConvSpec, parts: Sequence[str] = PARTS) -> tuple[str, ...]:
     if any(part not in entry for part in parts):
         with _measuring():  # one measurement per shape at a time, across threads and processes
             entry = {**_valid_entry(_read_cache().get(key)), **_memory.get(key, {})}
-            missing = [part for part in parts if part not in entry]
+            # Timed under load (or before loads were recorded) by an earlier process, and not yet
+            # used in this one: time again every part it holds, if the machine is quiet now.
+            retimed = (bool(entry) and key not in _memory and entry.get("busy", 1.0) > BUSY
+                       and entry.get("at", 0.0) < _STARTED and _quiet_now())
+            if retimed:
+                parts_held = [part for part in PARTS if part in entry or part in parts]
+                entry = {}
+            missing = [part for part in (parts_held if retimed else parts) if part not in entry]
             names = applicable(spec)
             timed = [part for part in missing if len(names[part]) > 1]
-            times = measure(spec, parts=timed) if timed else {}
+            # the load the entry's earlier parts were timed under (unrecorded: provisional)
+            earlier = entry.get("busy", 1.0) if any(part in entry for part in PARTS) else 0.0
+            with others_busy() as busy:
+                times = measure(spec, parts=timed) if timed else {}
             entry = {**entry, **{part: _fastest(times.get(part, {})) for part in missing}}
             if timed:
                 entry["ms"] = {**entry.get("ms", {}), **times}
+                entry["busy"] = max([earlier, *busy])
+                entry["at"] = round(time.time(), 3)
                 cache = _read_cache()  # another process may have written meanwhile
-                cache[key] = {**_valid_entry(cache.get(key)), **entry}
+                cache[key] = entry if retimed else {**_valid_entry(cache.get(key)), **entry}
                 text = json.dumps(cache, indent=1, sort_keys=True)
                 try:
                     write_text_atomic(_cache_path(), text)
@@ -502,7 +551,18 @@ def _valid_entry(entry: Any) -> dict[str, Any]:
              if isinstance(entry.get(part), str) and entry[part] in TABLES[part]}
     if valid and isinstance(entry.get("ms"), dict):
         valid["ms"] = entry["ms"]
+    for field in ("busy", "at"):  # the load it was timed under and when (time.time())
+        if valid and isinstance(entry.get(field), (int, float)):
+            valid[field] = float(entry[field])
     return valid
+
+
+def _quiet_now(seconds: float = 0.2) -> bool:
+    """Whether other processes leave the machine's CPUs idle enough to time on, over a short
+    sample (True where that cannot be read)."""
+    with others_busy() as busy:
+        time.sleep(seconds)
+    return not busy or busy[0] <= BUSY
 
 
 _thread_lock = threading.Lock()
