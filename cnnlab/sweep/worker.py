@@ -47,6 +47,11 @@ class _Claim:
     #: with folds: ``{epoch: {fold: metric}}`` until every fold has reached the epoch
     fold_metrics: dict[int, dict[int, float]] = dataclasses.field(default_factory=dict)
     pruned: bool = False
+    #: filled by :meth:`Worker.train_claims`: each run's ``(run, outcome)``, the largest pack any
+    #: of its runs trained in, and that pack's timings
+    results: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    pack_size: int = 1
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -270,17 +275,14 @@ class Worker:
         """Trains the claims' runs, packed where they can be, and records each trial."""
         for c in claims:
             self._prepare(c)
-        results: dict[int, list[tuple[_Run, Any]]] = {id(c): [] for c in claims}
-        packed: dict[int, int] = dict.fromkeys(results, 1)
-        timings: dict[int, dict[str, float]] = {}
         for group in self.groups([r for c in claims for r in self.runs(c)]):
             for run, out, size, times in self.train(group):
-                key = id(run.claim)
-                results[key].append((run, out))
-                packed[key], timings[key] = max(packed[key], size), times
+                c = run.claim
+                c.results.append((run, out))
+                c.pack_size, c.timings = max(c.pack_size, size), times
         for c in claims:
-            self._finish(c, sorted(results[id(c)], key=lambda ro: ro[0].fold or 0),
-                         pack_size=packed[id(c)], timings=timings.get(id(c), {}))
+            self._finish(c, sorted(c.results, key=lambda ro: ro[0].fold or 0),
+                         pack_size=c.pack_size, timings=c.timings)
 
     def run(self) -> int:
         """Works until the study has no waiting or running trials; returns trials run here."""
