@@ -138,6 +138,7 @@ def fresh_cache(tmp_path, monkeypatch):
     # The machine's load unread (as where /proc/stat is absent): a test's choices never depend on
     # what else runs meanwhile. test_a_choice_timed_under_load_... sets it.
     monkeypatch.setattr(conv_impl, "_cpu_ticks", lambda: None)
+    conv_impl._quiet_now.cache_clear()  # sampled anew under these counters
     return tmp_path / conv_impl.CACHE_FILE
 
 

@@ -274,7 +274,7 @@ def _cpu_ticks() -> tuple[float, float] | None:
         return None
     if len(fields) < 5:
         return None
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    hz = os.sysconf("SC_CLK_TCK")  # /proc/stat's unit; both exist on Linux alone
     idle = fields[3] + fields[4]  # idle + iowait
     return (sum(fields) - idle) / hz, sum(fields) / hz
 
@@ -512,10 +512,10 @@ def choose(spec: ConvSpec, parts: Sequence[str] = PARTS) -> tuple[str, ...]:
             # used in this one: time again every part it holds, if the machine is quiet now.
             retimed = (bool(entry) and key not in _memory and entry.get("busy", 1.0) > BUSY
                        and entry.get("at", 0.0) < _STARTED and _quiet_now())
+            wanted = [part for part in PARTS if part in entry or part in parts] if retimed else parts
             if retimed:
-                parts_held = [part for part in PARTS if part in entry or part in parts]
                 entry = {}
-            missing = [part for part in (parts_held if retimed else parts) if part not in entry]
+            missing = [part for part in wanted if part not in entry]
             names = applicable(spec)
             timed = [part for part in missing if len(names[part]) > 1]
             # the load the entry's earlier parts were timed under (unrecorded: provisional)
@@ -557,9 +557,10 @@ def _valid_entry(entry: Any) -> dict[str, Any]:
     return valid
 
 
+@functools.cache
 def _quiet_now(seconds: float = 0.2) -> bool:
     """Whether other processes leave the machine's CPUs idle enough to time on, over a short
-    sample (True where that cannot be read)."""
+    sample (True where that cannot be read); sampled once per process, not once per shape."""
     with others_busy() as busy:
         time.sleep(seconds)
     return not busy or busy[0] <= BUSY

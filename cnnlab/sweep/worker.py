@@ -49,7 +49,7 @@ class _Claim:
     pruned: bool = False
     #: filled by :meth:`Worker.train_claims`: each run's ``(run, outcome)``, the largest pack any
     #: of its runs trained in, and that pack's timings
-    results: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    results: list[tuple[_Run, Any]] = dataclasses.field(default_factory=list)
     pack_size: int = 1
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -188,11 +188,12 @@ class Worker:
         pruned = c.pruned or any(out.pruned for _, out in results)
         return train_lib.TrialOutcome(metrics=metrics, pruned=pruned), None
 
-    def _finish(self, c: _Claim, results: list[tuple[_Run, Any]], *, pack_size: int,
-                timings: dict[str, float]) -> None:
+    def _finish(self, c: _Claim) -> None:
         """Records the outcome of the claim's runs (:class:`~cnnlab.train.TrialOutcome`) on
         the trial."""
         trial = c.trial
+        pack_size, timings = c.pack_size, c.timings
+        results = sorted(c.results, key=lambda ro: ro[0].fold or 0)
         duration = time.perf_counter() - c.start
         try:
             outcome, where = self._combine(c, results)
@@ -281,8 +282,7 @@ class Worker:
                 c.results.append((run, out))
                 c.pack_size, c.timings = max(c.pack_size, size), times
         for c in claims:
-            self._finish(c, sorted(c.results, key=lambda ro: ro[0].fold or 0),
-                         pack_size=c.pack_size, timings=c.timings)
+            self._finish(c)
 
     def run(self) -> int:
         """Works until the study has no waiting or running trials; returns trials run here."""
