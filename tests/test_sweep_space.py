@@ -89,6 +89,10 @@ def test_grid_construction_errors(build, match):
     (sweep.Sweep(grid=sweep.product({"seed": [0]}), pack=0), r"pack must be an integer >= 1"),
     (sweep.Sweep(grid=sweep.product({"seed": [0]}), folds=1), r"Invalid Sweep\(folds=1\): must be 0 \(off\) or an integer >= 2"),
     (sweep.Sweep(grid=sweep.product({"data.fold": [0, 1]}), folds=3), r"sets data.folds and data.fold itself; do not sweep them"),
+    (sweep.Sweep(space={"data.fold": sweep.integer(0, 1)}, num_trials=2, folds=3), r"do not sweep them"),
+    # With folds, a malformed grid or space is named as such (its fields cannot be read).
+    (sweep.Sweep(space={"seed": sweep.integer(0, 3)}, sampler="grid", folds=3), r"sampler='grid' takes grid"),
+    (sweep.Sweep(grid=None, space=None, sampler="random", folds=3), r"needs a non-empty space"),
 ])
 def test_validation_rejects_bad_fields_and_values(sw, match):
     with pytest.raises(ValueError, match=match):

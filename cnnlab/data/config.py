@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 from cnnlab.data.augmentations import augment_schema
-from cnnlab.schema import Field, Schema, at_least, default_config, in_range, invalid, resolve
+from cnnlab.schema import Field, Schema, Section, at_least, default_config, in_range, invalid, resolve
 
 #: Named class selections.
 CLASS_PRESETS: dict[str, tuple[str, ...]] = {
@@ -55,8 +55,10 @@ def _fraction(default: float, doc: str, *, allow_zero: bool) -> Field:
 
 
 def data_schema() -> Schema:
-    """Every ``data`` field; ``augment`` holds the registered augmentation ops' parameters."""
-    return {
+    """Every ``data`` field; ``augment`` holds the registered augmentation ops' parameters.
+    Resolving it also checks that ``fold`` indexes one of ``folds`` folds (the one cross-field
+    rule of the group), wherever the group is resolved."""
+    return Section({
         "source": Field("folder", str, choices=("folder", "synthetic", "tfds"),
                         doc="101_ObjectCategories tree or archive, generated shapes, or tensorflow-datasets"),
         "data_dir": _path("folder source: the class root, a folder holding it or its archive "
@@ -104,16 +106,17 @@ def data_schema() -> Schema:
         "tfds_manual_dir": _path("tfds DownloadConfig(manual_dir=...)"),
         "tfds_download": Field(False, bool, doc="let tfds download and prepare the dataset"),
         "augment": augment_schema(),
-    }
+    }, _check_fold)
 
 
-def folds_problem(cfg: Any) -> tuple[str, str] | None:
-    """``(key, message)`` when ``fold`` does not index one of ``folds`` folds, else None."""
+def _check_fold(cfg: dict[str, Any], path: str) -> dict[str, Any]:
+    """``cfg`` unchanged, or a ConfigError when ``fold`` does not index one of ``folds`` folds."""
     if cfg["folds"] and not cfg["fold"] < cfg["folds"]:
-        return "fold", f"must be < folds={cfg['folds']} (folds are numbered 0 .. {cfg['folds'] - 1})"
+        raise invalid(f"{path}.fold", cfg["fold"],
+                      f"must be < folds={cfg['folds']} (folds are numbered 0 .. {cfg['folds'] - 1})")
     if not cfg["folds"] and cfg["fold"]:
-        return "fold", "needs folds >= 2 (folds=0: no k-fold validation)"
-    return None
+        raise invalid(f"{path}.fold", cfg["fold"], "needs folds >= 2 (folds=0: no k-fold validation)")
+    return cfg
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -127,11 +130,7 @@ def resolve_config(config: Any = None) -> dict[str, Any]:
     Raises:
       ConfigError: an unknown key or a bad value (a ``ValueError`` naming the key).
     """
-    cfg = resolve(data_schema(), config, prefix="data.")
-    problem = folds_problem(cfg)
-    if problem:
-        raise invalid(f"data.{problem[0]}", cfg[problem[0]], problem[1])
-    return cfg
+    return resolve(data_schema(), config, prefix="data.")
 
 
 def known_num_classes(config: Any = None) -> int | None:

@@ -384,6 +384,23 @@ def _validate_values(base: ml_collections.ConfigDict, values: Mapping[str, Any],
         raise ValueError(f"Sweep {where} {dict(values)!r} is invalid: {e}") from None
 
 
+def _check_shape(sweep: Sweep) -> None:
+    """A grid sweep has a non-empty grid and no space; a sampled one a non-empty space, no grid
+    and a positive trial count (so :meth:`Sweep.fields` can be read)."""
+    if sweep.kind == "grid":
+        if sweep.grid is None or sweep.space:
+            raise ValueError("sampler='grid' takes grid=... (and no space).")
+        if not isinstance(sweep.grid, Grid) or not len(sweep.grid):
+            raise ValueError(f"grid must be a non-empty Grid (sweep.product/zip/chain/point), got {sweep.grid!r}.")
+        return
+    if sweep.grid is not None:
+        raise ValueError(f"sampler={sweep.kind!r} takes space=... (no grid); grids use sampler='grid'.")
+    if not isinstance(sweep.space, Mapping) or not sweep.space:
+        raise ValueError(f"sampler={sweep.kind!r} needs a non-empty space={{field: distribution}}.")
+    if not isinstance(sweep.num_trials, int) or sweep.num_trials < 1:
+        raise ValueError(f"num_trials must be a positive integer for sampler={sweep.kind!r}, got {sweep.num_trials!r}.")
+
+
 def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
     """Checks the sweep, and every grid point, range bound and choice applied to ``base`` with
     :func:`cnnlab.train.validate_config`; returns the sweep or raises ``ValueError`` naming the
@@ -410,10 +427,6 @@ def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
     if sweep.folds and config.data.folds:
         raise ValueError(f"Sweep(folds={sweep.folds}) sets data.folds and data.fold itself; the base "
                          f"config sets data.folds={config.data.folds}: remove it.")
-    declared = sweep.grid is not None if sweep.kind == "grid" else isinstance(sweep.space, Mapping)
-    if sweep.folds and declared and {"data.folds", "data.fold"} & set(sweep.fields()):
-        raise ValueError(f"Sweep(folds={sweep.folds}) sets data.folds and data.fold itself; do not "
-                         "sweep them too.")
     if sweep.metric.startswith("val/") and not (config.data.val_fraction or sweep.folds or config.data.folds):
         raise ValueError(f"metric={sweep.metric!r} needs a validation split: set data.val_fraction > 0 "
                          "(or Sweep(folds=k)).")
@@ -423,20 +436,14 @@ def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
         raise ValueError(f"Invalid Sweep(pruner={sweep.pruner!r}): {one_of(sweep.pruner, list(PRUNERS))}")
     if not isinstance(sweep.pack, int) or sweep.pack < 1:
         raise ValueError(f"pack must be an integer >= 1, got {sweep.pack!r}.")
+    _check_shape(sweep)
+    if sweep.folds and {"data.folds", "data.fold"} & set(sweep.fields()):
+        raise ValueError(f"Sweep(folds={sweep.folds}) sets data.folds and data.fold itself; do not "
+                         "sweep them too.")
     if sweep.kind == "grid":
-        if sweep.grid is None or sweep.space:
-            raise ValueError("sampler='grid' takes grid=... (and no space).")
-        if not isinstance(sweep.grid, Grid) or not len(sweep.grid):
-            raise ValueError(f"grid must be a non-empty Grid (sweep.product/zip/chain/point), got {sweep.grid!r}.")
         for i, p in enumerate(sweep.grid):
             _validate_values(base, p, f"grid point {i}")
         return sweep
-    if sweep.grid is not None:
-        raise ValueError(f"sampler={sweep.kind!r} takes space=... (no grid); grids use sampler='grid'.")
-    if not isinstance(sweep.space, Mapping) or not sweep.space:
-        raise ValueError(f"sampler={sweep.kind!r} needs a non-empty space={{field: distribution}}.")
-    if not isinstance(sweep.num_trials, int) or sweep.num_trials < 1:
-        raise ValueError(f"num_trials must be a positive integer for sampler={sweep.kind!r}, got {sweep.num_trials!r}.")
     for key, dist in sweep.space.items():
         _check_key(key)
         _check_distribution(key, dist)

@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 from cnnlab import models
-from cnnlab.data.config import data_schema, folds_problem
+from cnnlab.data.config import data_schema
 from cnnlab.native import conv_impl
 from cnnlab.schema import (
     ConfigError,
@@ -193,9 +193,6 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if c.schedule.warmup_epochs > c.num_epochs:
         raise invalid("schedule.warmup_epochs", c.schedule.warmup_epochs,
                       f"must be <= num_epochs={c.num_epochs}")
-    problem = folds_problem(c.data)
-    if problem:
-        raise invalid(f"data.{problem[0]}", c.data[problem[0]], problem[1])
     _check_best_metric(c)
     return c
 
