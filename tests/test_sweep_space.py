@@ -58,6 +58,26 @@ def test_grid_construction_errors(build, match):
 # --- validation --------------------------------------------------------------------------------
 
 
+def test_a_point_leaving_alone_a_model_keyword_the_base_lacks_runs_its_default():
+    # A chain whose points set different fields: a point that leaves `head_dropout` alone leaves
+    # it unset, so the model's default applies (the base config does not set it), not None.
+    grid = sweep.chain(sweep.point({"model.kwargs.head_dropout": 0.25}), sweep.point({"seed": 3}))
+    sw, base = sweep.Sweep(grid=grid), base_config()
+    assert "head_dropout" not in base.model.kwargs
+    sweep.validate_sweep(sw, base)
+    assert space.grid_values(sw, base, 0) == {"model.kwargs.head_dropout": 0.25, "seed": base.seed}
+    assert space.grid_values(sw, base, 1) == {"seed": 3}
+    assert "head_dropout" not in space.apply_point(base, space.grid_values(sw, base, 1)).model.kwargs
+    # Optuna's params label it by the default it resolves to.
+    assert space.grid_params(sw, base, 1) == {"model.kwargs.head_dropout": 0.5, "seed": 3}
+    assert space.grid_choices(sw, base) == {"model.kwargs.head_dropout": [0.25, 0.5], "seed": [base.seed, 3]}
+    # Each point is validated as its trial runs it, the fields it leaves alone included.
+    bad = sweep.chain(sweep.point({"model.kwargs.head_dropout": 0.25}),
+                      sweep.point({"model.kwargs.widths": (8,), "model.name": "resnet"}))
+    with pytest.raises(ValueError, match=r"grid point 1.*head_dropout|grid point 1.*widths"):
+        sweep.validate_sweep(sweep.Sweep(grid=bad), base)
+
+
 @pytest.mark.parametrize("sw, match", [
     (sweep.Sweep(grid=sweep.product({"optimizer.learning_rat": [1e-3]})),
      r"grid point 0.*unknown config key 'optimizer.learning_rat' \(did you mean 'optimizer.learning_rate'"),

@@ -36,6 +36,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from cnnlab import models
 from cnnlab.schema import ConfigError, copy_config, flatten, keys_without_effect, one_of
 from cnnlab.train.config import selection_metrics, train_schema, validate_config
 
@@ -441,8 +442,9 @@ def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
         raise ValueError(f"Sweep(folds={sweep.folds}) sets data.folds and data.fold itself; do not "
                          "sweep them too.")
     if sweep.kind == "grid":
-        for i, p in enumerate(sweep.grid):
-            _validate_values(base, p, f"grid point {i}")
+        for i in range(len(sweep.grid)):
+            _validate_values(base, grid_values(sweep, base, i), f"grid point {i}")
+        base_values(sweep, base)  # the labels of the fields a point leaves alone resolve
         return sweep
     for key, dist in sweep.space.items():
         _check_key(key)
@@ -455,23 +457,54 @@ def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
 # --- Values of a trial ----------------------------------------------------------------------------
 
 
-def grid_choices(sweep: Sweep, base: ml_collections.ConfigDict) -> dict[str, dict[Any, Any]]:
-    """``{field: {label: value}}`` over the grid; points that leave a field alone use the base
-    config's value."""
-    out: dict[str, dict[Any, Any]] = {}
+_UNSET = object()
+
+
+def base_values(sweep: Sweep, base: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What ``base`` gives each swept field, as a grid point that leaves it alone is labelled:
+    its own value, else the default it resolves to (a model keyword the base does not set: the
+    model's field default), else None."""
+    out: dict[str, Any] = {}
+    resolved = None
     for key in sweep.fields():
-        choices: dict[Any, Any] = {}
-        for p in sweep.grid:
-            value = p[key] if key in p else get_field(base, key)
-            choices.setdefault(label(value), value)
-        out[key] = choices
+        value = get_field(base, key, _UNSET)
+        if value is _UNSET:
+            resolved = validate_config(base) if resolved is None else resolved
+            value = get_field(resolved, key, _UNSET)
+        if value is _UNSET and key.startswith("model.kwargs."):
+            field = models.model_schema(resolved.model.name).get(key[len("model.kwargs."):])
+            value = field.default if field is not None else _UNSET
+        out[key] = None if value is _UNSET else value
     return out
 
 
-def grid_params(sweep: Sweep, base: ml_collections.ConfigDict, index: int) -> dict[str, Any]:
-    """The Optuna params (labels) of grid point ``index``, one per swept field."""
-    p = sweep.grid.points[index]
-    return {k: label(p[k] if k in p else get_field(base, k)) for k in sweep.fields()}
+def grid_values(sweep: Sweep, base: ml_collections.ConfigDict, index: int) -> dict[str, Any]:
+    """The swept fields' values of grid point ``index``'s trial: the point's own, and the base
+    config's own value of each other swept field it sets. A field neither sets is left out: the
+    trial leaves it alone (a model keyword then takes that model's default, where it has one)."""
+    point = sweep.grid.points[index]
+    out = {k: get_field(base, k, _UNSET) for k in sweep.fields() if k not in point}
+    return {**{k: v for k, v in out.items() if v is not _UNSET}, **point}
+
+
+def grid_params(sweep: Sweep, base: ml_collections.ConfigDict, index: int,
+                defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The Optuna params (labels) of grid point ``index``, one per swept field (a field the
+    trial leaves alone is labelled by :func:`base_values`)."""
+    defaults = base_values(sweep, base) if defaults is None else defaults
+    values = grid_values(sweep, base, index)
+    return {k: label(values.get(k, defaults[k])) for k in sweep.fields()}
+
+
+def grid_choices(sweep: Sweep, base: ml_collections.ConfigDict) -> dict[str, list[Any]]:
+    """``{field: [label, ...]}``: every label a field takes over the grid's points."""
+    defaults = base_values(sweep, base)
+    out: dict[str, list[Any]] = {k: [] for k in sweep.fields()}
+    for i in range(len(sweep.grid)):
+        for key, value in grid_params(sweep, base, i, defaults).items():
+            if value not in out[key]:
+                out[key].append(value)
+    return out
 
 
 def sample_random(sweep: Sweep, index: int) -> dict[str, Any]:
@@ -500,14 +533,16 @@ def sample_random(sweep: Sweep, index: int) -> dict[str, Any]:
     return out
 
 
-def suggest(trial: Any, sweep: Sweep, base: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Asks ``trial`` (an ``optuna.Trial``) for each swept field; returns ``{field: value}``.
-    Fixed (enqueued) params come back as they were enqueued; TPE samples the others."""
+def suggest(trial: Any, sweep: Sweep, base: ml_collections.ConfigDict, slot: int) -> dict[str, Any]:
+    """Asks ``trial`` (an ``optuna.Trial`` for ``slot``) for each swept field; returns
+    ``{field: value}`` to apply to ``base``. Fixed (enqueued) params come back as they were
+    enqueued; TPE samples the others. A grid trial's values are its point's
+    (:func:`grid_values`), its params registered with Optuna."""
     values: dict[str, Any] = {}
     if sweep.kind == "grid":
-        for key, choices in grid_choices(sweep, base).items():
-            values[key] = choices[trial.suggest_categorical(key, list(choices))]
-        return values
+        for key, labels in grid_choices(sweep, base).items():
+            trial.suggest_categorical(key, labels)
+        return grid_values(sweep, base, slot)
     for key, d in sweep.space.items():
         if isinstance(d, Choice):
             by_label = {label(v): v for v in d.values}

@@ -108,7 +108,7 @@ class Worker:
             workdir = os.path.join(self.workdir, "trials", f"{slot:04d}")
             trial.set_user_attr(WORKDIR, os.path.abspath(workdir))
             try:
-                values = space_lib.suggest(trial, self.sweep, self.base)
+                values = space_lib.suggest(trial, self.sweep, self.base, slot)
                 trial.set_user_attr(VALUES, space_lib.jsonable(values))
                 config = apply_point(self.base, values)
                 train_lib.validate_config(config)
