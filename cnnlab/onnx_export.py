@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnlab.functional.pooling import reduce_window_max_pooling
 from cnnlab.native import conv_impl
 
 #: ONNX Runtime's results may differ from XLA's in the last bits (another summation order).
@@ -122,7 +123,8 @@ def _nhwc_max_pooling() -> Iterator[None]:
     four spatial axes, which ONNX Runtime refuses ("Unsupported pooling size"); while the block
     runs, a window ``(1, kh, kw, 1)`` becomes Transpose -> 2-D MaxPool -> Transpose (MaxPool
     pads with -inf, as ``lax.reduce_window`` with ``-inf`` does). Other windows keep jax2onnx's
-    lowering. (The one place cnnlab touches jax2onnx's plugin registry.)"""
+    lowering. (The one place cnnlab touches jax2onnx's plugin registry.) cnnlab's max pooling
+    is traced as ``reduce_window_max`` meanwhile (not its CPU formulation of strided slices)."""
     from jax2onnx.plugins import plugin_system
 
     plugin_system.import_all_plugins()  # the registry fills as plugins are imported
@@ -159,6 +161,7 @@ def _nhwc_max_pooling() -> Iterator[None]:
     replacement.__dict__.update(original.__dict__)
     registry[name] = replacement
     try:
-        yield
+        with reduce_window_max_pooling():
+            yield
     finally:
         registry[name] = original

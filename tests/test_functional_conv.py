@@ -209,6 +209,70 @@ def test_pooling_matches_keras(pool, strides, padding, data_format):
         )
 
 
+def _reduce_window_max(x, pool, strides, padding, data_format):
+    """XLA's reduce-window max with Keras' window arguments: the reference the slices must equal."""
+    from cnnlab.functional import pooling
+    dims, strides_full, pad = pooling._window(x, pool, strides, padding, data_format)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides_full, pad)
+
+
+@pytest.mark.parametrize("shape,pool,strides,padding,data_format", [
+    ((4, 12, 12, 5), 3, 2, "same", "channels_last"),
+    ((4, 12, 11, 5), 3, 2, "valid", "channels_last"),
+    ((4, 12, 12, 5), 2, None, "valid", "channels_last"),
+    ((2, 5, 9, 8), (2, 3), (1, 2), "same", "channels_first"),
+    ((2, 9, 8, 3), 2, 3, "same", "channels_last"),  # strides larger than the window
+    ((3, 20, 4), 5, 2, "same", "channels_last"),  # 1-D
+    ((2, 6, 7, 5, 3), 3, 2, "same", "channels_last"),  # 3-D, 27 taps
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_by_slices_equals_reduce_window_with_its_gradient(shape, pool, strides, padding,
+                                                                 data_format, dtype):
+    # Rounded post-ReLU values: many windows have tied maxima, where the gradient must go to the
+    # first maximal tap in row-major order, as XLA's select-and-scatter sends it.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.maximum(np.round(rng.standard_normal(shape), 1), 0), dtype)
+    ours = jax.jit(lambda v: F.max_pool(v, pool, strides, padding=padding, data_format=data_format))
+    ref = jax.jit(lambda v: _reduce_window_max(v, pool, strides, padding, data_format))
+    y = ours(x)
+    assert y.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref(x), np.float32))
+    cot = jnp.asarray(rng.standard_normal(y.shape), dtype)
+    grad = jax.jit(jax.grad(lambda v, f: jnp.vdot(f(v).astype(jnp.float32), cot.astype(jnp.float32)),
+                            argnums=0), static_argnums=1)
+    np.testing.assert_array_equal(np.asarray(grad(x, ours), np.float32), np.asarray(grad(x, ref), np.float32))
+    # Forward mode: JAX's own reduce-window JVP breaks ties in its reduction's order, not the
+    # first tap's, so it is compared on distinct values (a permutation); with ties, the
+    # gradient above is this JVP transposed (JAX derives it so).
+    distinct = jnp.asarray(rng.permutation(x.size).reshape(shape), dtype if dtype == jnp.float32 else jnp.float32)
+    tangent = jnp.asarray(rng.standard_normal(shape), distinct.dtype)
+    _, ours_dot = jax.jvp(ours, (distinct,), (tangent,))
+    _, ref_dot = jax.jvp(ref, (distinct,), (tangent,))
+    np.testing.assert_array_equal(np.asarray(ours_dot), np.asarray(ref_dot))
+
+
+def test_max_pool_by_slices_is_the_cpu_formulation_and_composes():
+    from cnnlab.functional import pooling
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 8, 8, 4)), jnp.float32)
+    hlo = jax.jit(lambda v: jax.grad(lambda w: F.max_pool(w, 3, 2, padding="same").sum())(v)).lower(x).as_text()
+    assert "reduce_window" not in hlo and "select_and_scatter" not in hlo
+    # Larger windows and integers stay on reduce-window.
+    assert "reduce_window" in jax.jit(lambda v: F.max_pool(v, 7, 1)).lower(x).as_text()
+    xi = jnp.arange(64, dtype=jnp.int32).reshape(1, 8, 8, 1)
+    assert "reduce_window" in jax.jit(lambda v: F.max_pool(v, 2)).lower(xi).as_text()
+    np.testing.assert_array_equal(F.max_pool(xi, 2), xi.reshape(4, 2, 4, 2).max(axis=(1, 3)).reshape(1, 4, 4, 1))
+    assert pooling._SLICE_TAPS < 49
+    with pooling.reduce_window_max_pooling():  # what the ONNX export traces (one MaxPool)
+        assert "reduce_window" in jax.jit(lambda v: F.max_pool(v, 3, 2)).lower(x).as_text()
+    assert "reduce_window" not in jax.jit(lambda v: F.max_pool(v, 3, 2)).lower(x).as_text()
+    # vmap and second order go through the custom JVP.
+    batched = jax.vmap(lambda v: F.max_pool(v, 3, 2, padding="same"))(x[:, None])
+    np.testing.assert_array_equal(batched[:, 0], F.max_pool(x, 3, 2, padding="same"))
+    hess_vec = jax.grad(lambda v: jnp.sum(jax.grad(lambda w: jnp.sum(F.max_pool(w, 2) ** 2))(v) ** 2))(x)
+    ref_hv = jax.grad(lambda v: jnp.sum(jax.grad(lambda w: jnp.sum(_reduce_window_max(w, 2, None, "valid", None) ** 2))(v) ** 2))(x)
+    np.testing.assert_allclose(hess_vec, ref_hv, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kernel,strides,dilation", [(3, 1, 1), (4, 2, 1), (3, 1, 2), (2, 3, 1)])
 def test_same_padding_matches_flax_conv(kernel, strides, dilation):
     rng = np.random.default_rng(5)

@@ -5,12 +5,25 @@ and ``strides`` are each an int or one int per spatial dimension; ``strides`` de
 ``pool_size`` as in Keras; a ``valid`` window larger than the input raises, as Keras' shape
 inference does. ``"same"`` average pooling divides by the number of real (unpadded) pixels in
 each window, as Keras' JAX backend does.
+
+On the CPU backend, floating-point max pooling with windows of up to ``_SLICE_TAPS`` taps is
+computed as the maximum of the window's strided slices (one fused loop) instead of XLA's
+``reduce-window``, and differentiated by a ``custom_jvp`` that routes each window's tangent to
+its first maximal tap in row-major order: the values and the gradients (ties included) are
+those of ``reduce-window`` and XLA's ``select-and-scatter``, bit for bit, at a fraction of their
+cost on XLA:CPU (experiments/bench/README.md). Forward- and reverse-mode both work.
+:func:`reduce_window_max_pooling` keeps XLA's op instead, for exporters that map it to one
+``MaxPool``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +57,59 @@ def _window(
     return dims, strides_full, mode.upper()
 
 
+#: The largest window (taps) pooled by strided slices; a larger one is XLA's reduce-window.
+_SLICE_TAPS = 27
+_reduce_window_only = contextvars.ContextVar("cnnlab_max_pool_reduce_window", default=False)
+
+
+@contextlib.contextmanager
+def reduce_window_max_pooling() -> Iterator[None]:
+    """Max pooling traced in the block is XLA's ``reduce-window`` on every backend (what an
+    exporter maps to one ``MaxPool``; the values are the same)."""
+    token = _reduce_window_only.set(True)
+    try:
+        yield
+    finally:
+        _reduce_window_only.reset(token)
+
+
 def _max(x: Array, dims, strides, pad) -> Array:
+    floating = jnp.issubdtype(x.dtype, jnp.floating)
+    if (floating and math.prod(dims) <= _SLICE_TAPS and jax.default_backend() == "cpu"
+            and not _reduce_window_only.get()):
+        return _max_by_slices(x, tuple(dims), tuple(strides), pad)
     # Python-scalar identities let JAX recognise the monoid (and differentiate the pooling).
-    init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else int(jnp.iinfo(x.dtype).min)
+    init = -jnp.inf if floating else int(jnp.iinfo(x.dtype).min)
     return lax.reduce_window(x, init, lax.max, dims, strides, pad)
+
+
+def _taps(x: Array, fill: Array, dims, strides, pad) -> list[Array]:
+    """Each window tap's strided slice of ``x`` padded with ``fill``, in row-major tap order:
+    slice ``k`` holds tap ``k`` of every output window."""
+    pads = lax.padtype_to_pads(x.shape, dims, strides, pad)
+    xp = lax.pad(x, fill, [(lo, hi, 0) for lo, hi in pads])
+    out = [(n - d) // s + 1 for n, d, s in zip(xp.shape, dims, strides)]
+    return [lax.slice(xp, offs, [o + s * (m - 1) + 1 for o, s, m in zip(offs, strides, out)], strides)
+            for offs in itertools.product(*(range(d) for d in dims))]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _max_by_slices(x: Array, dims, strides, pad) -> Array:
+    return functools.reduce(lax.max, _taps(x, jnp.array(-jnp.inf, x.dtype), dims, strides, pad))
+
+
+@_max_by_slices.defjvp
+def _max_by_slices_jvp(dims, strides, pad, primals, tangents):
+    (x,), (t,) = primals, tangents
+    y = _max_by_slices(x, dims, strides, pad)
+    taken = jnp.zeros(y.shape, bool)
+    y_dot = jnp.zeros(y.shape, t.dtype)
+    for xs, ts in zip(_taps(x, jnp.array(-jnp.inf, x.dtype), dims, strides, pad),
+                      _taps(t, jnp.zeros((), t.dtype), dims, strides, pad)):
+        first = (xs == y) & ~taken  # the first maximal tap, as select-and-scatter picks it
+        taken = taken | first
+        y_dot = y_dot + jnp.where(first, ts, jnp.zeros((), t.dtype))
+    return y, y_dot
 
 
 def _mean(x: Array, dims, strides, pad) -> Array:
