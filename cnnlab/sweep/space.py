@@ -444,7 +444,6 @@ def validate_sweep(sweep: Sweep, base: ml_collections.ConfigDict) -> Sweep:
     if sweep.kind == "grid":
         for i in range(len(sweep.grid)):
             _validate_values(base, grid_values(sweep, base, i), f"grid point {i}")
-        base_values(sweep, base)  # the labels of the fields a point leaves alone resolve
         return sweep
     for key, dist in sweep.space.items():
         _check_key(key)
