@@ -121,7 +121,7 @@ def _parse_flags(argv: list[str], own: list[tuple[str, object]] = ()) -> list[st
     except (KeyError, AttributeError) as e:  # an override naming no field ("Did you mean" added)
         raise _UsageError(_key_error_message(e, argv)) from e
     if "config" in FLAGS and FLAGS["config"].present:
-        path = config_flags.get_config_filename(FLAGS["config"])
+        path = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]  # x.py:arg
         if not os.path.isfile(path):
             raise _UsageError(f"config file {path!r} not found (--config=<path to a .py file "
                               "with get_config()>)")

@@ -6,6 +6,7 @@ import pathlib
 
 import pytest
 
+from cnnlab.schema import ConfigError
 from cnnlab import sweep
 from cnnlab.sweep import space
 from cnnlab.sweep.files import config_source, load_module, write_config_file
@@ -204,6 +205,31 @@ def test_written_config_file_rebuilds_the_config(tmp_path):
     again = load_module(str(path)).get_config()
     assert validate_config(again).to_dict() == validate_config(config).to_dict()
     assert config_source(again, docstring="x") == config_source(config, docstring="x")
+
+
+def test_a_sweep_file_argument_reaches_get_sweep_as_ml_collections_passes_it_to_get_config(tmp_path):
+    path = tmp_path / "sw.py"
+    path.write_text(
+        "from cnnlab import sweep\n"
+        "from cnnlab.train import default_config\n"
+        "def get_config(arg=None):\n    return default_config()\n"
+        "def get_sweep(rates='0.1,0.2'):\n"
+        "    return sweep.Sweep(grid=sweep.product({'optimizer.learning_rate': [float(r) for r in rates.split(',')]}),\n"
+        "                       metric='val/accuracy')\n")
+    assert sweep.load_sweep_file(str(path)).num_slots == 2
+    assert sweep.load_sweep_file(f"{path}:0.1,0.2,0.3").num_slots == 3
+
+
+def test_the_lever_sweep_runs_the_levers_named_after_the_colon():
+    path = ROOT / "configs" / "sweeps" / "caltech101_folds_levers2.py"
+    base = load_module(str(path)).get_config()
+    both = sweep.load_sweep_file(f"{path}:random_resized_crop,rand_augment")
+    sweep.validate_sweep(both, base)
+    ops = [dict(p)["data.augment.ops"] for p in both.grid]
+    assert [o[1] for o in ops] == ["random_resized_crop", "rand_augment"]
+    assert sweep.load_sweep_file(str(path)).num_slots == 5
+    with pytest.raises(ConfigError, match="unknown levers.*'rrc'.*choose from ema"):
+        sweep.load_sweep_file(f"{path}:ema,rrc")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs" / "sweeps").glob("*.py")))

@@ -37,14 +37,23 @@ def config_from_file(path: str, *, relative_to: str | None = None) -> ml_collect
 
 
 def load_sweep_file(path: str):
-    """``get_sweep()`` of a sweep file; a clear error when it has none."""
+    """``get_sweep()`` of a sweep file; a clear error when it has none. ``x.py:arg`` calls
+    ``get_sweep("arg")``, as ml_collections calls ``get_config("arg")`` for the same flag value."""
     module = load_module(path)
     if not hasattr(module, "get_sweep"):
         raise ValueError(
             f"{path!r} has no get_sweep(): a sweep file defines get_config() (the base config) "
             "and get_sweep() (a cnnlab.sweep.Sweep)."
         )
-    return module.get_sweep()
+    args = path.split(":", 1)[1:]
+    try:
+        return module.get_sweep(*args)
+    except (TypeError, ValueError) as e:
+        if not args:
+            raise
+        from cnnlab.schema import ConfigError  # the argument after the colon is the user's
+
+        raise ConfigError(f"{path!r}: get_sweep({args[0]!r}) refused its argument: {e}") from e
 
 
 def config_source(config: ml_collections.ConfigDict, *, docstring: str) -> str:

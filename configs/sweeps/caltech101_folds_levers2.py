@@ -15,24 +15,39 @@ metrics (``val_ema/``). The test split is not looked at to choose.
     CALTECH101_DIR=../shared/data/caltech101/101_ObjectCategories \\
         cnnlab sweep --config=configs/sweeps/caltech101_folds_levers2.py --workdir=runs/caltech101_folds_levers2
 
+Some of the levers only, by name (``ema``, ``drop_path``, ``random_resized_crop``,
+``rand_augment``, ``color_jitter``), in the file's order:
+``--config=configs/sweeps/caltech101_folds_levers2.py:random_resized_crop,rand_augment``.
+
 Results: experiments/caltech101/README.md ("Fold-ranked lever search").
 """
 
 from cnnlab import sweep
 
 
-def get_config():
+def get_config(levers: str | None = None):
+    del levers  # the base config is the same for every selection of levers
     return sweep.config_from_file("caltech101_folds_levers.py", relative_to=__file__)
 
 
-def get_sweep():
-    recipe_ops = ("keras_affine", "random_crop", "mixup")
-    levers = sweep.chain(
-        sweep.point({"ema.decay": 0.998}),
-        sweep.point({"model.kwargs.drop_path_rate": 0.1}),
-        sweep.point({"data.augment.ops": ("keras_affine", "random_resized_crop", "mixup"),
-                     "data.augment.random_resized_crop.scale": (0.35, 1.0)}),
-        sweep.point({"data.augment.ops": ("keras_affine", "rand_augment", *recipe_ops[1:])}),
-        sweep.point({"data.augment.ops": ("keras_affine", "color_jitter", *recipe_ops[1:])}),
-    )
-    return sweep.Sweep(grid=levers, metric="val/mean_per_class_accuracy", mode="max", pack=3, folds=3)
+RECIPE_OPS = ("keras_affine", "random_crop", "mixup")
+LEVERS = {
+    "ema": {"ema.decay": 0.998},
+    "drop_path": {"model.kwargs.drop_path_rate": 0.1},
+    "random_resized_crop": {"data.augment.ops": ("keras_affine", "random_resized_crop", "mixup"),
+                            "data.augment.random_resized_crop.scale": (0.35, 1.0)},
+    "rand_augment": {"data.augment.ops": ("keras_affine", "rand_augment", *RECIPE_OPS[1:])},
+    "color_jitter": {"data.augment.ops": ("keras_affine", "color_jitter", *RECIPE_OPS[1:])},
+}
+
+
+def get_sweep(levers: str | None = None):
+    """Every lever, or those named in ``levers`` (comma-separated), one grid point each."""
+    names = list(LEVERS) if levers is None else [n.strip() for n in levers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown or not names:
+        raise ValueError(f"caltech101_folds_levers2.py: unknown levers {unknown or levers!r}; "
+                         f"choose from {', '.join(LEVERS)}")
+    points = [sweep.point(LEVERS[n]) for n in LEVERS if n in names]
+    return sweep.Sweep(grid=sweep.chain(*points), metric="val/mean_per_class_accuracy", mode="max",
+                       pack=3, folds=3)
