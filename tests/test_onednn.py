@@ -111,6 +111,50 @@ def test_a_batch_of_one_and_a_large_batch(needs_onednn):
         np.testing.assert_allclose(onednn.kernel_grad(x, g, spec), dk, atol=1e-3, rtol=1e-4)
 
 
+_SPLIT_PARTS = """
+import sys, numpy as np
+import cnnlab.runtime
+cnnlab.runtime.configure()
+import jax, jax.numpy as jnp
+from cnnlab.native import conv_impl, onednn
+assert onednn.available(), onednn.unavailable_reason()
+out = {}
+for i, (n, hw, cin, cout, ks, s) in enumerate([(32, (12, 12), 16, 24, (3, 3), (1, 1)),
+                                               (33, (13, 11), 8, 5, (5, 5), (2, 2)),
+                                               (7, (8, 8), 4, 4, (3, 3), (1, 1))]):
+    rng = np.random.default_rng(i)
+    x = jnp.asarray(rng.standard_normal((n, *hw, cin), np.float32))
+    k = jnp.asarray(rng.standard_normal((*ks, cin, cout), np.float32))
+    spec = conv_impl.ConvSpec.make(x.shape, k.shape, strides=s, padding="SAME", dilation=(1, 1))
+    g = jnp.asarray(rng.standard_normal((n, *spec.out_hw, cout), np.float32))
+    for name, part, args in (("forward", onednn.forward, (x, k)), ("input_grad", onednn.input_grad, (g, k)),
+                             ("kernel_grad", onednn.kernel_grad, (x, g))):
+        out[f"{name}{i}"] = np.asarray(jax.jit(part, static_argnums=2)(*args, spec))
+np.savez(sys.argv[1], **out)
+print(onednn.split_calls())
+"""
+
+
+def test_calls_split_over_xlas_threads_equal_the_openmp_teams_bitwise(needs_onednn, tmp_path):
+    # The forward and the input gradient run in batch chunks on XLA's intra-op threads (where
+    # the batch divides: 32 and 33 here, not 7); CNNLAB_ONEDNN_SPLIT=0 runs every call on
+    # oneDNN's OpenMP team. Each chunk sums in the same order, so the results are identical.
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: XLA has no second thread to split over")
+    results, counts = {}, {}
+    for split in ("1", "0"):
+        path = tmp_path / f"split{split}.npz"
+        proc = subprocess.run([sys.executable, "-c", _SPLIT_PARTS, str(path)], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "CNNLAB_ONEDNN_SPLIT": split})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts[split] = int(proc.stdout.split()[-1])
+        results[split] = dict(np.load(path))
+    assert counts == {"1": 4, "0": 0}  # forward and input gradient at batches 32 and 33
+    assert results["1"].keys() == results["0"].keys()
+    for name, want in results["0"].items():
+        np.testing.assert_array_equal(results["1"][name], want, err_msg=name)
+
+
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("layer", [
     dict(strides=2, padding="same"),

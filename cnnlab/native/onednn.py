@@ -228,6 +228,8 @@ def _load() -> dict[str, Any]:
         version = lib.cnnlab_onednn_version().decode()
         lib.cnnlab_onednn_supports_type.argtypes = [ctypes.c_int]
         bfloat16 = lib.cnnlab_onednn_supports_type(1) == 1
+        lib.cnnlab_onednn_split_calls.restype = ctypes.c_int64
+        split_calls = lib.cnnlab_onednn_split_calls
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         reason = f"{type(e).__name__}: {e}" if isinstance(e, AttributeError) else str(e)
         announce(f"oneDNN's convolutions are unavailable ({reason}); convolutions run on XLA's "
@@ -236,7 +238,7 @@ def _load() -> dict[str, Any]:
     for target, capsule in capsules.items():
         jax.ffi.register_ffi_target(target, capsule, platform="cpu")
     return {"reason": None, "version": version, "path": str(path), "omp_wait_policy": policy,
-            "bfloat16": bfloat16, "notes": notes}
+            "bfloat16": bfloat16, "split_calls": split_calls, "notes": notes}
 
 
 def _ready_library(cxx: list[str], notes: list[str]) -> Path:
@@ -317,6 +319,14 @@ def unavailable_reason() -> str | None:
     """Why :func:`available` is False (a missing compiler, header or library, the build's
     errors, or ``CNNLAB_ONEDNN=0``); None when it is True."""
     return _loaded()["reason"]
+
+
+def split_calls() -> int:
+    """How many oneDNN calls of this process ran split in batch chunks on XLA's intra-op
+    threads (the forward and the input gradient, where the batch divides; ``conv.cc`` says
+    why; ``CNNLAB_ONEDNN_SPLIT=0`` turns it off); 0 when oneDNN is unavailable."""
+    count = _loaded().get("split_calls")
+    return 0 if count is None else int(count())
 
 
 def version() -> str | None:

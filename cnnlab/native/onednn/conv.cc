@@ -13,15 +13,28 @@
 // caller's (oneDNN's "user" mode): a per-thread buffer, so calls on XLA's threads run
 // concurrently without sharing one.
 //
+// Threads: oneDNN's own OpenMP team of all cores runs a call well alone, but XLA runs
+// independent ops of a program side by side on its intra-op threads, and a team member that
+// shares its core with such an op stalls the whole team at each barrier. So the forward and
+// the input gradient split the batch into chunks that XLA's own intra-op threads and the
+// calling thread take as they come free, each chunk a single-threaded oneDNN call: a busy
+// thread delays nobody. The kernel gradient (a sum over the batch) keeps the OpenMP team.
+// CNNLAB_ONEDNN_SPLIT=0 turns the split off (every call on the OpenMP team, as before).
+//
 // Attributes (int64 arrays of two, height then width): strides, padding_lo, padding_hi,
 // dilation (XLA's: 1 = undilated; oneDNN counts the gaps, XLA's - 1).
 
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -124,6 +137,27 @@ dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
 #endif
 }
 
+// OpenMP's thread-count controls, weak: present wherever oneDNN runs on OpenMP (libgomp comes
+// with it); absent (null) under another oneDNN runtime, and then nothing is split.
+extern "C" int omp_get_max_threads(void) __attribute__((weak));
+extern "C" void omp_set_num_threads(int) __attribute__((weak));
+
+bool SplitEnabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("CNNLAB_ONEDNN_SPLIT");
+    return (v == nullptr || std::string(v) != "0") && omp_get_max_threads != nullptr &&
+           omp_set_num_threads != nullptr;
+  }();
+  return enabled;
+}
+
+// While alive, oneDNN calls on this thread run on it alone (OpenMP's per-thread setting).
+struct SingleThreaded {
+  int previous;
+  SingleThreaded() : previous(omp_get_max_threads()) { omp_set_num_threads(1); }
+  ~SingleThreaded() { omp_set_num_threads(previous); }
+};
+
 std::shared_ptr<const Plan> MakePlan(const Geometry& g, Kind kind) {
   auto plan = std::make_shared<Plan>();
   plan->src = g.Src();
@@ -176,17 +210,25 @@ std::shared_ptr<const Plan> MakePlan(const Geometry& g, Kind kind) {
   return plan;
 }
 
-std::shared_ptr<const Plan> GetPlan(const Geometry& g, Kind kind) {
+// A geometry's plan; `single`: for one thread (oneDNN fixes a primitive's thread count when
+// it creates it, so a chunk's primitive is created on one thread).
+std::shared_ptr<const Plan> GetPlan(const Geometry& g, Kind kind, bool single = false) {
   static auto* mu = new std::mutex;
   static auto* plans = new std::unordered_map<std::string, std::shared_ptr<const Plan>>;
-  const std::string key = g.Key(kind);
+  const std::string key = g.Key(kind) + (single ? "1" : "0");
   {
     std::lock_guard<std::mutex> lock(*mu);
     auto it = plans->find(key);
     if (it != plans->end()) return it->second;
   }
   // Built outside the lock (it can take milliseconds); a concurrent builder's plan wins.
-  std::shared_ptr<const Plan> plan = MakePlan(g, kind);
+  std::shared_ptr<const Plan> plan;
+  if (single) {
+    SingleThreaded one;
+    plan = MakePlan(g, kind);
+  } else {
+    plan = MakePlan(g, kind);
+  }
   std::lock_guard<std::mutex> lock(*mu);
   return plans->emplace(key, std::move(plan)).first->second;
 }
@@ -244,50 +286,146 @@ ffi::Error CheckShapes(const Geometry& g, Buffer::Dimensions kernel, Buffer::Dim
   return ffi::Error::Success();
 }
 
-// Runs `kind` on (src, weights, dst) given as user pointers (HWIO weights).
-void Run(const Geometry& g, Kind kind, void* src, void* weights, void* dst) {
-  std::shared_ptr<const Plan> plan = GetPlan(g, kind);
+
+// Chunks of a split call, claimed by whichever thread comes free; the caller waits only for
+// chunks that another thread has claimed (and so is running). Shared by the tasks handed to
+// XLA's pool, which may start after the call returned: then every chunk is claimed already
+// and they touch nothing.
+struct Chunks {
+  explicit Chunks(int64_t count) : count(count) {}
+  const int64_t count;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;               // guarded by mu
+  std::string error;              // the first failure's message, guarded by mu
+  std::function<void(int64_t)> body;
+
+  // Runs chunks until none is left; returns when this thread has no more to claim.
+  void Work() {
+    for (int64_t i; (i = next.fetch_add(1)) < count;) {
+      std::string failure;
+      try {
+        SingleThreaded one;
+        body(i);
+      } catch (const std::exception& e) {
+        failure = e.what();
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      if (!failure.empty() && error.empty()) error = failure;
+      if (++done == count) cv.notify_all();
+    }
+  }
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [this] { return done == count; });
+  }
+};
+
+// Executes `plan`'s primitive on this thread's stream with `weights` in the primitive's own
+// format (forward, input gradient) or as the buffer it writes (kernel gradient).
+void Execute(const Plan& plan, Kind kind, void* src, const memory& weights, void* dst) {
   dnnl::engine& engine = Engine();
   dnnl::stream& stream = Stream();
-  memory user_weights(plan->user_weights, engine, weights);
-  memory prim_weights = user_weights;
-  if (plan->reorder_weights) {
-    prim_weights = memory(plan->weights, engine, ThreadScratch(1).Get(plan->weights.get_size()));
-    if (kind != kKernelGrad) {
-      memory scratch(plan->reorder_scratch, engine,
-                     ThreadScratch(2).Get(plan->reorder_scratch.get_size()));
-      plan->reorder.execute(stream, {{DNNL_ARG_FROM, user_weights},
-                                     {DNNL_ARG_TO, prim_weights},
-                                     {DNNL_ARG_SCRATCHPAD, scratch}});
-    }
-  }
-  memory src_mem(plan->src, engine, src);
-  memory dst_mem(plan->dst, engine, dst);
-  memory scratch(plan->scratch, engine, ThreadScratch(0).Get(plan->scratch.get_size()));
+  memory src_mem(plan.src, engine, src);
+  memory dst_mem(plan.dst, engine, dst);
+  memory scratch(plan.scratch, engine, ThreadScratch(0).Get(plan.scratch.get_size()));
   if (kind == kForward) {
-    plan->primitive.execute(stream, {{DNNL_ARG_SRC, src_mem},
-                                     {DNNL_ARG_WEIGHTS, prim_weights},
-                                     {DNNL_ARG_DST, dst_mem},
-                                     {DNNL_ARG_SCRATCHPAD, scratch}});
+    plan.primitive.execute(stream, {{DNNL_ARG_SRC, src_mem},
+                                    {DNNL_ARG_WEIGHTS, weights},
+                                    {DNNL_ARG_DST, dst_mem},
+                                    {DNNL_ARG_SCRATCHPAD, scratch}});
   } else if (kind == kInputGrad) {
-    plan->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem},
-                                     {DNNL_ARG_WEIGHTS, prim_weights},
-                                     {DNNL_ARG_DIFF_DST, dst_mem},
-                                     {DNNL_ARG_SCRATCHPAD, scratch}});
+    plan.primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem},
+                                    {DNNL_ARG_WEIGHTS, weights},
+                                    {DNNL_ARG_DIFF_DST, dst_mem},
+                                    {DNNL_ARG_SCRATCHPAD, scratch}});
   } else {
-    plan->primitive.execute(stream, {{DNNL_ARG_SRC, src_mem},
-                                     {DNNL_ARG_DIFF_WEIGHTS, prim_weights},
-                                     {DNNL_ARG_DIFF_DST, dst_mem},
-                                     {DNNL_ARG_SCRATCHPAD, scratch}});
-    if (plan->reorder_weights) {
-      memory reorder_scratch(plan->reorder_scratch, engine,
-                             ThreadScratch(2).Get(plan->reorder_scratch.get_size()));
-      plan->reorder.execute(stream, {{DNNL_ARG_FROM, prim_weights},
-                                     {DNNL_ARG_TO, user_weights},
-                                     {DNNL_ARG_SCRATCHPAD, reorder_scratch}});
-    }
+    plan.primitive.execute(stream, {{DNNL_ARG_SRC, src_mem},
+                                    {DNNL_ARG_DIFF_WEIGHTS, weights},
+                                    {DNNL_ARG_DIFF_DST, dst_mem},
+                                    {DNNL_ARG_SCRATCHPAD, scratch}});
   }
   stream.wait();
+}
+
+// The user's HWIO kernel as `plan`'s primitive takes it: reordered into this thread's buffer
+// when the formats differ (for the kernel gradient, the buffer the primitive writes).
+memory PrimitiveWeights(const Plan& plan, Kind kind, void* weights) {
+  dnnl::engine& engine = Engine();
+  memory user_weights(plan.user_weights, engine, weights);
+  if (!plan.reorder_weights) return user_weights;
+  memory prim_weights(plan.weights, engine, ThreadScratch(1).Get(plan.weights.get_size()));
+  if (kind != kKernelGrad) {
+    memory scratch(plan.reorder_scratch, engine,
+                   ThreadScratch(2).Get(plan.reorder_scratch.get_size()));
+    dnnl::stream& stream = Stream();
+    plan.reorder.execute(stream, {{DNNL_ARG_FROM, user_weights},
+                                  {DNNL_ARG_TO, prim_weights},
+                                  {DNNL_ARG_SCRATCHPAD, scratch}});
+    stream.wait();
+  }
+  return prim_weights;
+}
+
+std::atomic<int64_t>& SplitCalls() {
+  static std::atomic<int64_t> calls{0};
+  return calls;
+}
+
+// How many equal batch chunks a forward or input gradient of batch `n` is split into for
+// `threads` intra-op threads: two per thread where the batch divides so, else fewer; 1 (no
+// split) for the kernel gradient, a batch of one, or no pool.
+int64_t ChunkCount(Kind kind, int64_t n, int64_t threads) {
+  if (kind == kKernelGrad || threads < 2 || !SplitEnabled()) return 1;
+  for (int64_t c = std::min<int64_t>(2 * threads, n); c >= 2; --c) {
+    if (n % c == 0) return c;
+  }
+  return 1;
+}
+
+// Runs `kind` on (src, weights, dst) given as user pointers (HWIO weights); the forward and
+// the input gradient in batch chunks on XLA's intra-op threads where that applies.
+void Run(const Geometry& g, Kind kind, void* src, void* weights, void* dst,
+         ffi::ThreadPool& pool) {
+  const int64_t chunks = ChunkCount(kind, g.n, pool.num_threads());
+  if (chunks == 1) {
+    std::shared_ptr<const Plan> plan = GetPlan(g, kind);
+    memory prim_weights = PrimitiveWeights(*plan, kind, weights);
+    Execute(*plan, kind, src, prim_weights, dst);
+    if (kind == kKernelGrad && plan->reorder_weights) {
+      memory user_weights(plan->user_weights, Engine(), weights);
+      memory scratch(plan->reorder_scratch, Engine(),
+                     ThreadScratch(2).Get(plan->reorder_scratch.get_size()));
+      dnnl::stream& stream = Stream();
+      plan->reorder.execute(stream, {{DNNL_ARG_FROM, prim_weights},
+                                     {DNNL_ARG_TO, user_weights},
+                                     {DNNL_ARG_SCRATCHPAD, scratch}});
+      stream.wait();
+    }
+    return;
+  }
+  SplitCalls().fetch_add(1, std::memory_order_relaxed);
+  Geometry part = g;
+  part.n = g.n / chunks;
+  std::shared_ptr<const Plan> plan = GetPlan(part, kind, /*single=*/true);
+  memory prim_weights = PrimitiveWeights(*plan, kind, weights);  // once, shared by the chunks
+  const size_t bytes = memory::data_type_size(g.type);
+  const size_t src_step = static_cast<size_t>(part.n * g.ih * g.iw * g.ic) * bytes;
+  const size_t dst_step = static_cast<size_t>(part.n * g.oh * g.ow * g.oc) * bytes;
+  auto work = std::make_shared<Chunks>(chunks);
+  char* src_bytes = static_cast<char*>(src);
+  char* dst_bytes = static_cast<char*>(dst);
+  work->body = [&plan, kind, src_bytes, dst_bytes, src_step, dst_step, &prim_weights](int64_t i) {
+    Execute(*plan, kind, src_bytes + i * src_step, prim_weights, dst_bytes + i * dst_step);
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([work] { work->Work(); });
+  }
+  work->Work();
+  work->Wait();
+  if (!work->error.empty()) throw std::runtime_error(work->error);
 }
 
 // The three handlers' common part: checks, the empty case (zeros), then Run. `x`, `kernel`
@@ -295,7 +433,8 @@ void Run(const Geometry& g, Kind kind, void* src, void* weights, void* dst) {
 ffi::Error Convolve(Kind kind, ffi::DataType type_a, ffi::DataType type_b,
                     ffi::DataType type_out, Buffer::Dimensions x, Buffer::Dimensions kernel,
                     Buffer::Dimensions y, Ints strides, Ints lo, Ints hi, Ints dilation,
-                    void* src, void* weights, void* dst, void* out, size_t out_bytes) {
+                    void* src, void* weights, void* dst, void* out, size_t out_bytes,
+                    ffi::ThreadPool& pool) {
   if (ffi::Error error = CheckAttrs(strides, lo, hi, dilation); error.failure()) return error;
   memory::data_type type;
   if (ffi::Error error = ElementType(type_a, type_b, type_out, &type); error.failure()) {
@@ -311,35 +450,35 @@ ffi::Error Convolve(Kind kind, ffi::DataType type_a, ffi::DataType type_b,
     return ffi::Error::Success();
   }
   try {
-    Run(g, kind, src, weights, dst);
+    Run(g, kind, src, weights, dst, pool);
   } catch (const std::exception& e) {  // dnnl::error is one
     return ffi::Error::Internal(std::string("cnnlab oneDNN convolution: ") + e.what());
   }
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(Buffer x, Buffer kernel, Result y, Ints strides, Ints lo, Ints hi,
+ffi::Error Forward(ffi::ThreadPool pool, Buffer x, Buffer kernel, Result y, Ints strides, Ints lo, Ints hi,
                    Ints dilation) {
   return Convolve(kForward, x.element_type(), kernel.element_type(), y->element_type(),
                   x.dimensions(), kernel.dimensions(), y->dimensions(), strides, lo,
                   hi, dilation, x.untyped_data(), kernel.untyped_data(), y->untyped_data(),
-                  y->untyped_data(), y->size_bytes());
+                  y->untyped_data(), y->size_bytes(), pool);
 }
 
-ffi::Error InputGrad(Buffer dy, Buffer kernel, Result dx, Ints strides, Ints lo, Ints hi,
+ffi::Error InputGrad(ffi::ThreadPool pool, Buffer dy, Buffer kernel, Result dx, Ints strides, Ints lo, Ints hi,
                      Ints dilation) {
   return Convolve(kInputGrad, dy.element_type(), kernel.element_type(), dx->element_type(),
                   dx->dimensions(), kernel.dimensions(), dy.dimensions(), strides,
                   lo, hi, dilation, dx->untyped_data(), kernel.untyped_data(),
-                  dy.untyped_data(), dx->untyped_data(), dx->size_bytes());
+                  dy.untyped_data(), dx->untyped_data(), dx->size_bytes(), pool);
 }
 
-ffi::Error KernelGrad(Buffer x, Buffer dy, Result dkernel, Ints strides, Ints lo, Ints hi,
+ffi::Error KernelGrad(ffi::ThreadPool pool, Buffer x, Buffer dy, Result dkernel, Ints strides, Ints lo, Ints hi,
                       Ints dilation) {
   return Convolve(kKernelGrad, x.element_type(), dy.element_type(), dkernel->element_type(),
                   x.dimensions(), dkernel->dimensions(), dy.dimensions(), strides,
                   lo, hi, dilation, x.untyped_data(), dkernel->untyped_data(),
-                  dy.untyped_data(), dkernel->untyped_data(), dkernel->size_bytes());
+                  dy.untyped_data(), dkernel->untyped_data(), dkernel->size_bytes(), pool);
 }
 
 }  // namespace
@@ -352,6 +491,7 @@ ffi::Error KernelGrad(Buffer x, Buffer dy, Result dkernel, Ints strides, Ints lo
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnlab_onednn_conv_forward, Forward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<Buffer>()  // x [N, H, W, C_in]
                                   .Arg<Buffer>()  // kernel [KH, KW, C_in, C_out]
                                   .Ret<Buffer>()  // y [N, Ho, Wo, C_out]
@@ -359,6 +499,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnlab_onednn_conv_forward, Forward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnlab_onednn_conv_input_grad, InputGrad,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<Buffer>()  // dy [N, Ho, Wo, C_out]
                                   .Arg<Buffer>()  // kernel [KH, KW, C_in, C_out]
                                   .Ret<Buffer>()  // dx [N, H, W, C_in]
@@ -366,6 +507,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnlab_onednn_conv_input_grad, InputGrad,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnlab_onednn_conv_kernel_grad, KernelGrad,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<Buffer>()  // x [N, H, W, C_in]
                                   .Arg<Buffer>()  // dy [N, Ho, Wo, C_out]
                                   .Ret<Buffer>()  // dkernel [KH, KW, C_in, C_out]
@@ -400,3 +542,6 @@ extern "C" const char* cnnlab_onednn_version() {
   }();
   return version.c_str();
 }
+
+// How many calls this process has run split in batch chunks (for tests and benchmarks).
+extern "C" int64_t cnnlab_onednn_split_calls() { return SplitCalls().load(); }
