@@ -18,7 +18,10 @@ turns oneDNN off; ``CNNLAB_ONEDNN=system`` skips the PyPI build.
 oneDNN runs its own OpenMP threads (libgomp), which by default spin for a while after each
 convolution, taking a core from XLA's threads; unless ``OMP_WAIT_POLICY`` is set, the library
 is loaded with it set to ``PASSIVE`` (libgomp reads it as it loads; the environment is then
-restored). The setting is read once per process, like ``CNNLAB_ONEDNN``.
+restored). The setting is read once per process, like ``CNNLAB_ONEDNN``. A forward or
+input-gradient call splits its batch into chunks that XLA's intra-op threads and the calling
+thread run one thread each (bitwise the team's result), so an op XLA runs beside it does not
+stall oneDNN's team; ``CNNLAB_ONEDNN_SPLIT=0`` turns that off, :func:`split_calls` counts it.
 
 :func:`forward`, :func:`input_grad` and :func:`kernel_grad` are jittable, reverse-mode
 differentiable (each one's gradient is made of the other two) and vmappable (one call per
