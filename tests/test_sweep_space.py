@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from cnnlab.schema import ConfigError
 from cnnlab import sweep
+from cnnlab.schema import ConfigError
 from cnnlab.sweep import space
 from cnnlab.sweep.files import config_source, load_module, write_config_file
 from cnnlab.train import validate_config

@@ -349,22 +349,25 @@ void Execute(const Plan& plan, Kind kind, void* src, const memory& weights, void
   stream.wait();
 }
 
+// `plan`'s kernel reorder (HWIO into the primitive's format, or back for the kernel
+// gradient), on this thread's stream.
+void ReorderWeights(const Plan& plan, const memory& from, const memory& to) {
+  memory scratch(plan.reorder_scratch, Engine(),
+                 ThreadScratch(2).Get(plan.reorder_scratch.get_size()));
+  dnnl::stream& stream = Stream();
+  plan.reorder.execute(stream, {{DNNL_ARG_FROM, from},
+                                {DNNL_ARG_TO, to},
+                                {DNNL_ARG_SCRATCHPAD, scratch}});
+  stream.wait();
+}
+
 // The user's HWIO kernel as `plan`'s primitive takes it: reordered into this thread's buffer
 // when the formats differ (for the kernel gradient, the buffer the primitive writes).
 memory PrimitiveWeights(const Plan& plan, Kind kind, void* weights) {
-  dnnl::engine& engine = Engine();
-  memory user_weights(plan.user_weights, engine, weights);
+  memory user_weights(plan.user_weights, Engine(), weights);
   if (!plan.reorder_weights) return user_weights;
-  memory prim_weights(plan.weights, engine, ThreadScratch(1).Get(plan.weights.get_size()));
-  if (kind != kKernelGrad) {
-    memory scratch(plan.reorder_scratch, engine,
-                   ThreadScratch(2).Get(plan.reorder_scratch.get_size()));
-    dnnl::stream& stream = Stream();
-    plan.reorder.execute(stream, {{DNNL_ARG_FROM, user_weights},
-                                  {DNNL_ARG_TO, prim_weights},
-                                  {DNNL_ARG_SCRATCHPAD, scratch}});
-    stream.wait();
-  }
+  memory prim_weights(plan.weights, Engine(), ThreadScratch(1).Get(plan.weights.get_size()));
+  if (kind != kKernelGrad) ReorderWeights(plan, user_weights, prim_weights);
   return prim_weights;
 }
 
@@ -388,20 +391,14 @@ int64_t ChunkCount(Kind kind, int64_t n, int64_t threads) {
 // the input gradient in batch chunks on XLA's intra-op threads where that applies.
 void Run(const Geometry& g, Kind kind, void* src, void* weights, void* dst,
          ffi::ThreadPool& pool) {
-  const int64_t chunks = ChunkCount(kind, g.n, pool.num_threads());
+  const int64_t threads = pool.num_threads();
+  const int64_t chunks = ChunkCount(kind, g.n, threads);
   if (chunks == 1) {
     std::shared_ptr<const Plan> plan = GetPlan(g, kind);
     memory prim_weights = PrimitiveWeights(*plan, kind, weights);
     Execute(*plan, kind, src, prim_weights, dst);
     if (kind == kKernelGrad && plan->reorder_weights) {
-      memory user_weights(plan->user_weights, Engine(), weights);
-      memory scratch(plan->reorder_scratch, Engine(),
-                     ThreadScratch(2).Get(plan->reorder_scratch.get_size()));
-      dnnl::stream& stream = Stream();
-      plan->reorder.execute(stream, {{DNNL_ARG_FROM, prim_weights},
-                                     {DNNL_ARG_TO, user_weights},
-                                     {DNNL_ARG_SCRATCHPAD, scratch}});
-      stream.wait();
+      ReorderWeights(*plan, prim_weights, memory(plan->user_weights, Engine(), weights));
     }
     return;
   }
@@ -419,7 +416,7 @@ void Run(const Geometry& g, Kind kind, void* src, void* weights, void* dst,
   work->body = [&plan, kind, src_bytes, dst_bytes, src_step, dst_step, &prim_weights](int64_t i) {
     Execute(*plan, kind, src_bytes + i * src_step, prim_weights, dst_bytes + i * dst_step);
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  const int64_t helpers = std::min<int64_t>(threads, chunks - 1);
   for (int64_t t = 0; t < helpers; ++t) {
     pool.Schedule([work] { work->Work(); });
   }
@@ -457,24 +454,24 @@ ffi::Error Convolve(Kind kind, ffi::DataType type_a, ffi::DataType type_b,
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, Buffer x, Buffer kernel, Result y, Ints strides, Ints lo, Ints hi,
-                   Ints dilation) {
+ffi::Error Forward(ffi::ThreadPool pool, Buffer x, Buffer kernel, Result y, Ints strides,
+                   Ints lo, Ints hi, Ints dilation) {
   return Convolve(kForward, x.element_type(), kernel.element_type(), y->element_type(),
                   x.dimensions(), kernel.dimensions(), y->dimensions(), strides, lo,
                   hi, dilation, x.untyped_data(), kernel.untyped_data(), y->untyped_data(),
                   y->untyped_data(), y->size_bytes(), pool);
 }
 
-ffi::Error InputGrad(ffi::ThreadPool pool, Buffer dy, Buffer kernel, Result dx, Ints strides, Ints lo, Ints hi,
-                     Ints dilation) {
+ffi::Error InputGrad(ffi::ThreadPool pool, Buffer dy, Buffer kernel, Result dx, Ints strides,
+                     Ints lo, Ints hi, Ints dilation) {
   return Convolve(kInputGrad, dy.element_type(), kernel.element_type(), dx->element_type(),
                   dx->dimensions(), kernel.dimensions(), dy.dimensions(), strides,
                   lo, hi, dilation, dx->untyped_data(), kernel.untyped_data(),
                   dy.untyped_data(), dx->untyped_data(), dx->size_bytes(), pool);
 }
 
-ffi::Error KernelGrad(ffi::ThreadPool pool, Buffer x, Buffer dy, Result dkernel, Ints strides, Ints lo, Ints hi,
-                      Ints dilation) {
+ffi::Error KernelGrad(ffi::ThreadPool pool, Buffer x, Buffer dy, Result dkernel, Ints strides,
+                      Ints lo, Ints hi, Ints dilation) {
   return Convolve(kKernelGrad, x.element_type(), dy.element_type(), dkernel->element_type(),
                   x.dimensions(), dkernel->dimensions(), dy.dimensions(), strides,
                   lo, hi, dilation, x.untyped_data(), dkernel->untyped_data(),
