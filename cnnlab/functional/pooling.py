@@ -11,7 +11,10 @@ computed as the maximum of the window's strided slices (one fused loop) instead 
 ``reduce-window``, and differentiated by a ``custom_jvp`` that routes each window's tangent to
 its first maximal tap in row-major order: the values and the gradients (ties included) are
 those of ``reduce-window`` and XLA's ``select-and-scatter``, bit for bit, at a fraction of their
-cost on XLA:CPU (experiments/bench/README.md). Forward- and reverse-mode both work.
+cost on XLA:CPU (experiments/bench/README.md). A bfloat16 (or float16) input is pooled in
+float32, exactly, and its gradient sums the overlapping windows' cotangents in float32 and
+rounds once, where ``select-and-scatter`` rounds after each add. Forward- and reverse-mode
+both work.
 :func:`reduce_window_max_pooling` keeps XLA's op instead, for exporters that map it to one
 ``MaxPool``.
 """
@@ -95,21 +98,37 @@ def _taps(x: Array, fill: Array, dims, strides, pad) -> list[Array]:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _max_by_slices(x: Array, dims, strides, pad) -> Array:
-    return functools.reduce(lax.max, _taps(x, jnp.array(-jnp.inf, x.dtype), dims, strides, pad))
+    return functools.reduce(lax.max, _float32_taps(x, dims, strides, pad)).astype(x.dtype)
+
+
+def _float32_taps(x: Array, dims, strides, pad) -> list[Array]:
+    """The window taps of ``x`` (padded with -inf) in at least float32. A maximum or an equality
+    of bfloat16 values is exact in float32, and XLA:CPU would otherwise round every
+    intermediate maximum back to bfloat16, element by element."""
+    work = jnp.promote_types(x.dtype, jnp.float32)
+    return _taps(x.astype(work), jnp.array(-jnp.inf, work), dims, strides, pad)
 
 
 @_max_by_slices.defjvp
 def _max_by_slices_jvp(dims, strides, pad, primals, tangents):
     (x,), (t,) = primals, tangents
-    y = _max_by_slices(x, dims, strides, pad)
-    taken = jnp.zeros(y.shape, bool)
-    y_dot = jnp.zeros(y.shape, t.dtype)
-    for xs, ts in zip(_taps(x, jnp.array(-jnp.inf, x.dtype), dims, strides, pad),
-                      _taps(t, jnp.zeros((), t.dtype), dims, strides, pad)):
-        first = (xs == y) & ~taken  # the first maximal tap, as select-and-scatter picks it
-        taken = taken | first
-        y_dot = y_dot + jnp.where(first, ts, jnp.zeros((), t.dtype))
-    return y, y_dot
+    taps = _float32_taps(x, dims, strides, pad)
+    y = functools.reduce(lax.max, taps)
+    # Each window's first maximal tap in row-major order, as select-and-scatter picks it (-1
+    # where no tap equals the maximum: a NaN window, which gets no tangent).
+    first = jnp.full(y.shape, -1, jnp.int8)
+    for k in reversed(range(len(taps))):
+        first = jnp.where(taps[k] == y, jnp.int8(k), first)
+    # A low-precision tangent is routed in float32 (exactly: one tap per window is nonzero), so
+    # that its transpose adds the overlapping windows' cotangents in float32 and rounds once,
+    # instead of a bfloat16 rounding after each of the window's taps (XLA:CPU emulates those
+    # roundings element by element).
+    work = jnp.promote_types(t.dtype, jnp.float32)
+    zero = jnp.zeros((), work)
+    y_dot = jnp.zeros(y.shape, work)
+    for k, ts in enumerate(_taps(t.astype(work), zero, dims, strides, pad)):
+        y_dot = y_dot + jnp.where(first == k, ts, zero)
+    return y.astype(x.dtype), y_dot.astype(t.dtype)
 
 
 def _mean(x: Array, dims, strides, pad) -> Array:
