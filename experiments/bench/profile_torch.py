@@ -2,6 +2,7 @@
 
     python experiments/bench/profile_torch.py --model resnet --batch 32 --steps 30
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python experiments/bench/profile_torch.py ...
+    python experiments/bench/profile_torch.py --bf16 ...   # bfloat16 autocast, as bench_torch.py --bf16
 
 Builds ``bench_torch.py``'s model (channels_last, 2 threads, its optimizer and loss), runs
 ``--warmup`` steps, then ``--steps`` steps under ``torch.profiler`` and prints milliseconds per
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
 import time
@@ -43,12 +45,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the forward pass")
     args = p.parse_args()
+    import bench_torch
     import numpy as np
     import torch
     from torch import nn
-
-    import bench_torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -64,8 +66,12 @@ def main() -> None:
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.from_numpy(rng.integers(0, common.NUM_CLASSES, args.batch)).long()
 
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+
     def step():
-        loss = loss_fn(model(x), y) + weight_decay * sum((k * k).sum() for k in regularized)
+        with autocast():
+            logits = model(x)
+        loss = loss_fn(logits.float(), y) + weight_decay * sum((k * k).sum() for k in regularized)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -88,7 +94,7 @@ def main() -> None:
         by_kind[kind] += ms
         by_op[e.key] += ms
     total = sum(by_kind.values())
-    print(f"torch {torch.__version__}, {args.model}, batch {args.batch}: {wall_ms:.1f} ms per step unprofiled "
+    print(f"torch {torch.__version__}, {args.model}{' bf16' if args.bf16 else ''}, batch {args.batch}: {wall_ms:.1f} ms per step unprofiled "
           f"({1e3 * args.batch / wall_ms:.0f} img/s), {total:.1f} ms of operators' own CPU time profiled\n")
     print("| ms/step | share | kind |\n|---|---|---|")
     for kind, ms in by_kind.most_common():
