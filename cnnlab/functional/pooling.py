@@ -98,21 +98,22 @@ def _taps(x: Array, fill: Array, dims, strides, pad) -> list[Array]:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _max_by_slices(x: Array, dims, strides, pad) -> Array:
-    return functools.reduce(lax.max, _float32_taps(x, dims, strides, pad)).astype(x.dtype)
+    return functools.reduce(lax.max, _float32_taps(x, -jnp.inf, dims, strides, pad)).astype(x.dtype)
 
 
-def _float32_taps(x: Array, dims, strides, pad) -> list[Array]:
-    """The window taps of ``x`` (padded with -inf) in at least float32. A maximum or an equality
-    of bfloat16 values is exact in float32, and XLA:CPU would otherwise round every
-    intermediate maximum back to bfloat16, element by element."""
+def _float32_taps(x: Array, fill: float, dims, strides, pad) -> list[Array]:
+    """:func:`_taps` of ``x`` (padded with ``fill``) in at least float32. A maximum or an
+    equality of bfloat16 values is exact in float32, and so is a sum of bfloat16 taps of which
+    one is nonzero; XLA:CPU would otherwise round every intermediate result back to bfloat16,
+    element by element."""
     work = jnp.promote_types(x.dtype, jnp.float32)
-    return _taps(x.astype(work), jnp.array(-jnp.inf, work), dims, strides, pad)
+    return _taps(x.astype(work), jnp.array(fill, work), dims, strides, pad)
 
 
 @_max_by_slices.defjvp
 def _max_by_slices_jvp(dims, strides, pad, primals, tangents):
     (x,), (t,) = primals, tangents
-    taps = _float32_taps(x, dims, strides, pad)
+    taps = _float32_taps(x, -jnp.inf, dims, strides, pad)
     y = functools.reduce(lax.max, taps)
     # Each window's first maximal tap in row-major order, as select-and-scatter picks it (-1
     # where no tap equals the maximum: a NaN window, which gets no tangent).
@@ -123,10 +124,10 @@ def _max_by_slices_jvp(dims, strides, pad, primals, tangents):
     # that its transpose adds the overlapping windows' cotangents in float32 and rounds once,
     # instead of a bfloat16 rounding after each of the window's taps (XLA:CPU emulates those
     # roundings element by element).
-    work = jnp.promote_types(t.dtype, jnp.float32)
-    zero = jnp.zeros((), work)
-    y_dot = jnp.zeros(y.shape, work)
-    for k, ts in enumerate(_taps(t.astype(work), zero, dims, strides, pad)):
+    tangent_taps = _float32_taps(t, 0.0, dims, strides, pad)
+    zero = jnp.zeros((), tangent_taps[0].dtype)
+    y_dot = jnp.zeros(y.shape, zero.dtype)
+    for k, ts in enumerate(tangent_taps):
         y_dot = y_dot + jnp.where(first == k, ts, zero)
     return y.astype(x.dtype), y_dot.astype(t.dtype)
 
